@@ -1,0 +1,1 @@
+"""metarun: a config-driven meta-learning experiment runner."""

@@ -1,0 +1,38 @@
+"""The contract between the Lightning module and every algorithm."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from metarun.episodes import EpisodeBatch
+
+
+@dataclass
+class MetaOutput:
+    """What an algorithm returns for a meta-batch.
+
+    ``loss``: scalar, differentiable w.r.t. the meta-parameters (training) or detached.
+    ``query_logits [B, N*Q, N]`` (regression: predictions ``[B, Q, D_out]``).
+    ``query_logits_before``: the same before task adaptation, when the learner adapts.
+    """
+
+    loss: Tensor
+    query_logits: Tensor
+    query_logits_before: Tensor | None = None
+
+
+class MetaAlgorithm(nn.Module):
+    """Owns the meta-parameters; the module never knows which algorithm it runs."""
+
+    def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
+        """Outer loss of the meta-batch, differentiable w.r.t. the meta-parameters."""
+        raise NotImplementedError
+
+    def predict(self, batch: EpisodeBatch) -> MetaOutput:
+        """Adapt to each support set and score its query set (evaluation)."""
+        raise NotImplementedError
+
+    def check_episode_shape(self, train_ways: int, ways: int) -> None:
+        """Raise `ConfigError` if the algorithm cannot test on ``ways`` after ``train_ways``."""

@@ -1,0 +1,78 @@
+"""Model-Agnostic Meta-Learning and its first-order approximation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.inner_loop import adapt, forward, task_loss
+from metarun.episodes import EpisodeBatch
+from metarun.errors import ConfigError
+
+
+def _check_positive(key: str, value: float) -> None:
+    if isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"{key}={value!r} is not allowed: it must be positive.")
+
+
+class MAML(MetaAlgorithm):
+    """MAML (Finn, Abbeel & Levine, ICML 2017): learn an initialisation θ such that a few
+    gradient steps on a task's support set give a good model for its query set.
+
+    Meta-loss: mean over tasks of L_query(θ′), θ′ = θ − α∇L_support(θ) (``inner_steps``
+    times). Second-order by default; ``first_order=True`` gives FOMAML, which drops the
+    Hessian term of dθ′/dθ.
+
+    Args:
+        model: backbone whose output is the task prediction (a head of ``ways`` outputs).
+        inner_lr: α, the inner-loop step size.
+        inner_steps: inner steps during meta-training.
+        test_inner_steps: inner steps at validation/test (Finn et al.: more than in training).
+        first_order: drop second derivatives (FOMAML).
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
+                 test_inner_steps: int, first_order: bool = False) -> None:
+        super().__init__()
+        _check_positive("algorithm.inner_lr", inner_lr)
+        for key, steps in (("algorithm.inner_steps", inner_steps),
+                           ("algorithm.test_inner_steps", test_inner_steps)):
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+                raise ConfigError(f"{key}={steps!r} is not allowed: it must be a positive integer.")
+        self.model = model
+        self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
+        self.first_order = first_order
+
+    def check_episode_shape(self, train_ways: int, ways: int) -> None:
+        if ways != train_ways:
+            raise ConfigError(
+                f"sampler.ways={ways} is not allowed with sampler.train_ways={train_ways} for "
+                f"this algorithm: its classifier head has a fixed number of outputs, so ways "
+                f"must equal train_ways.")
+
+    def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
+        theta = dict(self.model.named_parameters())
+        losses, logits = [], []
+        for i in range(len(batch)):
+            task = batch.task(i)
+            adapted = adapt(self.model, theta, task.support_x, task.support_y,
+                            self.inner_steps, self.inner_lr, self.first_order)
+            pred = forward(self.model, adapted, task.query_x)  # [N*Q, N]
+            losses.append(task_loss(pred, task.query_y))
+            logits.append(pred.detach())
+        return MetaOutput(torch.stack(losses).mean(), torch.stack(logits))
+
+    def predict(self, batch: EpisodeBatch) -> MetaOutput:
+        losses, logits, before = [], [], []
+        with torch.enable_grad():
+            for i in range(len(batch)):
+                task = batch.task(i)
+                theta = {k: v.detach().requires_grad_() for k, v in self.model.named_parameters()}
+                before.append(forward(self.model, theta, task.query_x).detach())
+                adapted = adapt(self.model, theta, task.support_x, task.support_y,
+                                self.test_inner_steps, self.inner_lr, first_order=True)
+                pred = forward(self.model, adapted, task.query_x).detach()  # [N*Q, N]
+                losses.append(task_loss(pred, task.query_y))
+                logits.append(pred)
+        return MetaOutput(torch.stack(losses).mean(), torch.stack(logits), torch.stack(before))

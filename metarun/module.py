@@ -1,0 +1,146 @@
+"""The one LightningModule: outer loop, evaluation and metrics for any `MetaAlgorithm`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.episodes import EpisodeBatch
+from metarun.stats import mean_ci95
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+def per_task_metric(pred: Tensor, target: Tensor) -> Tensor:
+    """Accuracy (classification) or MSE (regression) of each task: ``[B, M, ...]`` -> ``[B]``."""
+    if target.is_floating_point():
+        return (pred.float() - target).pow(2).flatten(1).mean(1)
+    return (pred.argmax(-1) == target).float().mean(1)
+
+
+class MetaLearningModule(L.LightningModule):
+    """Runs the outer loop with manual optimisation: one meta-loss, one backward, one step.
+
+    Validation and test adapt with gradients enabled (the trainer runs with
+    ``inference_mode=False``) and report mean ± 1.96·std/√n over the fixed episodes.
+
+    Args:
+        algorithm: the meta-learner; owns every meta-parameter.
+        optimizer: partial optimiser, completed with the meta-parameters.
+        scheduler: partial LR schedule stepped once per outer step, or None.
+        grad_clip: max global norm of the meta-gradient, or None.
+        regression: report MSE instead of accuracy.
+    """
+
+    def __init__(self, algorithm: MetaAlgorithm, optimizer: OptimizerFactory,
+                 scheduler: SchedulerFactory | None = None, grad_clip: float | None = None,
+                 regression: bool = False) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.algorithm = algorithm
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.grad_clip = grad_clip
+        self.metric = "mse" if regression else "accuracy"
+        self.best: dict[str, float | int | None] = {"value": None, "step": None}
+        self._episodes: dict[str, list[Tensor]] = {}
+        self._step_started: float | None = None
+
+    def configure_optimizers(self) -> Any:
+        opt = self.optimizer_factory(params=self.algorithm.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt),
+                                                   "interval": "step"}}
+
+    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
+        started = time.perf_counter()
+        out = self.algorithm.meta_loss(batch)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"the meta-loss is {out.loss.item()} at step {self.global_step}; lower "
+                f"optimizer.lr or algorithm.inner_lr, or set trainer.gradient_clip_val.")
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(out.loss)
+        if self.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        tasks = len(batch) * self.trainer.world_size
+        metric = per_task_metric(out.query_logits, batch.query_y).mean()
+        self.log_dict({"train/loss": out.loss.detach(), f"train/{self.metric}": metric,
+                       "train/tasks_per_second": tasks / (time.perf_counter() - started)},
+                      on_step=True, prog_bar=True, batch_size=len(batch))
+        return out.loss.detach()
+
+    # evaluation ---------------------------------------------------------------------------
+
+    def _eval_step(self, stage: str, batch: EpisodeBatch) -> None:
+        out: MetaOutput = self.algorithm.predict(batch)
+        rows = [batch.index.float(), per_task_metric(out.query_logits, batch.query_y)]
+        if out.query_logits_before is not None:
+            rows.append(per_task_metric(out.query_logits_before, batch.query_y))
+        self._episodes.setdefault(stage, []).append(torch.stack(rows, 1))  # [B, 2 or 3]
+
+    def _eval_end(self, stage: str) -> dict[str, float]:
+        local = torch.cat(self._episodes.pop(stage, [torch.zeros(0, 2, device=self.device)]))
+        rows = self.all_gather(local)  # [W, E, R] or [E, R]
+        rows = rows.reshape(-1, rows.shape[-1]).cpu()
+        _, keep = _unique_first(rows[:, 0])  # DistributedSampler pads with repeats
+        rows = rows[keep]
+        mean, ci = mean_ci95(rows[:, 1].tolist())
+        metrics = {f"{stage}/{self.metric}": mean, f"{stage}/{self.metric}_ci95": ci,
+                   f"{stage}/episodes": float(len(rows))}
+        if rows.shape[1] > 2:
+            before, before_ci = mean_ci95(rows[:, 2].tolist())
+            metrics |= {f"{stage}/{self.metric}_before_adaptation": before,
+                        f"{stage}/{self.metric}_before_adaptation_ci95": before_ci}
+        self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
+        return metrics
+
+    def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._episodes.pop("val", None)
+            return
+        value = self._eval_end("val")[f"val/{self.metric}"]
+        better = (self.best["value"] is None or
+                  (value < self.best["value"] if self.metric == "mse" else value > self.best["value"]))
+        if better:
+            self.best = {"value": value, "step": self.global_step}
+        self.log(f"val/best_{self.metric}", self.best["value"])
+        self.log("val/best_step", float(self.best["step"]))
+
+    def test_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["metarun_best"] = dict(self.best)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best = dict(checkpoint.get("metarun_best", self.best))
+
+
+def _unique_first(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Unique ids and the position of each one's first occurrence."""
+    order = torch.argsort(ids, stable=True)
+    sorted_ids = ids[order]
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    return sorted_ids[first], order[first]
+
+
+__all__ = ["MetaLearningModule", "per_task_metric"]

@@ -1,0 +1,172 @@
+"""Meta-train, validate and test one composed configuration.
+
+`train(cfg)` does the work and returns ``(results, objects)``; `main` is the thin
+``@hydra.main`` entry point behind the ``metarun`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from metarun.cli import exit_on_config_error
+from metarun.datamodule import EpisodicDataModule
+from metarun.episodes import TEST, EvalEpisodes
+from metarun.errors import ConfigError
+from metarun.module import MetaLearningModule
+from metarun.plots import plot_regression_tasks
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+class ConfigInCheckpoint(Callback):
+    """Stores the resolved run config in every checkpoint, for `metarun-eval`."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["metarun_config"] = self.config
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate every configured object; stops early on an impossible setting."""
+    dataset = instantiate(cfg.dataset)
+    sampler = instantiate(cfg.sampler)
+    datamodule = EpisodicDataModule(dataset, sampler)
+    datamodule.prepare()
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
+        torch.manual_seed(cfg.seed)
+        model = instantiate(cfg.model)
+    algorithm = instantiate(cfg.algorithm, model=model)
+    algorithm.check_episode_shape(sampler.train_ways, sampler.ways)
+    regression = bool(getattr(dataset, "is_regression", False))
+    module = MetaLearningModule(algorithm, optimizer=instantiate(cfg.optimizer),
+                                scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+                                grad_clip=cfg.grad_clip, regression=regression)
+    return {"dataset": dataset, "sampler": sampler, "datamodule": datamodule,
+            "algorithm": algorithm, "module": module, "regression": regression}
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, log_dir: Path) -> str | None:
+    """``last`` means this run dir's last.ckpt, else the newest last.ckpt under ``log_dir``."""
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        own = output_dir / "checkpoints" / "last.ckpt"
+        found = [own] if own.exists() else sorted(log_dir.rglob("last.ckpt"),
+                                                   key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ConfigError(f"ckpt_path=last is not allowed here: no last.ckpt exists under "
+                              f"{log_dir}, so give the checkpoint's path instead.")
+        log.info("Resuming from %s", found[-1])
+        return str(found[-1])
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} is not allowed: no such file; give an existing "
+                          f".ckpt file or 'last'.")
+    return ckpt_path
+
+
+def environment(trainer: L.Trainer) -> dict[str, Any]:
+    return {"torch": torch.__version__, "device": str(trainer.strategy.root_device),
+            "accelerator": type(trainer.accelerator).__name__, "world_size": trainer.world_size,
+            "precision": str(trainer.precision)}
+
+
+def test_block(metrics: dict[str, float], metric: str) -> dict[str, Any]:
+    """The ``test`` block of results.json from the logged test metrics."""
+    block = {metric: {"mean": metrics[f"test/{metric}"], "ci95": metrics[f"test/{metric}_ci95"],
+                      "episodes": int(metrics["test/episodes"])}}
+    if f"test/{metric}_before_adaptation" in metrics:
+        block[f"{metric}_before_adaptation"] = {
+            "mean": metrics[f"test/{metric}_before_adaptation"],
+            "ci95": metrics[f"test/{metric}_before_adaptation_ci95"],
+            "episodes": int(metrics["test/episodes"])}
+    return block
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit on training episodes, keep the best validation checkpoint, test it, write results."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    objects = build(cfg)
+    module: MetaLearningModule = objects["module"]
+    metric = module.metric
+    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="step={step}",
+                                 auto_insert_metric_name=False, monitor=f"val/{metric}",
+                                 mode="min" if metric == "mse" else "max", save_last=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger,
+                                     callbacks=[checkpoint, ConfigInCheckpoint(resolved)])
+    if logger:
+        logger.log_hyperparams(resolved)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir))
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=ckpt_path)
+    wall = time.perf_counter() - started
+    best = checkpoint.best_model_path or None
+    tested = trainer.test(module, datamodule=objects["datamodule"], ckpt_path=best, verbose=False)
+    metrics = {k: float(v) for k, v in tested[0].items()}
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    sampler = objects["sampler"]
+    steps = trainer.global_step
+    results = {
+        "experiment": {"algorithm": cfg.algorithm._target_.rsplit(".", 1)[-1],
+                       "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
+                       "ways": sampler.ways, "shots": sampler.shots, "queries": sampler.queries,
+                       "train_ways": sampler.train_ways, "train_shots": sampler.train_shots,
+                       "seed": cfg.seed},
+        "test": test_block(metrics, metric),
+        "val": {f"best_{metric}": fit_metrics.get(f"val/best_{metric}"),
+                "best_step": (int(fit_metrics["val/best_step"]) if "val/best_step" in fit_metrics
+                              else None),
+                "best_checkpoint": best},
+        "train": {"steps": steps, "tasks": steps * sampler.meta_batch_size,
+                  "tasks_per_second": steps * sampler.meta_batch_size / wall if wall else None,
+                  "wall_seconds": wall, "resumed_from": ckpt_path},
+        "environment": environment(trainer),
+        "config": resolved,
+    }
+    if trainer.is_global_zero:
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        if objects["regression"] and hasattr(objects["dataset"], "curve"):
+            episodes = EvalEpisodes(sampler, objects["datamodule"].splits["test"], TEST, 4)
+            results["plot"] = str(plot_regression_tasks(
+                module.algorithm, episodes, output_dir / "test_tasks.png"))
+        report(results, metric)
+    if logger and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+        logger.log_table(key="test", columns=["metric", "mean", "ci95", "episodes"],
+                         data=[[k, v["mean"], v["ci95"], v["episodes"]]
+                               for k, v in results["test"].items()])
+    return results, {**objects, "trainer": trainer}
+
+
+def report(results: dict[str, Any], metric: str) -> None:
+    for name, value in results["test"].items():
+        scale, unit = (100.0, "%") if metric == "accuracy" else (1.0, "")
+        print(f"test {name}: {value['mean'] * scale:.4g}{unit} ± {value['ci95'] * scale:.2g}{unit} "
+              f"(95% CI, {value['episodes']} episodes)")
+    print(f"results: {results['config']['paths']['output_dir']}/results.json")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@exit_on_config_error
+def main(cfg: DictConfig) -> None:
+    """The ``metarun`` command."""
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
