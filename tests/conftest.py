@@ -1,0 +1,62 @@
+"""Shared fixtures: compose the real Hydra config the way the `metarun` command does."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(ROOT / "conf")
+os.environ.setdefault("METARUN_CACHE_DIR", str(ROOT / ".cache"))
+
+# Small enough for a 2-core CPU: a few outer steps, a few evaluation episodes.
+TINY = ["trainer.max_steps=3", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1", "sampler.val_episodes=4", "sampler.test_episodes=4",
+        "sampler.eval_batch_size=2", "sampler.meta_batch_size=2", "logger=none"]
+
+
+def data_dir() -> Path | None:
+    """The real data folder from METARUN_DATA_DIR (relative paths are from the repo root)."""
+    value = os.environ.get("METARUN_DATA_DIR")
+    return None if not value else (ROOT / value).resolve()
+
+
+def compose_config(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:
+    """The composed config for ``overrides``, writing into ``output_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir)
+        if data_dir() is not None:
+            cfg.paths.data_dir = str(data_dir())
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """``make_config(*overrides)`` -> a tiny composed config writing into tmp_path."""
+
+    def make(*overrides: str, tiny: bool = True) -> DictConfig:
+        return compose_config([*(TINY if tiny else []), *overrides], tmp_path)
+
+    return make
+
+
+@pytest.fixture
+def omniglot_available():
+    """Skip unless METARUN_DATA_DIR points at the Omniglot archives."""
+    root = data_dir()
+    if root is None or not (root / "omniglot" / "images_background.zip").exists():
+        pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
+    return root
