@@ -15,16 +15,18 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from metarun.cli import exit_on_config_error
+from metarun.cli import config_error, exit_on_config_error
 from metarun.datamodule import EpisodicDataModule
 from metarun.episodes import TEST, EvalEpisodes
 from metarun.errors import ConfigError
 from metarun.module import MetaLearningModule
 from metarun.plots import plot_regression_tasks
+from metarun.tracking import finish, log_test_table
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -40,16 +42,36 @@ class ConfigInCheckpoint(Callback):
         checkpoint["metarun_config"] = self.config
 
 
+class StartStep(Callback):
+    """Records the outer step training starts from (non-zero on resume), for throughput."""
+
+    step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.step = trainer.global_step
+
+
+def instantiate_checked(node: Any, **kwargs: Any) -> Any:
+    """`instantiate`, re-raising a constructor's `ConfigError` as itself, not Hydra's wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        found = config_error(err)
+        if found is None:
+            raise
+        raise found from None
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
-    """Instantiate every configured object; stops early on an impossible setting."""
-    dataset = instantiate(cfg.dataset)
-    sampler = instantiate(cfg.sampler)
+    """Instantiate every configured object; stops early (`ConfigError`) on an impossible setting."""
+    dataset = instantiate_checked(cfg.dataset)
+    sampler = instantiate_checked(cfg.sampler)
     datamodule = EpisodicDataModule(dataset, sampler)
     datamodule.prepare()
     with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
         torch.manual_seed(cfg.seed)
-        model = instantiate(cfg.model)
-    algorithm = instantiate(cfg.algorithm, model=model)
+        model = instantiate_checked(cfg.model)
+    algorithm = instantiate_checked(cfg.algorithm, model=model)
     algorithm.check_episode_shape(sampler.train_ways, sampler.ways)
     regression = bool(getattr(dataset, "is_regression", False))
     module = MetaLearningModule(algorithm, optimizer=instantiate(cfg.optimizer),
@@ -103,13 +125,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     objects = build(cfg)
     module: MetaLearningModule = objects["module"]
     metric = module.metric
-    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="step={step}",
+    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="step_{step:06d}",
                                  auto_insert_metric_name=False, monitor=f"val/{metric}",
-                                 mode="min" if metric == "mse" else "max", save_last=True)
+                                 mode="min" if metric == "mse" else "max")
+    # last.ckpt, the state to resume from, rewritten at every validation. (`save_last=True`
+    # above rewrites it only when the best checkpoint changes, so a run whose last
+    # validation did not improve would resume from an older step.)
+    last = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last",
+                           enable_version_counter=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = instantiate_checked(cfg.logger) if cfg.get("logger") else False
+    start = StartStep()
     trainer: L.Trainer = instantiate(cfg.trainer, logger=logger,
-                                     callbacks=[checkpoint, ConfigInCheckpoint(resolved)])
+                                     callbacks=[checkpoint, last, ConfigInCheckpoint(resolved),
+                                                start])
     if logger:
         logger.log_hyperparams(resolved)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir))
@@ -117,9 +146,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=ckpt_path)
     wall = time.perf_counter() - started
     best = checkpoint.best_model_path or None
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # test() resets them
     tested = trainer.test(module, datamodule=objects["datamodule"], ckpt_path=best, verbose=False)
     metrics = {k: float(v) for k, v in tested[0].items()}
-    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     sampler = objects["sampler"]
     steps = trainer.global_step
     results = {
@@ -134,7 +163,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                               else None),
                 "best_checkpoint": best},
         "train": {"steps": steps, "tasks": steps * sampler.meta_batch_size,
-                  "tasks_per_second": steps * sampler.meta_batch_size / wall if wall else None,
+                  "tasks_per_second": ((steps - start.step) * sampler.meta_batch_size / wall
+                                       if wall else None),
                   "wall_seconds": wall, "resumed_from": ckpt_path},
         "environment": environment(trainer),
         "config": resolved,
@@ -146,10 +176,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             results["plot"] = str(plot_regression_tasks(
                 module.algorithm, episodes, output_dir / "test_tasks.png"))
         report(results, metric)
-    if logger and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
-        logger.log_table(key="test", columns=["metric", "mean", "ci95", "episodes"],
-                         data=[[k, v["mean"], v["ci95"], v["episodes"]]
-                               for k, v in results["test"].items()])
+    if trainer.is_global_zero:
+        log_test_table(logger, results["test"], step=trainer.global_step)
+    finish(logger)
     return results, {**objects, "trainer": trainer}
 
 

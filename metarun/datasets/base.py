@@ -56,7 +56,8 @@ class ClassImages:
         keys[torch.arange(width)[None, :] >= self.counts[classes][:, None]] = 2.0  # padding last
         pick = keys.argsort(dim=1)[:, : shots + queries]  # [N, K+Q] distinct slots
         ids = self.by_class[classes[:, None], pick]  # [N, K+Q] image ids
-        x = self.images[ids].float().div_(255.0)  # [N, K+Q, C, H, W]
+        x = self.images.index_select(0, ids.reshape(-1)).float().div_(255.0)  # [N*(K+Q), C, H, W]
+        x = x.view(ways, shots + queries, *x.shape[1:])  # [N, K+Q, C, H, W]
         y = torch.arange(ways)[:, None].expand(ways, shots + queries)  # [N, K+Q]
         c, h, w = x.shape[-3:]
         return Episode(

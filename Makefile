@@ -1,0 +1,41 @@
+# metarun — `make help` lists the targets.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export METARUN_DATA_DIR ?= $(CURDIR)/data
+
+.PHONY: help install install-test run test bench lint clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed ## create .venv and install metarun (torch 2.14.1, torchvision 0.29.1, ...)
+
+install-test: $(VENV)/.installed-test ## install metarun with its test extras
+
+run: install ## set up and run the default experiment (MAML on sinusoids); ARGS='...' adds overrides
+	$(VENV)/bin/metarun $(ARGS)
+
+test: install-test ## set up and run the test suite (reads Omniglot from METARUN_DATA_DIR)
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+bench: install ## throughput and Omniglot accuracy benchmarks (long; not part of CI)
+	bash scripts/bench.sh
+
+lint: install-test ## byte-compile every module and script
+	$(PY) -m compileall -q metarun scripts tests
+
+clean: ## remove caches (keeps .venv and outputs/)
+	rm -rf .pytest_cache .cache
