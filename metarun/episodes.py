@@ -135,10 +135,14 @@ class EpisodeSampler:
         self.eval_seed = eval_seed
 
     def check(self, train: TaskSource, val: TaskSource, test: TaskSource) -> None:
-        """Stop early when a split cannot provide the requested episode shapes."""
-        train.check_episode(self.train_ways, self.train_shots, self.train_queries, "sampler.train_")
+        """Stop early when a split cannot provide the requested episode shapes.
+
+        Evaluation shapes are checked first: train_* default to ways/shots/queries, so a
+        bad ``sampler.ways`` is reported under the key the user set.
+        """
         for split in (val, test):
             split.check_episode(self.ways, self.shots, self.queries, "sampler.")
+        train.check_episode(self.train_ways, self.train_shots, self.train_queries, "sampler.train_")
 
     def shard(self, world_size: int) -> int:
         """Tasks per process; the meta-batch must split evenly across processes."""

@@ -76,9 +76,15 @@ class MetaLearningModule(L.LightningModule):
             sched.step()
         tasks = len(batch) * self.trainer.world_size
         metric = per_task_metric(out.query_logits, batch.query_y).mean()
+        extra = {f"train/{k}": v.detach().float().mean() for k, v in (out.extra or {}).items()}
         self.log_dict({"train/loss": out.loss.detach(), f"train/{self.metric}": metric,
                        "train/tasks_per_second": tasks / (time.perf_counter() - started)},
                       on_step=True, prog_bar=True, batch_size=len(batch))
+        if extra:
+            self.log_dict(extra, on_step=True, batch_size=len(batch))
+        # Outer steps done; `train` reads it back under ddp_spawn, whose workers return
+        # callback_metrics to the launching process but not trainer.global_step.
+        self.log("train/steps", float(self.global_step), on_step=True, batch_size=len(batch))
         return out.loss.detach()
 
     # evaluation ---------------------------------------------------------------------------
@@ -89,13 +95,20 @@ class MetaLearningModule(L.LightningModule):
         if out.query_logits_before is not None:
             rows.append(per_task_metric(out.query_logits_before, batch.query_y))
         self._episodes.setdefault(stage, []).append(torch.stack(rows, 1))  # [B, 2 or 3]
+        for name, values in (out.extra or {}).items():  # further per-task metrics, [B] each
+            self._episodes.setdefault(f"{stage}/{name}", []).append(
+                torch.stack([batch.index.float(), values.detach().float()], 1))  # [B, 2]
 
-    def _eval_end(self, stage: str) -> dict[str, float]:
-        local = torch.cat(self._episodes.pop(stage, [torch.zeros(0, 2, device=self.device)]))
+    def _gather(self, key: str) -> Tensor:
+        """Rows ``[index, values...]`` stored under ``key`` on every rank, each episode once."""
+        local = torch.cat(self._episodes.pop(key, [torch.zeros(0, 2, device=self.device)]))
         rows = self.all_gather(local)  # [W, E, R] or [E, R]
         rows = rows.reshape(-1, rows.shape[-1]).cpu()
         _, keep = _unique_first(rows[:, 0])  # DistributedSampler pads with repeats
-        rows = rows[keep]
+        return rows[keep]
+
+    def _eval_end(self, stage: str) -> dict[str, float]:
+        rows = self._gather(stage)
         mean, ci = mean_ci95(rows[:, 1].tolist())
         metrics = {f"{stage}/{self.metric}": mean, f"{stage}/{self.metric}_ci95": ci,
                    f"{stage}/episodes": float(len(rows))}
@@ -103,6 +116,9 @@ class MetaLearningModule(L.LightningModule):
             before, before_ci = mean_ci95(rows[:, 2].tolist())
             metrics |= {f"{stage}/{self.metric}_before_adaptation": before,
                         f"{stage}/{self.metric}_before_adaptation_ci95": before_ci}
+        for key in sorted(k for k in self._episodes if k.startswith(f"{stage}/")):
+            extra, extra_ci = mean_ci95(self._gather(key)[:, 1].tolist())
+            metrics |= {key: extra, f"{key}_ci95": extra_ci}
         self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
         return metrics
 
@@ -111,7 +127,8 @@ class MetaLearningModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
-            self._episodes.pop("val", None)
+            for key in [k for k in self._episodes if k == "val" or k.startswith("val/")]:
+                self._episodes.pop(key)
             return
         value = self._eval_end("val")[f"val/{self.metric}"]
         better = (self.best["value"] is None or

@@ -100,6 +100,28 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, log_dir: Path) ->
     return ckpt_path
 
 
+def check_hardware(trainer_cfg: DictConfig) -> None:
+    """Stop before building anything when the hardware profile cannot run on this machine.
+
+    Lightning would otherwise fail deep inside the Trainer ("No supported gpu backend
+    found!") or, with ``accelerator=cpu``, silently switch float16 to bfloat16.
+    """
+    precision = str(trainer_cfg.get("precision"))
+    accelerator = str(trainer_cfg.get("accelerator"))
+    cuda = torch.cuda.is_available()
+    if precision in ("16-mixed", "16") and (accelerator == "cpu" or not cuda):
+        where = ("trainer.accelerator=cpu" if accelerator == "cpu"
+                 else "this machine, where torch.cuda.is_available() is False")
+        raise ConfigError(
+            f"trainer.precision={precision} (hardware=fp16) is not allowed on {where}: float16 "
+            f"mixed precision needs a CUDA GPU, so use hardware=bf16 or hardware=cpu instead.")
+    if accelerator in ("gpu", "cuda") and not (cuda or torch.backends.mps.is_available()):
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} (hardware=gpu) is not allowed on this machine: no "
+            f"GPU is visible (torch.cuda.is_available() is False), so use hardware=cpu or "
+            f"hardware=bf16 instead.")
+
+
 def environment(trainer: L.Trainer) -> dict[str, Any]:
     return {"torch": torch.__version__, "device": str(trainer.strategy.root_device),
             "accelerator": type(trainer.accelerator).__name__, "world_size": trainer.world_size,
@@ -121,6 +143,7 @@ def test_block(metrics: dict[str, float], metric: str) -> dict[str, Any]:
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit on training episodes, keep the best validation checkpoint, test it, write results."""
     output_dir = Path(cfg.paths.output_dir)
+    check_hardware(cfg.trainer)
     output_dir.mkdir(parents=True, exist_ok=True)
     objects = build(cfg)
     module: MetaLearningModule = objects["module"]
@@ -139,6 +162,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=logger,
                                      callbacks=[checkpoint, last, ConfigInCheckpoint(resolved),
                                                 start])
+    # Before any process is launched: under ddp_spawn a ConfigError raised in the workers'
+    # datamodule.setup would reach the user as a traceback from torch.multiprocessing.
+    objects["sampler"].shard(trainer.world_size)
     if logger:
         logger.log_hyperparams(resolved)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir))
@@ -150,7 +176,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     tested = trainer.test(module, datamodule=objects["datamodule"], ckpt_path=best, verbose=False)
     metrics = {k: float(v) for k, v in tested[0].items()}
     sampler = objects["sampler"]
-    steps = trainer.global_step
+    # ddp_spawn trains in child processes and hands back weights and callback_metrics but
+    # not the loop state, so this process's trainer.global_step is 0 there.
+    steps = trainer.global_step or int(fit_metrics.get("train/steps", 0))
     results = {
         "experiment": {"algorithm": cfg.algorithm._target_.rsplit(".", 1)[-1],
                        "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
@@ -176,8 +204,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             results["plot"] = str(plot_regression_tasks(
                 module.algorithm, episodes, output_dir / "test_tasks.png"))
         report(results, metric)
-    if trainer.is_global_zero:
-        log_test_table(logger, results["test"], step=trainer.global_step)
+        log_test_table(logger, results["test"], step=steps)
     finish(logger)
     return results, {**objects, "trainer": trainer}
 

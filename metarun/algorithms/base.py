@@ -16,11 +16,14 @@ class MetaOutput:
     ``loss``: scalar, differentiable w.r.t. the meta-parameters (training) or detached.
     ``query_logits [B, N*Q, N]`` (regression: predictions ``[B, Q, D_out]``).
     ``query_logits_before``: the same before task adaptation, when the learner adapts.
+    ``extra``: further per-task metrics, name -> ``[B]`` (e.g. a Neural Process's predictive
+    log-likelihood); the module logs each as ``{stage}/{name}``, mean ± 95% CI at evaluation.
     """
 
     loss: Tensor
     query_logits: Tensor
     query_logits_before: Tensor | None = None
+    extra: dict[str, Tensor] | None = None
 
 
 class MetaAlgorithm(nn.Module):

@@ -1,0 +1,360 @@
+"""The runner end to end: every config option, results.json, determinism, resume, W&B, sweeps.
+
+Everything runs the default sinusoid + MLP configuration for a few outer steps on CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import OmegaConf
+
+import metarun.tracking
+from metarun.module import MetaLearningModule
+from metarun.train import train
+from tests.conftest import CONFIG_DIR, ROOT, TINY, compose_config
+
+# TINY, plus: 4 outer steps (validation at 2 and 4), 2 evaluation episodes of 10 query
+# points, 2 test-time inner steps (MAML).
+FAST = [*TINY, "trainer.max_steps=4", "sampler.val_episodes=2", "sampler.test_episodes=2",
+        "sampler.queries=10", "algorithm.test_inner_steps=2"]
+
+
+def run(directory: Path, *overrides: str):
+    return train(compose_config([*FAST, *overrides], directory))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def state(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The default configuration (MAML, CSV logger, CPU) for 4 steps."""
+    out = tmp_path_factory.mktemp("default")
+    cfg = compose_config([*FAST, "logger=csv"], out)
+    results, objects = train(cfg)
+    return results, objects, out, cfg
+
+
+# ------------------------------------------------------------------ config groups
+
+def test_default_run_is_maml_with_csv_on_cpu(default_run):
+    results, objects, out, _ = default_run
+    assert results["experiment"]["algorithm"] == "MAML"
+    assert objects["algorithm"].first_order is False
+    assert isinstance(objects["trainer"].logger, CSVLogger)
+    with open(out / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(1 for r in rows if r.get("train/loss")) == 4  # log_every_n_steps=1
+    val = [float(r["val/mse"]) for r in rows if r.get("val/mse")]
+    assert len(val) == 2  # steps 2 and 4
+    # val block: the best of the two validations, and the step it happened at
+    assert results["val"]["best_mse"] == pytest.approx(min(val), rel=1e-6)
+    assert results["val"]["best_step"] == 2 * (val.index(min(val)) + 1)
+    assert results["val"]["best_checkpoint"] == str(
+        out / "checkpoints" / f"step_{results['val']['best_step']:06d}.ckpt")
+    test_rows = [r for r in rows if r.get("test/mse")]
+    assert float(test_rows[-1]["test/mse"]) == pytest.approx(results["test"]["mse"]["mean"])
+    env = results["environment"]
+    assert (env["device"], env["precision"], env["world_size"]) == ("cpu", "32-true", 1)
+    # last.ckpt is the latest state (step 4) even when the last validation was not the best
+    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)["global_step"] == 4
+
+
+def check_fomaml(results, objects):
+    assert objects["algorithm"].first_order is True
+    assert results["config"]["algorithm"]["first_order"] is True
+    assert results["experiment"]["algorithm"] == "MAML"
+
+
+def check_no_logger(results, objects):
+    assert objects["trainer"].logger is None
+    assert not (Path(results["config"]["paths"]["output_dir"]) / "csv").exists()
+
+
+def check_bf16(results, objects):
+    assert results["environment"]["precision"] == "bf16-mixed"
+    assert objects["trainer"].precision == "bf16-mixed"
+    assert next(objects["algorithm"].parameters()).dtype == torch.float32  # autocast only
+
+
+@pytest.mark.parametrize("override, check", [
+    ("algorithm=fomaml", check_fomaml), ("logger=none", check_no_logger),
+    ("hardware=bf16", check_bf16)], ids=["fomaml", "logger_none", "bf16"])
+def test_config_option_runs(tmp_path, override, check):
+    results, objects = run(tmp_path, override)
+    assert results["train"]["steps"] == 4
+    assert results["test"]["mse"]["episodes"] == 2
+    assert all(torch.isfinite(torch.tensor(v["mean"])) for v in results["test"].values())
+    check(results, objects)
+
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+
+
+def leaves(node, prefix=""):
+    """(dotted key, value) of every leaf of a plain dict."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_preset_composes(tmp_path, name):
+    cfg = compose_config([f"experiment={name}"], tmp_path)
+    preset = yaml.safe_load((Path(CONFIG_DIR) / "experiment" / f"{name}.yaml").read_text())
+    preset.pop("defaults", None)
+    for key, value in leaves(preset):  # the preset's values win over the groups' defaults
+        assert OmegaConf.select(cfg, key) == value, key
+    for group in ("dataset", "sampler", "algorithm", "model", "trainer", "optimizer"):
+        assert group in cfg
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_protonet_on_omniglot(omniglot_available, tmp_path):
+    overrides = [o for o in FAST if not o.startswith("algorithm.")]  # ProtoNet has no inner loop
+    results, objects = train(compose_config(
+        [*overrides, "dataset=omniglot", "algorithm=protonet", "model.hidden=8", "sampler.ways=3",
+         "sampler.queries=2", "trainer.max_steps=2"], tmp_path))
+    assert results["experiment"].items() >= {"algorithm": "ProtoNet", "dataset": "Omniglot",
+                                          "ways": 3, "shots": 1, "queries": 2}.items()
+    assert objects["algorithm"].model.head is None
+    acc = results["test"]["accuracy"]
+    assert acc["episodes"] == 2 and 0.0 <= acc["mean"] <= 1.0
+    assert "accuracy_before_adaptation" not in results["test"]
+    assert not (tmp_path / "test_tasks.png").exists()  # plots are for regression only
+
+
+# ------------------------------------------------------------------ results.json
+
+def test_results_json_schema_and_plot(default_run):
+    results, _, out, cfg = default_run
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == {k: v for k, v in results.items() if k != "plot"}
+    assert set(saved) == {"experiment", "test", "val", "train", "environment", "config"}
+    assert saved["experiment"].items() >= {"algorithm": "MAML", "dataset": "Sinusoid", "ways": 1,
+                                        "shots": 10, "queries": 10, "seed": 0}.items()
+    assert set(saved["test"]) == {"mse", "mse_before_adaptation"}
+    for block in saved["test"].values():
+        assert set(block) == {"mean", "ci95", "episodes"}
+        assert block["episodes"] == 2 and block["ci95"] > 0 and block["mean"] > 0
+    assert {"best_mse", "best_step"} <= set(saved["val"])
+    assert isinstance(saved["val"]["best_mse"], float) and saved["val"]["best_step"] in (2, 4)
+    train_block = saved["train"]
+    assert {"steps", "tasks", "tasks_per_second", "wall_seconds"} <= set(train_block)
+    assert (train_block["steps"], train_block["tasks"]) == (4, 8)  # meta_batch_size=2
+    assert train_block["wall_seconds"] > 0
+    assert train_block["tasks_per_second"] == pytest.approx(8 / train_block["wall_seconds"])
+    assert saved["environment"].items() >= {"torch": torch.__version__, "device": "cpu",
+                                         "world_size": 1, "precision": "32-true"}.items()
+    assert saved["config"] == OmegaConf.to_container(cfg, resolve=True)
+    plot = out / "test_tasks.png"
+    assert results["plot"] == str(plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------ determinism
+
+def test_same_seed_same_metrics_other_seed_other_metrics(default_run, tmp_path):
+    reference, _, out, _ = default_run
+    again, _ = run(tmp_path / "again", "logger=csv")
+    assert again["test"] == reference["test"]
+    assert again["val"]["best_mse"] == reference["val"]["best_mse"]
+    for key, value in state(out / "checkpoints" / "last.ckpt").items():
+        assert torch.equal(value, state(tmp_path / "again" / "checkpoints" / "last.ckpt")[key])
+    other, _ = run(tmp_path / "other", "logger=csv", "seed=1")
+    assert other["experiment"]["seed"] == 1
+    assert other["test"]["mse"]["mean"] != reference["test"]["mse"]["mean"]
+    assert other["val"]["best_mse"] != reference["val"]["best_mse"]
+
+
+# ------------------------------------------------------------------ resume
+
+RESUME = ["trainer.val_check_interval=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("A")
+    results, _ = run(out, *RESUME, "trainer.max_steps=6")
+    return results, out
+
+
+@pytest.mark.parametrize("how", ["path", "last"])
+def test_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path, monkeypatch, how):
+    a_results, a_dir = uninterrupted
+    b_dir = tmp_path / "B"
+    run(b_dir, *RESUME, "trainer.max_steps=4")  # interrupted after 4 of 6 steps
+    last = b_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    steps = []
+    original = MetaLearningModule.training_step
+
+    def counting(self, batch, batch_idx):
+        steps.append(self.global_step)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(MetaLearningModule, "training_step", counting)
+    ckpt = str(last) if how == "path" else "last"
+    b_results, _ = run(b_dir, *RESUME, "trainer.max_steps=6", f"ckpt_path={ckpt}")
+    assert steps == [4, 5]  # resumed: only the remaining two steps were trained
+    assert b_results["train"]["resumed_from"] == str(last)
+    assert b_results["train"]["steps"] == a_results["train"]["steps"] == 6
+    assert b_results["train"]["tasks"] == 12  # meta_batch_size=2, all steps of the run
+    assert b_results["train"]["tasks_per_second"] == pytest.approx(  # this process: 2 steps
+        2 * 2 / b_results["train"]["wall_seconds"])
+    assert b_results["test"] == a_results["test"]
+    assert (b_results["val"]["best_mse"], b_results["val"]["best_step"]) == (
+        a_results["val"]["best_mse"], a_results["val"]["best_step"])
+    a_state, b_state = state(a_dir / "checkpoints" / "last.ckpt"), state(last)
+    assert a_state.keys() == b_state.keys()
+    for key in a_state:
+        torch.testing.assert_close(b_state[key], a_state[key], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ Weights & Biases
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """No API key, no network, every W&B folder under tmp_path; WANDB_MODE restored."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "unset")  # recorded, so teardown restores the original
+    monkeypatch.delenv("WANDB_MODE")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR",
+                "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(metarun.tracking, "_wandb_reachable", lambda *a, **k: False)
+
+
+def wandb_records(run_dir: Path, timeout: float = 60.0) -> list:
+    """The records of a finished offline run, waiting for W&B's service to write them all:
+    `Run.finish` can return before the ``run-*.wandb`` file is flushed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_file(next(run_dir.glob("run-*.wandb")))
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def read_wandb_file(path: Path) -> list:
+    """The protobuf records of a ``run-*.wandb`` file (LevelDB log format)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert not data or data[:4] == b":W&B"
+    records, pos, block, partial = [], 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # still being written
+            break
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            continue
+        partial = chunk if kind in (1, 2) else partial + chunk
+        if kind in (1, 4):  # FULL or LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(partial)
+            records.append(record)
+    return records
+
+
+def test_wandb_offline_run_per_train_call(offline_wandb, tmp_path):
+    for name, seed in (("first", 0), ("second", 1)):  # two runs in one process, like a sweep
+        out = tmp_path / name
+        results, objects = run(out, "logger=wandb", f"seed={seed}")
+        assert isinstance(objects["trainer"].logger, WandbLogger)
+        runs = list((out / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, f"{name}: {runs}"  # its own run, not the previous one reused
+        records = wandb_records(runs[0])
+        config = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                  for r in records if r.WhichOneof("record_type") == "config"
+                  for item in r.config.update}
+        assert config["seed"] == seed and config["paths"]["output_dir"] == str(out)
+        assert config["algorithm"]["_target_"] == "metarun.algorithms.maml.MAML"
+        history = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+                   for r in records if r.WhichOneof("record_type") == "history"]
+        assert any("train/loss" in h for h in history)
+        assert json.loads(next(h for h in history if "test/mse" in h)["test/mse"]) == (
+            results["test"]["mse"]["mean"])
+        assert any(h.get("test/_type") == '"table-file"' for h in history)
+        assert records[-1].WhichOneof("record_type") == "exit"  # the run was finished
+        tables = list(runs[0].glob("files/media/table/test_*.table.json"))
+        assert len(tables) == 1
+        assert json.loads(tables[0].read_text()) == {
+            "columns": ["metric", "mean", "ci95", "episodes"],
+            "data": [[k, v["mean"], v["ci95"], v["episodes"]] for k, v in results["test"].items()]}
+    assert "WANDB_MODE" not in os.environ  # offline mode did not leak into the process
+
+
+def test_wandb_failure_falls_back_to_csv(offline_wandb, tmp_path, monkeypatch):
+    class BrokenWandb(WandbLogger):
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("wandb cannot start")
+
+    monkeypatch.setattr(metarun.tracking, "WandbLogger", BrokenWandb)
+    results, objects = run(tmp_path, "logger=wandb")
+    logger = objects["trainer"].logger
+    assert isinstance(logger, CSVLogger) and not isinstance(logger, WandbLogger)
+    metrics = Path(logger.log_dir) / "metrics.csv"
+    assert metrics.parent.parent == tmp_path / "csv"
+    with open(metrics) as f:
+        rows = list(csv.DictReader(f))
+    assert float(next(r for r in rows if r.get("test/mse"))["test/mse"]) == pytest.approx(
+        results["test"]["mse"]["mean"])
+    assert (tmp_path / "results.json").exists() and not (tmp_path / "wandb").exists()
+
+
+# ------------------------------------------------------------------ Hydra multirun
+
+def test_multirun_sweep_from_the_command_line(tmp_path):
+    sweep = tmp_path / "sweep"
+    command = [str(Path(sys.executable).parent / "metarun"), "-m", "algorithm=maml,fomaml",
+               "sampler.shots=5,10", "trainer.max_steps=2", "trainer.val_check_interval=2",
+               "sampler.val_episodes=2", "sampler.test_episodes=2", "logger=none",
+               "sampler.meta_batch_size=2", "algorithm.test_inner_steps=2",
+               "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        chosen = dict(o.split("=", 1) for o in overrides)
+        results = json.loads((job / "results.json").read_text())
+        assert results["config"]["paths"]["output_dir"] == str(job)
+        assert results["experiment"]["shots"] == int(chosen["sampler.shots"])
+        assert results["config"]["algorithm"]["first_order"] == (chosen["algorithm"] == "fomaml")
+        assert results["train"]["steps"] == 2 and results["test"]["mse"]["episodes"] == 2
+        seen.add((chosen["algorithm"], results["experiment"]["shots"]))
+    assert seen == {("maml", 5), ("maml", 10), ("fomaml", 5), ("fomaml", 10)}
