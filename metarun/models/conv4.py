@@ -20,25 +20,37 @@ class Conv4(nn.Module):
         hidden: channels of every block.
         out_features: classes of the linear head, or None for an embedding network.
         norm: "transductive", "running" or "none" (see `metarun.models.norm`).
+        pooled_blocks: how many blocks, from the first, end with the 2×2 max-pool; the
+            others keep their resolution. 4 is the standard backbone; Relation Networks
+            (Sung et al. 2018) pool only the first 2, so a spatial map is left to compare.
+
+    ``features(x)`` is the feature map ``[M, *feature_shape]`` before flattening.
     """
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
-                 out_features: int | None = None, norm: str = "transductive") -> None:
+                 out_features: int | None = None, norm: str = "transductive",
+                 pooled_blocks: int = 4) -> None:
         super().__init__()
         if out_features is not None and out_features <= 0:
             raise ConfigError(f"model.out_features={out_features} is not allowed: it must be "
                               f"a positive number of classes or null for an embedding.")
+        if isinstance(pooled_blocks, bool) or pooled_blocks not in range(5):
+            raise ConfigError(f"model.pooled_blocks={pooled_blocks!r} is not allowed: it must be "
+                              f"an integer from 0 to 4.")
         blocks = []
         for i in range(4):
             blocks += [nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1),
-                       batch_norm(hidden, norm), nn.ReLU(), nn.MaxPool2d(2)]
+                       batch_norm(hidden, norm), nn.ReLU()]
+            if i < pooled_blocks:
+                blocks.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*blocks)
         side = image_size
-        for _ in range(4):
+        for _ in range(pooled_blocks):
             side //= 2  # each max-pool floors the side
         if side < 1:
-            raise ConfigError(f"model.image_size={image_size} is not allowed: four 2x2 poolings "
-                              f"need at least 16 pixels.")
+            raise ConfigError(f"model.image_size={image_size} is not allowed: {pooled_blocks} 2x2 "
+                              f"poolings need at least {2 ** pooled_blocks} pixels.")
+        self.feature_shape = (hidden, side, side)  # [C, h, w] of features(x)
         self.embedding_dim = hidden * side * side
         self.head = None if out_features is None else nn.Linear(self.embedding_dim, out_features)
 

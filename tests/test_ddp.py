@@ -1,0 +1,136 @@
+"""hardware=ddp: the meta-batch is split across processes and the outer update is unchanged.
+
+Two CPU processes over gloo with ``ddp_spawn`` (so pytest can launch them; the command
+line's default stays ``ddp``). Rank r of W draws tasks r*B/W .. (r+1)*B/W - 1 of each step
+and DDP averages the per-rank mean gradients, so with plain SGD (update = -lr * grad) the
+parameters after a few steps must equal a 1-process run over the whole meta-batch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from metarun.cli import exit_on_config_error
+from metarun.episodes import TEST, collate_episodes
+from metarun.errors import ConfigError
+from metarun.module import per_task_metric
+from metarun.stats import mean_ci95
+from metarun.train import build, train
+from tests.conftest import TINY, compose_config
+
+STEPS, META_BATCH, TEST_EPISODES = 3, 4, 5  # 5 test episodes: DistributedSampler pads rank 1
+RUN = [*TINY, f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
+       f"sampler.meta_batch_size={META_BATCH}", f"sampler.test_episodes={TEST_EPISODES}",
+       "sampler.val_episodes=3", "sampler.queries=10", "algorithm.test_inner_steps=2",
+       "optimizer._target_=torch.optim.SGD", "optimizer.lr=0.01"]
+DDP = ["hardware=ddp", "trainer.strategy=ddp_spawn", "trainer.accelerator=cpu", "trainer.devices=2"]
+# float32: the 2-process gradient is a mean of two half-batch means, all-reduced; it differs
+# from the 1-process mean only by rounding (~1e-7 relative), times lr = 0.01 per step.
+ATOL = 1e-6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two on a busy 2-core box (the spawned
+    workers get one each from Lightning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def state(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same seeded run on 2 processes (ddp_spawn) and on 1 process."""
+    out = {}
+    for name, hardware in (("ddp", DDP), ("single", ["hardware=cpu"])):
+        directory = tmp_path_factory.mktemp(name)
+        cfg = compose_config([*RUN, *hardware], directory)
+        results, _ = train(cfg)
+        out[name] = {"results": results, "dir": directory, "cfg": cfg}
+    return out
+
+
+def test_ranks_draw_disjoint_slices_of_the_one_process_meta_batch(runs):
+    cfg = runs["single"]["cfg"]
+    sampler, source = instantiate(cfg.sampler), instantiate(cfg.dataset).split("train")
+    for step in range(STEPS):
+        full = sampler.train_batch(source, step)  # 1 process: all B tasks
+        ranks = [sampler.train_batch(source, step, rank, 2) for rank in (0, 1)]
+        ids = [set(r.index.tolist()) for r in ranks]
+        assert ids[0].isdisjoint(ids[1])
+        assert ids[0] | ids[1] == set(full.index.tolist()) == set(range(META_BATCH))
+        for field in ("support_x", "support_y", "query_x", "query_y", "task_params", "index"):
+            joined = torch.cat([getattr(r, field) for r in ranks])
+            assert torch.equal(joined, getattr(full, field)), field
+        assert not torch.equal(ranks[0].support_y, ranks[1].support_y)  # different tasks
+
+
+def test_two_processes_give_the_one_process_update(runs):
+    ddp_ckpt = torch.load(runs["ddp"]["dir"] / "checkpoints" / "last.ckpt", map_location="cpu",
+                          weights_only=False)
+    single_ckpt = torch.load(runs["single"]["dir"] / "checkpoints" / "last.ckpt",
+                             map_location="cpu", weights_only=False)
+    assert ddp_ckpt["global_step"] == single_ckpt["global_step"] == STEPS
+    init = build(runs["single"]["cfg"])["module"].state_dict()
+    ddp, single = ddp_ckpt["state_dict"], single_ckpt["state_dict"]
+    assert ddp.keys() == single.keys() == init.keys()
+    moved = max((single[k] - init[k]).abs().max().item() for k in init)
+    assert moved > 1000 * ATOL  # the comparison below is not trivially satisfied
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=0, atol=ATOL, msg=name)
+
+
+def test_ddp_results_json_counts_every_test_episode_once(runs):
+    directory, results = runs["ddp"]["dir"], runs["ddp"]["results"]
+    assert [p.name for p in directory.rglob("results.json")] == ["results.json"]
+    written = json.loads((directory / "results.json").read_text())
+    assert written["environment"]["world_size"] == 2
+    assert written["environment"]["accelerator"] == "CPUAccelerator"
+    assert written["train"]["steps"] == STEPS  # not 0: ddp_spawn trains in child processes
+    assert written["train"]["tasks"] == STEPS * META_BATCH
+    for block in written["test"].values():
+        assert block["episodes"] == TEST_EPISODES  # padding de-duplicated, nothing dropped
+    assert written["test"] == results["test"]
+
+
+def test_ddp_test_mean_equals_one_process_evaluation_of_its_checkpoint(runs):
+    """Score the DDP run's best checkpoint episode by episode in this process."""
+    results = runs["ddp"]["results"]
+    objects = build(runs["single"]["cfg"])
+    module, sampler = objects["module"], objects["sampler"]
+    module.load_state_dict(state(Path(results["val"]["best_checkpoint"])))
+    source = objects["datamodule"].splits["test"]
+    after, before = [], []
+    for index in range(TEST_EPISODES):
+        batch = collate_episodes([sampler.eval_episode(source, TEST, index)])
+        out = module.algorithm.predict(batch)
+        after.append(per_task_metric(out.query_logits, batch.query_y).item())
+        before.append(per_task_metric(out.query_logits_before, batch.query_y).item())
+    for key, values in (("mse", after), ("mse_before_adaptation", before)):
+        mean, ci = mean_ci95(values)
+        assert results["test"][key]["mean"] == pytest.approx(mean, rel=0, abs=1e-6), key
+        assert results["test"][key]["ci95"] == pytest.approx(ci, rel=0, abs=1e-6), key
+
+
+def test_meta_batch_not_divisible_by_processes_stops_before_launch(tmp_path, capsys):
+    cfg = compose_config([*RUN, *DDP, "sampler.meta_batch_size=3"], tmp_path)
+    with pytest.raises(ConfigError, match=r"^sampler\.meta_batch_size=3 is not allowed with 2 "
+                                          r"processes: it must be divisible"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists()  # nothing was launched or trained
+    with pytest.raises(SystemExit) as exit_:  # the `metarun` command: one line, exit code 2
+        exit_on_config_error(train)(cfg)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("metarun: error: sampler.meta_batch_size=3 is not allowed")
+    assert "Traceback" not in "\n".join(err)
