@@ -119,7 +119,7 @@ class MetaLearningModule(L.LightningModule):
         for key in sorted(k for k in self._episodes if k.startswith(f"{stage}/")):
             extra, extra_ci = mean_ci95(self._gather(key)[:, 1].tolist())
             metrics |= {key: extra, f"{key}_ci95": extra_ci}
-        self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
+        self.log_dict(metrics, sync_dist=True)  # identical on every rank: all were gathered
         return metrics
 
     def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
