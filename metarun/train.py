@@ -71,7 +71,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
         torch.manual_seed(cfg.seed)
         model = instantiate_checked(cfg.model)
-    algorithm = instantiate_checked(cfg.algorithm, model=model)
+        algorithm = instantiate_checked(cfg.algorithm, model=model)  # and its own parameters
     algorithm.check_episode_shape(sampler.train_ways, sampler.ways)
     regression = bool(getattr(dataset, "is_regression", False))
     module = MetaLearningModule(algorithm, optimizer=instantiate(cfg.optimizer),

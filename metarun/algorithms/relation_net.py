@@ -73,7 +73,8 @@ class RelationNet(MetaAlgorithm):
             raise ConfigError(f"model={type(model).__name__} is not allowed for RelationNet: it "
                               f"needs a convolutional backbone with features and feature_shape, "
                               f"such as Conv4.")
-        if not isinstance(relation_hidden, int) or isinstance(relation_hidden, bool) or relation_hidden <= 0:
+        if isinstance(relation_hidden, bool) or not isinstance(relation_hidden, int) \
+                or relation_hidden <= 0:
             raise ConfigError(f"algorithm.relation_hidden={relation_hidden!r} is not allowed: it "
                               f"must be a positive integer.")
         if norm not in NORMS:
@@ -88,7 +89,8 @@ class RelationNet(MetaAlgorithm):
         maps = self.model.features(torch.cat([support_x, query_x]))  # [NK+NQ, C, h, w]
         support, query = maps[:nk], maps[nk:]  # [NK, C, h, w], [NQ, C, h, w]
         onehot = F.one_hot(support_y, ways).to(maps.dtype)  # [NK, N]
-        classes = (onehot.T @ support.flatten(1)).view(ways, *support.shape[1:])  # [N, C, h, w]: sum of K shots
+        classes = onehot.T @ support.flatten(1)  # [N, C*h*w]: the sum of each class's K shots
+        classes = classes.view(ways, *support.shape[1:])  # [N, C, h, w]
         m = query.shape[0]
         pairs = torch.cat([classes[None].expand(m, -1, -1, -1, -1),  # [NQ, N, C, h, w]
                            query[:, None].expand(-1, ways, -1, -1, -1)], 2)  # [NQ, N, 2C, h, w]
