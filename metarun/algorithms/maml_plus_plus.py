@@ -33,6 +33,8 @@ def multi_step_loss_weights(steps: int, epoch: int, anneal_epochs: int) -> list[
     lose (up to 1 − (S−1)·0.03/S), so the weights sum to one at every epoch and the last step
     dominates after about ``anneal_epochs`` epochs.
     """
+    if anneal_epochs < 1:
+        raise ValueError(f"anneal_epochs={anneal_epochs}: MSL needs at least one epoch.")
     uniform = 1.0 / steps
     decay = uniform / anneal_epochs
     floor = MSL_FLOOR / steps
@@ -58,8 +60,8 @@ class PerStepBatchNorm(nn.Module):
                 value.detach().repeat(steps, 1)))  # [S, C]
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             value = getattr(norm, name)
-            self.register_buffer(name, None if value is None else
-                                 value.detach().clone().repeat(steps, *[1] * value.dim()))  # [S, C] or [S]
+            rows = None if value is None else value.detach().repeat(steps, *[1] * value.dim())
+            self.register_buffer(name, rows)  # [S, C], or [S] for num_batches_tracked
 
     def at(self, step: int, prefix: str) -> dict[str, Tensor]:
         """Row ``step`` of every tensor, named as in the backbone (``prefix`` + ``weight``, ...).
@@ -134,8 +136,9 @@ class MAMLPlusPlus(MetaAlgorithm):
         norms = {name: m for name, m in model.named_modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm)}
         if per_step_bn and not norms:
-            raise ConfigError("algorithm.per_step_bn=true is not allowed with this model: it has "
-                              "no batch-norm layers (model.norm=none, or an MLP), so set it to false.")
+            raise ConfigError("algorithm.per_step_bn=true is not allowed with this model: it "
+                              "has no batch-norm layers (model.norm=none, or an MLP), so set it "
+                              "to false.")
         self.norms = nn.ModuleDict({_key(name): PerStepBatchNorm(m, inner_steps)
                                     for name, m in norms.items()} if per_step_bn else {})
         self._norm_names = {name: _key(name) for name in norms} if per_step_bn else {}
@@ -223,7 +226,8 @@ class MAMLPlusPlus(MetaAlgorithm):
             for i in range(len(batch)):
                 task = batch.task(i)
                 theta = dict(self.model.named_parameters())
-                params = {name: theta[name].detach().requires_grad_() for name in self.adapted_names}
+                params = {name: theta[name].detach().requires_grad_()
+                          for name in self.adapted_names}
                 norm = {k: v.detach() for k, v in self.step_norm(0).items()}
                 before.append(forward(self.model, params, task.query_x, fixed=norm).detach())
                 for s in range(self.test_inner_steps):
