@@ -16,15 +16,8 @@ from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.models.mlp import MLP
 from metarun.train import build
+from tests.algorithms.learning import episode_accuracy, meta_train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models: one intra-op thread is faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_batch(tasks: int = 2, shots: int = 3, queries: int = 4):
@@ -173,20 +166,7 @@ def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
     objects = build(cfg)
     alg, sampler = objects["algorithm"], objects["sampler"]
     splits = objects["datamodule"].splits
-    opt = torch.optim.Adam(alg.parameters(), lr=0.005)
-    alg.train()
-    for step in range(80):
-        loss = alg.meta_loss(sampler.train_batch(splits["train"], step)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    alg.eval()
-    correct = []
-    for start in range(0, 100, 20):
-        batch = collate_episodes([sampler.eval_episode(splits["test"], TEST, i)
-                                  for i in range(start, start + 20)])
-        out = alg.predict(batch)  # query_logits [20, 5, 5]
-        correct.append((out.query_logits.argmax(-1) == batch.query_y).float().flatten())
-    accuracy = torch.cat(correct).mean().item()
+    meta_train(alg, sampler, splits["train"], steps=80, lr=0.005)
+    accuracy = episode_accuracy(alg, sampler, splits["test"])
     print(f"5-way 1-shot test accuracy after training: {accuracy:.3f}")  # shown with -s
     assert accuracy >= 0.55, accuracy

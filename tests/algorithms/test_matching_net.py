@@ -15,15 +15,8 @@ from metarun.episodes import TEST, Episode, collate_episodes
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.train import build
+from tests.algorithms.learning import episode_accuracy, meta_train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def point_episode() -> Episode:
@@ -183,31 +176,17 @@ def test_bad_settings_name_the_key(kwargs, key):
         MatchingNet(**kwargs)
 
 
-def accuracy(algorithm, sampler, split, episodes: int = 100) -> float:
-    """Mean query accuracy on the first ``episodes`` fixed test episodes."""
-    batch = collate_episodes([sampler.eval_episode(split, TEST, i) for i in range(episodes)])
-    with torch.no_grad():
-        logits = algorithm.predict(batch).query_logits  # [E, N*Q, N]
-    return (logits.argmax(-1) == batch.query_y).float().mean().item()
-
 
 def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
     """100 Adam steps of 8 tasks, 5-way 1-shot: from ~48 % (untrained) to ~72 % on 100 fixed
     5-way 1-shot test episodes; asserted ≥ 60 % and ≥ 10 points above the untrained net."""
-    with torch.random.fork_rng(devices=[]):  # build seeds the model; the algorithm's own
-        torch.manual_seed(0)                  # parameters draw from the global RNG
-        objects = build(make_config("dataset=omniglot", "algorithm=matching_net", "model.hidden=32",
-                                    "sampler.queries=5", "sampler.train_queries=2",
-                                    "sampler.meta_batch_size=8"))
+    objects = build(make_config("dataset=omniglot", "algorithm=matching_net", "model.hidden=32",
+                                "sampler.queries=5", "sampler.train_queries=2",
+                                "sampler.meta_batch_size=8"))
     alg, sampler = objects["algorithm"], objects["sampler"]
     splits = objects["datamodule"].splits
-    before = accuracy(alg, sampler, splits["test"])
-    opt = torch.optim.Adam(alg.parameters(), lr=2e-3)
-    for step in range(100):
-        loss = alg.meta_loss(sampler.train_batch(splits["train"], step)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = accuracy(alg, sampler, splits["test"])
+    before = episode_accuracy(alg, sampler, splits["test"])
+    meta_train(alg, sampler, splits["train"], steps=100, lr=2e-3)
+    after = episode_accuracy(alg, sampler, splits["test"])
     print(f"matching net 5w1s: before {before:.3f}, after {after:.3f}")
     assert after >= 0.60 and after >= before + 0.10

@@ -11,15 +11,8 @@ from metarun.episodes import TEST, Episode, collate_episodes
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.train import build
+from tests.algorithms.learning import episode_accuracy, meta_train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_batch(generator: torch.Generator, tasks: int, ways: int, shots: int, queries: int,
@@ -143,31 +136,17 @@ def test_any_number_of_ways_at_test():
     RelationNet(Conv4(hidden=8, pooled_blocks=2)).check_episode_shape(5, 20)
 
 
-def accuracy(algorithm, sampler, split, episodes: int = 100) -> float:
-    """Mean query accuracy on the first ``episodes`` fixed test episodes."""
-    batch = collate_episodes([sampler.eval_episode(split, TEST, i) for i in range(episodes)])
-    with torch.no_grad():
-        scores = algorithm.predict(batch).query_logits  # [E, N*Q, N]
-    return (scores.argmax(-1) == batch.query_y).float().mean().item()
-
 
 def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
     """150 Adam steps of 4 tasks, 5-way 1-shot (16 channels): from ~20 % (untrained relation
     module) to ~79 % on 100 fixed 5-way 1-shot test episodes; asserted ≥ 65 %."""
-    with torch.random.fork_rng(devices=[]):  # build seeds the model; the algorithm's own
-        torch.manual_seed(0)                  # parameters draw from the global RNG
-        objects = build(make_config("dataset=omniglot", "algorithm=relation_net", "model.hidden=16",
-                                    "sampler.queries=5", "sampler.train_queries=2",
-                                    "sampler.meta_batch_size=4"))
+    objects = build(make_config("dataset=omniglot", "algorithm=relation_net", "model.hidden=16",
+                                "sampler.queries=5", "sampler.train_queries=2",
+                                "sampler.meta_batch_size=4"))
     alg, sampler = objects["algorithm"], objects["sampler"]
     splits = objects["datamodule"].splits
-    before = accuracy(alg, sampler, splits["test"])
-    opt = torch.optim.Adam(alg.parameters(), lr=3e-3)
-    for step in range(150):
-        loss = alg.meta_loss(sampler.train_batch(splits["train"], step)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = accuracy(alg, sampler, splits["test"])
+    before = episode_accuracy(alg, sampler, splits["test"])
+    meta_train(alg, sampler, splits["train"], steps=150, lr=3e-3)
+    after = episode_accuracy(alg, sampler, splits["test"])
     print(f"relation net 5w1s: before {before:.3f}, after {after:.3f}")
     assert after >= 0.65 and after >= before + 0.30
