@@ -129,15 +129,17 @@ def environment(trainer: L.Trainer) -> dict[str, Any]:
 
 
 def test_block(metrics: dict[str, float], metric: str) -> dict[str, Any]:
-    """The ``test`` block of results.json from the logged test metrics."""
-    block = {metric: {"mean": metrics[f"test/{metric}"], "ci95": metrics[f"test/{metric}_ci95"],
-                      "episodes": int(metrics["test/episodes"])}}
-    if f"test/{metric}_before_adaptation" in metrics:
-        block[f"{metric}_before_adaptation"] = {
-            "mean": metrics[f"test/{metric}_before_adaptation"],
-            "ci95": metrics[f"test/{metric}_before_adaptation_ci95"],
-            "episodes": int(metrics["test/episodes"])}
-    return block
+    """The ``test`` block of results.json: every logged ``test/<name>`` with its ``_ci95``.
+
+    The main metric comes first, then its value before adaptation and any per-task extra
+    (e.g. a Neural Process's ``log_likelihood``), each as ``{mean, ci95, episodes}``.
+    """
+    episodes = int(metrics["test/episodes"])
+    names = [metric] + sorted(k[len("test/"):-len("_ci95")] for k in metrics
+                              if k.startswith("test/") and k.endswith("_ci95")
+                              and k != f"test/{metric}_ci95")
+    return {name: {"mean": metrics[f"test/{name}"], "ci95": metrics[f"test/{name}_ci95"],
+                   "episodes": episodes} for name in names}
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:

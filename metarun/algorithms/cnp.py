@@ -34,10 +34,11 @@ def check_sizes(module: nn.Module, key: str, inputs: int | None, outputs: int | 
 
 
 def check_regression(name: str, train_ways: int, ways: int) -> None:
-    for key, value in (("sampler.train_ways", train_ways), ("sampler.ways", ways)):
+    for key, value in (("sampler.ways", ways), ("sampler.train_ways", train_ways)):
         if value != 1:
             raise ConfigError(f"{key}={value} is not allowed for {name}: it models one function "
-                              f"per task (regression), so it must be 1.")
+                              f"per task (a regression dataset such as dataset=sinusoid), so "
+                              f"it must be 1.")
 
 
 def gaussian_log_prob(y: Tensor, mean: Tensor, std: Tensor) -> Tensor:

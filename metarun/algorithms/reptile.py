@@ -119,9 +119,11 @@ class Reptile(MetaAlgorithm):
             raise ConfigError(f"algorithm.inner_betas={list(inner_betas)!r} is not allowed: it "
                               f"must be two numbers in [0, 1).")
         if not inner_eps > 0:
-            raise ConfigError(f"algorithm.inner_eps={inner_eps!r} is not allowed: it must be positive.")
+            raise ConfigError(f"algorithm.inner_eps={inner_eps!r} is not allowed: it must be "
+                              f"positive.")
         self.model = model
-        self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
+        self.inner_lr, self.inner_steps = inner_lr, inner_steps
+        self.test_inner_steps = test_inner_steps
         self.inner_optimizer = inner_optimizer
         self.inner_batch_size, self.test_inner_batch_size = inner_batch_size, test_inner_batch_size
         self.inner_betas: tuple[float, float] = (float(betas[0]), float(betas[1]))

@@ -17,14 +17,6 @@ from metarun.models.mlp import MLP
 from metarun.train import build, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def linear(weight: list[list[float]], bias: list[float]) -> nn.Linear:
     layer = nn.Linear(len(weight[0]), len(weight)).double()
@@ -119,6 +111,16 @@ def test_regression_only():
     alg.check_episode_shape(1, 1)
     with pytest.raises(ConfigError, match="sampler.ways=5"):
         alg.check_episode_shape(1, 5)
+
+
+def test_preset_builds(make_config):
+    assert isinstance(build(make_config("experiment=cnp_sinusoid"))["algorithm"], CNP)
+
+
+def test_a_classification_dataset_is_refused(make_config, omniglot_available):
+    """algorithm=cnp selects the MLP decoder, so the error is the episode shape, not Conv4's."""
+    with pytest.raises(ConfigError, match="sampler.ways=5"):
+        build(make_config("dataset=omniglot", "algorithm=cnp"))
 
 
 def test_module_reports_the_log_likelihood(make_config):

@@ -10,21 +10,14 @@ import torch
 from hydra.utils import instantiate
 
 from metarun.algorithms.cnp import gaussian_log_prob
-from metarun.algorithms.np import EVAL_NOISE, TRAIN_NOISE, NeuralProcess, kl_diagonal_gaussians, task_noise
+from metarun.algorithms.np import (EVAL_NOISE, TRAIN_NOISE, NeuralProcess, kl_diagonal_gaussians,
+                                   task_noise)
 from metarun.datasets.sinusoid import Sinusoid
 from metarun.episodes import TEST, EpisodeSampler, collate_episodes, task_generator
 from metarun.errors import ConfigError
 from metarun.models.mlp import MLP
 from metarun.train import build, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_batch(tasks: int = 3, shots: int = 4, queries: int = 5):
@@ -49,12 +42,14 @@ def test_kl_matches_the_closed_form():
     value = kl_diagonal_gaussians(one, 2 * one, 0 * one, one)
     assert value.item() == pytest.approx(2 * (math.log(0.5) + 2.5 - 0.5), rel=1e-14)
     g = torch.Generator().manual_seed(0)
-    mq, mp = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    mq, mp = (torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(2))
     sq, sp = (torch.rand(4, 6, generator=g, dtype=torch.float64) + 0.1 for _ in range(2))
     expected = torch.distributions.kl_divergence(torch.distributions.Normal(mq, sq),
                                                  torch.distributions.Normal(mp, sp)).sum(-1)
-    torch.testing.assert_close(kl_diagonal_gaussians(mq, sq, mp, sp), expected, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(kl_diagonal_gaussians(mq, sq, mq, sq), torch.zeros(4, dtype=torch.float64))
+    torch.testing.assert_close(kl_diagonal_gaussians(mq, sq, mp, sp), expected,
+                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kl_diagonal_gaussians(mq, sq, mq, sq),
+                               torch.zeros(4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -82,7 +77,8 @@ def test_elbo_recomputed_by_hand_with_the_same_noise(deterministic):
         def decode(z, x):
             parts = [z]
             if deterministic:
-                parts.insert(0, alg.deterministic_encoder(torch.cat([t.support_x, t.support_y], -1)).mean(0))
+                pairs = torch.cat([t.support_x, t.support_y], -1)  # [K, 2]
+                parts.insert(0, alg.deterministic_encoder(pairs).mean(0))
             rep = torch.cat(parts).expand(x.shape[0], -1)
             mean, raw = alg.model(torch.cat([rep, x], -1)).chunk(2, -1)
             return mean, 0.1 + 0.9 * torch.nn.functional.softplus(raw)
@@ -167,11 +163,19 @@ def test_regression_only():
         tiny_np().check_episode_shape(5, 1)
 
 
+def test_preset_builds(make_config):
+    alg = build(make_config("experiment=np_sinusoid"))["algorithm"]
+    assert isinstance(alg, NeuralProcess) and alg.deterministic_encoder is None
+
+
 def test_module_reports_the_log_likelihood(make_config, tmp_path):
     """`MetaOutput.extra`: train/elbo and train/kl per step, test/log_likelihood ± CI."""
-    _, objects = train(make_config("algorithm=np", "algorithm.test_samples=2", "logger=csv"))
+    results, objects = train(make_config("algorithm=np", "algorithm.test_samples=2", "logger=csv"))
     metrics = objects["trainer"].callback_metrics
     assert {"test/log_likelihood", "test/log_likelihood_ci95", "test/mse"} <= set(metrics)
+    assert list(results["test"]) == ["mse", "log_likelihood"]
+    assert results["test"]["log_likelihood"]["mean"] == pytest.approx(
+        float(metrics["test/log_likelihood"]))
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/elbo", "train/kl", "val/log_likelihood"} <= set(header)
 
