@@ -35,6 +35,8 @@ class Episode:
     Classification: ``support_x [N*K, C, H, W]``, ``support_y [N*K]`` int64 in 0..N-1,
     ``query_x [N*Q, C, H, W]``, ``query_y [N*Q]``. Regression: ``x [K, D_in]``,
     ``y [K, D_out]`` float. ``task_params [P]`` describes a synthetic task (for plots).
+    ``classes [N]``: the split's class id of each episode label 0..N-1, when the source has
+    classes (used by supervised pre-training, e.g. the fine-tuning baseline), else None.
     """
 
     support_x: Tensor
@@ -43,6 +45,7 @@ class Episode:
     query_y: Tensor
     task_params: Tensor | None = None
     index: int = 0
+    classes: Tensor | None = None
 
 
 @dataclass
@@ -50,7 +53,8 @@ class EpisodeBatch:
     """B episodes of one shape stacked on a leading task axis.
 
     ``support_x [B, N*K, ...]``, ``support_y [B, N*K, ...]``, ``query_x [B, N*Q, ...]``,
-    ``query_y [B, N*Q, ...]``, ``task_params [B, P]`` or None, ``index [B]``.
+    ``query_y [B, N*Q, ...]``, ``task_params [B, P]`` or None, ``index [B]``,
+    ``classes [B, N]`` (split class id of each label) or None.
     """
 
     support_x: Tensor
@@ -59,6 +63,7 @@ class EpisodeBatch:
     query_y: Tensor
     task_params: Tensor | None
     index: Tensor
+    classes: Tensor | None = None
 
     def __len__(self) -> int:
         return self.support_x.shape[0]
@@ -70,13 +75,15 @@ class EpisodeBatch:
     def task(self, i: int) -> Episode:
         """The i-th episode of the batch (views, no copy)."""
         params = None if self.task_params is None else self.task_params[i]
+        classes = None if self.classes is None else self.classes[i]
         return Episode(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i],
-                       params, int(self.index[i]))
+                       params, int(self.index[i]), classes)
 
 
 def collate_episodes(episodes: list[Episode]) -> EpisodeBatch:
     """Stack same-shaped episodes into an `EpisodeBatch`."""
     params = [e.task_params for e in episodes]
+    classes = [e.classes for e in episodes]
     return EpisodeBatch(
         support_x=torch.stack([e.support_x for e in episodes]),  # [B, N*K, ...]
         support_y=torch.stack([e.support_y for e in episodes]),  # [B, N*K, ...]
@@ -84,6 +91,7 @@ def collate_episodes(episodes: list[Episode]) -> EpisodeBatch:
         query_y=torch.stack([e.query_y for e in episodes]),  # [B, N*Q, ...]
         task_params=None if params[0] is None else torch.stack(params),  # [B, P]
         index=torch.tensor([e.index for e in episodes], dtype=torch.long),  # [B]
+        classes=None if any(c is None for c in classes) else torch.stack(classes),  # [B, N]
     )
 
 

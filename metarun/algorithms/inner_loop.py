@@ -30,6 +30,22 @@ def forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor,
     return functional_call(model, {**(fixed or {}), **params}, (x,))
 
 
+def query_forward(model: nn.Module, params: Mapping[str, Tensor], support_x: Tensor,
+                  query_x: Tensor, fixed: Mapping[str, Tensor] | None = None) -> Tensor:
+    """The model's output on ``query_x``, normalised with the support set's moments when the
+    model has context-dependent normalisation (``model.uses_context``, TaskNorm).
+
+    Such a model runs once on ``cat([support_x, query_x])`` with ``context_size =
+    len(support_x)`` and the query rows are kept; any other model runs on ``query_x`` alone.
+    """
+    if not getattr(model, "uses_context", False):
+        return forward(model, params, query_x, fixed)
+    nk = support_x.shape[0]
+    x = torch.cat([support_x, query_x])  # [N*K + N*Q, C, H, W]
+    out = functional_call(model, {**(fixed or {}), **params}, (x,), {"context_size": nk})
+    return out[nk:]  # [N*Q, ...]
+
+
 def adapt(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: int,
           lr: float | Mapping[str, Tensor], first_order: bool,
           fixed: Mapping[str, Tensor] | None = None) -> Params:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
-from metarun.algorithms.inner_loop import adapt, forward, task_loss
+from metarun.algorithms.inner_loop import adapt, query_forward, task_loss
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -58,7 +58,7 @@ class MAML(MetaAlgorithm):
             task = batch.task(i)
             adapted = adapt(self.model, theta, task.support_x, task.support_y,
                             self.inner_steps, self.inner_lr, self.first_order)
-            pred = forward(self.model, adapted, task.query_x)  # [N*Q, N]
+            pred = query_forward(self.model, adapted, task.support_x, task.query_x)  # [N*Q, N]
             losses.append(task_loss(pred, task.query_y))
             logits.append(pred.detach())
         return MetaOutput(torch.stack(losses).mean(), torch.stack(logits))
@@ -69,10 +69,12 @@ class MAML(MetaAlgorithm):
             for i in range(len(batch)):
                 task = batch.task(i)
                 theta = {k: v.detach().requires_grad_() for k, v in self.model.named_parameters()}
-                before.append(forward(self.model, theta, task.query_x).detach())
+                before.append(query_forward(self.model, theta, task.support_x,
+                                            task.query_x).detach())  # [N*Q, N]
                 adapted = adapt(self.model, theta, task.support_x, task.support_y,
                                 self.test_inner_steps, self.inner_lr, first_order=True)
-                pred = forward(self.model, adapted, task.query_x).detach()  # [N*Q, N]
+                pred = query_forward(self.model, adapted, task.support_x,
+                                     task.query_x).detach()  # [N*Q, N]
                 losses.append(task_loss(pred, task.query_y))
                 logits.append(pred)
         return MetaOutput(torch.stack(losses).mean(), torch.stack(logits), torch.stack(before))

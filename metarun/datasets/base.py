@@ -49,7 +49,10 @@ class ClassImages:
                 f"class, so shots + queries must be at most {self.min_count}.")
 
     def episode(self, generator: torch.Generator, ways: int, shots: int, queries: int) -> Episode:
-        """N classes, then K support and Q query images of each, disjoint; labels 0..N-1."""
+        """N classes, then K support and Q query images of each, disjoint; labels 0..N-1.
+
+        ``classes [N]`` keeps the split's class id of each label.
+        """
         classes = torch.randperm(self.num_classes, generator=generator)[:ways]  # [N]
         width = self.by_class.shape[1]
         keys = torch.rand(ways, width, generator=generator)  # [N, W]
@@ -65,4 +68,5 @@ class ClassImages:
             support_y=y[:, :shots].reshape(-1),  # [N*K]
             query_x=x[:, shots:].reshape(ways * queries, c, h, w),  # [N*Q, C, H, W]
             query_y=y[:, shots:].reshape(-1),  # [N*Q]
+            classes=classes,  # [N]
         )

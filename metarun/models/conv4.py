@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from metarun.errors import ConfigError
-from metarun.models.norm import batch_norm
+from metarun.models.norm import TaskNorm2d, batch_norm
 
 
 class Conv4(nn.Module):
@@ -19,12 +19,15 @@ class Conv4(nn.Module):
         image_size: input height and width, which fixes the embedding size.
         hidden: channels of every block.
         out_features: classes of the linear head, or None for an embedding network.
-        norm: "transductive", "running" or "none" (see `metarun.models.norm`).
+        norm: "transductive", "running", "tasknorm" or "none" (see `metarun.models.norm`).
         pooled_blocks: how many blocks, from the first, end with the 2×2 max-pool; the
             others keep their resolution. 4 is the standard backbone; Relation Networks
             (Sung et al. 2018) pool only the first 2, so a spatial map is left to compare.
 
     ``features(x)`` is the feature map ``[M, *feature_shape]`` before flattening.
+    ``forward(x, context_size)``: with ``norm="tasknorm"`` the first ``context_size`` rows
+    of ``x`` are the context (support) set whose moments every TaskNorm layer uses (None:
+    the whole batch); the other norms ignore it. ``uses_context`` says whether it matters.
     """
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
@@ -44,6 +47,7 @@ class Conv4(nn.Module):
             if i < pooled_blocks:
                 blocks.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*blocks)
+        self.uses_context = norm == "tasknorm"
         side = image_size
         for _ in range(pooled_blocks):
             side //= 2  # each max-pool floors the side
@@ -54,6 +58,9 @@ class Conv4(nn.Module):
         self.embedding_dim = hidden * side * side
         self.head = None if out_features is None else nn.Linear(self.embedding_dim, out_features)
 
-    def forward(self, x: Tensor) -> Tensor:
-        z = self.features(x).flatten(1)  # [M, hidden * h * w]
+    def forward(self, x: Tensor, context_size: int | None = None) -> Tensor:
+        h = x
+        for layer in self.features:
+            h = layer(h, context_size) if isinstance(layer, TaskNorm2d) else layer(h)
+        z = h.flatten(1)  # [M, hidden * h * w]
         return z if self.head is None else self.head(z)
