@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.checks import check_positive_int
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -85,8 +86,7 @@ class CNP(MetaAlgorithm):
                  min_std: float = 0.1) -> None:
         super().__init__()
         for key, value in (("algorithm.x_dim", x_dim), ("algorithm.y_dim", y_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{key}={value!r} is not allowed: it must be a positive integer.")
+            check_positive_int(key, value)
         if not 0 <= min_std < 1:
             raise ConfigError(f"algorithm.min_std={min_std!r} is not allowed: it must be in [0, 1).")
         enc = linear_sizes(encoder)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.checks import check_positive_int
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -68,8 +69,7 @@ class FineTune(MetaAlgorithm):
                               f"{', '.join(HEADS)}.")
         for key, value in (("algorithm.num_train_classes", num_train_classes),
                            ("algorithm.finetune_steps", finetune_steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{key}={value!r} is not allowed: it must be a positive integer.")
+            check_positive_int(key, value)
         for key, value in (("algorithm.finetune_lr", finetune_lr),
                            ("algorithm.cosine_scale", cosine_scale)):
             if isinstance(value, bool) or not value > 0:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.checks import check_positive_int, check_same_ways
 from metarun.algorithms.inner_loop import Params, forward, query_forward, task_loss
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
@@ -131,8 +132,7 @@ class LSTMOptimizer(MetaAlgorithm):
         for key, value in (("algorithm.inner_steps", inner_steps),
                            ("algorithm.test_inner_steps", test_inner_steps),
                            ("algorithm.hidden", hidden), ("algorithm.layers", layers)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{key}={value!r} is not allowed: it must be a positive integer.")
+            check_positive_int(key, value)
         if isinstance(output_scale, bool) or not output_scale > 0:
             raise ConfigError(f"algorithm.output_scale={output_scale!r} is not allowed: it must "
                               f"be positive.")
@@ -167,11 +167,7 @@ class LSTMOptimizer(MetaAlgorithm):
                 self.forget_gate.bias.fill_(5.0)
 
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
-        if ways != train_ways:
-            raise ConfigError(
-                f"sampler.ways={ways} is not allowed with sampler.train_ways={train_ways} for "
-                f"this algorithm: its classifier head has a fixed number of outputs, so ways "
-                f"must equal train_ways.")
+        check_same_ways(train_ways, ways)
 
     def _inputs(self, x: Tensor) -> Tensor:
         return preprocess(x) if self.preprocess else x.unsqueeze(-1)  # [P, features]

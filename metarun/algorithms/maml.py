@@ -6,14 +6,9 @@ import torch
 from torch import nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.checks import check_positive, check_positive_int, check_same_ways
 from metarun.algorithms.inner_loop import adapt, query_forward, task_loss
 from metarun.episodes import EpisodeBatch
-from metarun.errors import ConfigError
-
-
-def _check_positive(key: str, value: float) -> None:
-    if isinstance(value, bool) or not value > 0:
-        raise ConfigError(f"{key}={value!r} is not allowed: it must be positive.")
 
 
 class MAML(MetaAlgorithm):
@@ -35,21 +30,16 @@ class MAML(MetaAlgorithm):
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
                  test_inner_steps: int, first_order: bool = False) -> None:
         super().__init__()
-        _check_positive("algorithm.inner_lr", inner_lr)
+        check_positive("algorithm.inner_lr", inner_lr)
         for key, steps in (("algorithm.inner_steps", inner_steps),
                            ("algorithm.test_inner_steps", test_inner_steps)):
-            if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
-                raise ConfigError(f"{key}={steps!r} is not allowed: it must be a positive integer.")
+            check_positive_int(key, steps)
         self.model = model
         self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
         self.first_order = first_order
 
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
-        if ways != train_ways:
-            raise ConfigError(
-                f"sampler.ways={ways} is not allowed with sampler.train_ways={train_ways} for "
-                f"this algorithm: its classifier head has a fixed number of outputs, so ways "
-                f"must equal train_ways.")
+        check_same_ways(train_ways, ways)
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         theta = dict(self.model.named_parameters())

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.checks import check_positive, check_same_ways
 from metarun.algorithms.inner_loop import Params, adapt, forward, task_loss
-from metarun.algorithms.maml import _check_positive
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -120,7 +120,7 @@ class MAMLPlusPlus(MetaAlgorithm):
                  first_order_epochs: int = 0, learn_inner_lr: bool = True,
                  per_step_bn: bool = True, steps_per_epoch: int = 500) -> None:
         super().__init__()
-        _check_positive("algorithm.inner_lr", inner_lr)
+        check_positive("algorithm.inner_lr", inner_lr)
         _check_count("algorithm.inner_steps", inner_steps, 1)
         _check_count("algorithm.test_inner_steps", test_inner_steps, 1)
         _check_count("algorithm.multi_step_loss_epochs", multi_step_loss_epochs, 0)
@@ -190,11 +190,7 @@ class MAMLPlusPlus(MetaAlgorithm):
     # meta-learning -------------------------------------------------------------------------
 
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
-        if ways != train_ways:
-            raise ConfigError(
-                f"sampler.ways={ways} is not allowed with sampler.train_ways={train_ways} for "
-                f"this algorithm: its classifier head has a fixed number of outputs, so ways "
-                f"must equal train_ways.")
+        check_same_ways(train_ways, ways)
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         epoch = self.epoch

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.checks import check_positive_int
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -70,11 +71,6 @@ class FullContextEmbedding(nn.Module):
         return h
 
 
-def _positive_int(key: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{key}={value!r} is not allowed: it must be a positive integer.")
-
-
 class MatchingNet(MetaAlgorithm):
     """Matching Networks (Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra, NeurIPS 2016).
 
@@ -99,8 +95,8 @@ class MatchingNet(MetaAlgorithm):
         if getattr(model, "head", None) is not None:
             raise ConfigError("model.out_features is not allowed to be set for MatchingNet: the "
                               "embedding network has no classifier head, so it must be null.")
-        _positive_int("algorithm.fce_lstm_layers", fce_lstm_layers)
-        _positive_int("algorithm.attention_steps", attention_steps)
+        check_positive_int("algorithm.fce_lstm_layers", fce_lstm_layers)
+        check_positive_int("algorithm.attention_steps", attention_steps)
         self.model = model
         self.fce: FullContextEmbedding | None = None
         if fce:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.checks import check_same_ways
 from metarun.algorithms.inner_loop import Params, forward, task_loss
 from metarun.episodes import Episode, EpisodeBatch, task_generator
 from metarun.errors import ConfigError
@@ -133,11 +134,7 @@ class Reptile(MetaAlgorithm):
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
-        if ways != train_ways:
-            raise ConfigError(
-                f"sampler.ways={ways} is not allowed with sampler.train_ways={train_ways} for "
-                f"this algorithm: its classifier head has a fixed number of outputs, so ways "
-                f"must equal train_ways.")
+        check_same_ways(train_ways, ways)
 
     def adapt(self, task: Episode, steps: int, batch_size: int | None,
               generator: torch.Generator) -> Params:
