@@ -1,0 +1,50 @@
+"""Every algorithm trains and tests a few steps under hardware=bf16 and hardware=ddp (2 CPU
+processes, gloo, spawned so pytest can run it) through the real runner."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from metarun.train import train
+
+IMAGE = ["anil", "fomaml", "finetune", "lstm_optimizer", "maml", "maml_plus_plus", "matching_net",
+         "meta_sgd", "protonet", "relation_net", "reptile"]
+REGRESSION = ["cnp", "maml", "np", "reptile"]
+DDP = ["hardware=ddp", "trainer.strategy=ddp_spawn", "trainer.accelerator=cpu", "trainer.devices=2"]
+SMALL_OMNIGLOT = ["dataset=omniglot", "model.hidden=8", "sampler.ways=3", "sampler.queries=2",
+                  "sampler.meta_batch_size=2"]
+
+
+def check(results: dict, precision: str = "bf16-mixed", world_size: int = 1) -> None:
+    assert results["environment"]["precision"] == precision
+    assert results["environment"]["world_size"] == world_size
+    assert results["train"]["steps"] == 3
+    for value in results["test"].values():
+        assert math.isfinite(value["mean"]) and value["episodes"] == 4
+
+
+@pytest.mark.parametrize("algorithm", IMAGE)
+def test_image_algorithms_under_bf16(algorithm, make_config, omniglot_available):
+    extra = ["algorithm.num_train_classes=4112"] if algorithm == "finetune" else []
+    check(train(make_config("hardware=bf16", f"algorithm={algorithm}", *SMALL_OMNIGLOT, *extra))[0])
+
+
+@pytest.mark.parametrize("algorithm", REGRESSION)
+def test_regression_algorithms_under_bf16(algorithm, make_config):
+    check(train(make_config("hardware=bf16", f"algorithm={algorithm}"))[0])
+
+
+@pytest.mark.slow  # 15 runs x 4 spawned processes: about 5 minutes; `make test-all`
+@pytest.mark.parametrize("algorithm", IMAGE)
+def test_image_algorithms_under_ddp(algorithm, make_config, omniglot_available):
+    extra = ["algorithm.num_train_classes=4112"] if algorithm == "finetune" else []
+    results = train(make_config(*DDP, f"algorithm={algorithm}", *SMALL_OMNIGLOT, *extra))[0]
+    check(results, precision="32-true", world_size=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", REGRESSION)
+def test_regression_algorithms_under_ddp(algorithm, make_config):
+    check(train(make_config(*DDP, f"algorithm={algorithm}"))[0], precision="32-true", world_size=2)
