@@ -9,7 +9,7 @@ export METARUN_DATA_DIR="${METARUN_DATA_DIR:-../shared/data}"
 OUT="${BENCH_DIR:-outputs/bench}"
 PY=.venv/bin/python
 PROTONET_TIME="${PROTONET_TIME:-00:00:20:00}"
-MAML_TIME="${MAML_TIME:-00:00:35:00}"
+MAML_TIME="${MAML_TIME:-00:00:25:00}"
 mkdir -p "$OUT"
 
 # 1. Throughput of the real training step, MAML 5-way 1-shot Omniglot, meta-batch 32.
