@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from metarun.algorithms.base import MetaAlgorithm
-from metarun.episodes import TEST, EpisodeSampler, TaskSource, collate_episodes
+from metarun.datasets.sinusoid import Sinusoid
+from metarun.episodes import TEST, EpisodeBatch, EpisodeSampler, TaskSource, collate_episodes
 
 
 def meta_train(algorithm: MetaAlgorithm, sampler: EpisodeSampler, source: TaskSource,
@@ -32,3 +33,12 @@ def episode_accuracy(algorithm: MetaAlgorithm, sampler: EpisodeSampler, source: 
         correct.append((logits.argmax(-1) == batch.query_y).float().flatten())
     algorithm.train()
     return torch.cat(correct).mean().item()
+
+
+def tiny_batch(tasks: int = 2, shots: int = 3, queries: int = 4) -> EpisodeBatch:
+    """A float64 sinusoid meta-batch for gradient checks."""
+    sampler = EpisodeSampler(1, shots, queries, tasks)
+    batch = sampler.train_batch(Sinusoid(), step=0)
+    for name in ("support_x", "support_y", "query_x", "query_y"):
+        setattr(batch, name, getattr(batch, name).double())
+    return batch

@@ -13,19 +13,10 @@ from torch import nn
 
 from metarun.algorithms.inner_loop import adapt, forward, task_loss
 from metarun.algorithms.lstm_optimizer import LSTMOptimizer, lstm_adapt, preprocess
-from metarun.datasets.sinusoid import Sinusoid
-from metarun.episodes import TEST, EpisodeSampler, collate_episodes
+from metarun.episodes import TEST, collate_episodes
 from metarun.errors import ConfigError
 from metarun.train import build
-from tests.algorithms.learning import episode_accuracy, meta_train
-
-
-def tiny_batch(tasks: int = 2, shots: int = 3, queries: int = 4):
-    sampler = EpisodeSampler(1, shots, queries, tasks)
-    batch = sampler.train_batch(Sinusoid(), step=0)
-    for name in ("support_x", "support_y", "query_x", "query_y"):
-        setattr(batch, name, getattr(batch, name).double())
-    return batch
+from tests.algorithms.learning import episode_accuracy, meta_train, tiny_batch
 
 
 def tiny_mlp(seed: int = 0) -> nn.Module:

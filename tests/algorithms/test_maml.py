@@ -8,22 +8,14 @@ from torch import nn
 
 from metarun.algorithms.inner_loop import adapt, forward, task_loss
 from metarun.algorithms.maml import MAML
-from metarun.datasets.sinusoid import Sinusoid
-from metarun.episodes import EpisodeSampler
 from metarun.errors import ConfigError
-
-
-def tiny_batch(tasks: int = 2, shots: int = 3, queries: int = 4):
-    sampler = EpisodeSampler(1, shots, queries, tasks)
-    batch = sampler.train_batch(Sinusoid(), step=0)
-    for name in ("support_x", "support_y", "query_x", "query_y"):
-        setattr(batch, name, getattr(batch, name).double())
-    return batch
+from tests.algorithms.learning import tiny_batch
 
 
 def tiny_mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).double()
 
 
 def flat_grad(alg: MAML, batch) -> torch.Tensor:

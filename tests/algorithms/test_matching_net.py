@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from metarun.algorithms.matching_net import (FullContextEmbedding, MatchingNet,
                                              cosine_attention_log_probs)
-from metarun.episodes import TEST, Episode, collate_episodes
+from metarun.episodes import Episode, collate_episodes
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.train import build

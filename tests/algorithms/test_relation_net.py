@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.relation_net import RelationModule, RelationNet
-from metarun.episodes import TEST, Episode, collate_episodes
+from metarun.episodes import Episode, collate_episodes
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.train import build
