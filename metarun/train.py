@@ -73,6 +73,12 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         model = instantiate_checked(cfg.model)
         algorithm = instantiate_checked(cfg.algorithm, model=model)  # and its own parameters
     algorithm.check_episode_shape(sampler.train_ways, sampler.ways)
+    kind = "regression" if getattr(dataset, "is_regression", False) else "classification"
+    if kind not in algorithm.tasks:
+        raise ConfigError(
+            f"algorithm={type(algorithm).__name__} is not allowed with "
+            f"dataset={type(dataset).__name__}: it solves {' and '.join(algorithm.tasks)} tasks "
+            f"only, so choose a {algorithm.tasks[0]} dataset or another algorithm.")
     regression = bool(getattr(dataset, "is_regression", False))
     module = MetaLearningModule(algorithm, optimizer=instantiate(cfg.optimizer),
                                 scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,

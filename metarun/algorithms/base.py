@@ -29,6 +29,9 @@ class MetaOutput:
 class MetaAlgorithm(nn.Module):
     """Owns the meta-parameters; the module never knows which algorithm it runs."""
 
+    #: the kinds of task the learner can solve: "classification", "regression" or both
+    tasks: tuple[str, ...] = ("classification", "regression")
+
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         """Outer loss of the meta-batch, differentiable w.r.t. the meta-parameters."""
         raise NotImplementedError

@@ -82,6 +82,8 @@ class CNP(MetaAlgorithm):
         min_std: lower bound of the predicted std (the paper: 0.1).
     """
 
+    tasks = ("regression",)
+
     def __init__(self, model: nn.Module, encoder: nn.Module, x_dim: int = 1, y_dim: int = 1,
                  min_std: float = 0.1) -> None:
         super().__init__()

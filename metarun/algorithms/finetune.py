@@ -57,6 +57,8 @@ class FineTune(MetaAlgorithm):
             10 above).
     """
 
+    tasks = ("classification",)
+
     def __init__(self, model: nn.Module, num_train_classes: int, head: str = "linear",
                  finetune_steps: int = 100, finetune_lr: float = 0.01,
                  cosine_scale: float = 10.0) -> None:

@@ -89,6 +89,8 @@ class MatchingNet(MetaAlgorithm):
             paper does not state K).
     """
 
+    tasks = ("classification",)
+
     def __init__(self, model: nn.Module, fce: bool = False, fce_lstm_layers: int = 1,
                  attention_steps: int = 2) -> None:
         super().__init__()

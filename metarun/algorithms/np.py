@@ -69,6 +69,8 @@ class NeuralProcess(MetaAlgorithm):
         seed: seeds the latent noise.
     """
 
+    tasks = ("regression",)
+
     def __init__(self, model: nn.Module, latent_encoder: nn.Module, latent_dim: int,
                  deterministic_encoder: nn.Module | None = None, x_dim: int = 1, y_dim: int = 1,
                  min_std: float = 0.1, test_samples: int = 32, seed: int = 0) -> None:

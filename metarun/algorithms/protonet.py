@@ -32,6 +32,8 @@ class ProtoNet(MetaAlgorithm):
         model: embedding network (no classifier head).
     """
 
+    tasks = ("classification",)
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         if getattr(model, "head", None) is not None:

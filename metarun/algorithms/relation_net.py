@@ -62,6 +62,8 @@ class RelationNet(MetaAlgorithm):
         norm: batch-norm mode of the relation module (the configs use ``${model.norm}``).
     """
 
+    tasks = ("classification",)
+
     def __init__(self, model: nn.Module, relation_hidden: int = 8,
                  norm: str = "transductive") -> None:
         super().__init__()

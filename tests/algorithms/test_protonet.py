@@ -48,3 +48,9 @@ def test_any_number_of_ways_at_test_and_no_head():
     ProtoNet(Conv4(hidden=8)).check_episode_shape(60, 5)
     with pytest.raises(ConfigError, match="model.out_features"):
         ProtoNet(Conv4(hidden=8, out_features=5))
+
+
+def test_a_regression_dataset_is_refused_before_training(make_config):
+    from metarun.train import build
+    with pytest.raises(ConfigError, match=r"algorithm=ProtoNet is not allowed with dataset=Sinusoid"):
+        build(make_config("algorithm=protonet"))
