@@ -2,7 +2,6 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-export METARUN_DATA_DIR ?= $(CURDIR)/data
 
 .PHONY: help install install-test run test test-all bench lint clean
 
