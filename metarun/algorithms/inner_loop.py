@@ -7,14 +7,18 @@ call with ``params`` restricted to the head and the body passed as ``fixed``.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metarun.algorithms.base import MetaOutput
+from metarun.episodes import Episode, EpisodeBatch
+
 Params = dict[str, Tensor]
+TaskAdapter = Callable[[Params, Episode], Params]  # (θ, task) -> θ′ from the task's support set
 
 
 def task_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -62,3 +66,30 @@ def adapt(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: int,
         params = {name: p - (lr[name] if isinstance(lr, Mapping) else lr) * g
                   for (name, p), g in zip(params.items(), grads)}
     return params
+
+
+def adapted_meta_loss(model: nn.Module, batch: EpisodeBatch, adapt_task: TaskAdapter) -> MetaOutput:
+    """Mean query loss at θ′ = ``adapt_task(θ, task)`` over the tasks, differentiable in θ."""
+    theta = dict(model.named_parameters())
+    losses, logits = [], []
+    for i in range(len(batch)):
+        task = batch.task(i)
+        pred = query_forward(model, adapt_task(theta, task), task.support_x, task.query_x)  # [N*Q, N]
+        losses.append(task_loss(pred, task.query_y))
+        logits.append(pred.detach())
+    return MetaOutput(torch.stack(losses).mean(), torch.stack(logits))
+
+
+def adapted_predictions(model: nn.Module, batch: EpisodeBatch, adapt_task: TaskAdapter) -> MetaOutput:
+    """Query predictions before and after adapting a detached copy of θ to each task."""
+    losses, logits, before = [], [], []
+    with torch.enable_grad():
+        for i in range(len(batch)):
+            task = batch.task(i)
+            theta = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
+            before.append(query_forward(model, theta, task.support_x, task.query_x).detach())
+            pred = query_forward(model, adapt_task(theta, task), task.support_x,
+                                 task.query_x).detach()  # [N*Q, N]
+            losses.append(task_loss(pred, task.query_y))
+            logits.append(pred)
+    return MetaOutput(torch.stack(losses).mean(), torch.stack(logits), torch.stack(before))

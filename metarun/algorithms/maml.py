@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.checks import check_positive, check_positive_int, check_same_ways
-from metarun.algorithms.inner_loop import adapt, query_forward, task_loss
+from metarun.algorithms.inner_loop import adapt, adapted_meta_loss, adapted_predictions
 from metarun.episodes import EpisodeBatch
 
 
@@ -42,29 +41,11 @@ class MAML(MetaAlgorithm):
         check_same_ways(train_ways, ways)
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        theta = dict(self.model.named_parameters())
-        losses, logits = [], []
-        for i in range(len(batch)):
-            task = batch.task(i)
-            adapted = adapt(self.model, theta, task.support_x, task.support_y,
-                            self.inner_steps, self.inner_lr, self.first_order)
-            pred = query_forward(self.model, adapted, task.support_x, task.query_x)  # [N*Q, N]
-            losses.append(task_loss(pred, task.query_y))
-            logits.append(pred.detach())
-        return MetaOutput(torch.stack(losses).mean(), torch.stack(logits))
+        return adapted_meta_loss(self.model, batch, lambda theta, task: adapt(
+            self.model, theta, task.support_x, task.support_y, self.inner_steps, self.inner_lr,
+            self.first_order))
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
-        losses, logits, before = [], [], []
-        with torch.enable_grad():
-            for i in range(len(batch)):
-                task = batch.task(i)
-                theta = {k: v.detach().requires_grad_() for k, v in self.model.named_parameters()}
-                before.append(query_forward(self.model, theta, task.support_x,
-                                            task.query_x).detach())  # [N*Q, N]
-                adapted = adapt(self.model, theta, task.support_x, task.support_y,
-                                self.test_inner_steps, self.inner_lr, first_order=True)
-                pred = query_forward(self.model, adapted, task.support_x,
-                                     task.query_x).detach()  # [N*Q, N]
-                losses.append(task_loss(pred, task.query_y))
-                logits.append(pred)
-        return MetaOutput(torch.stack(losses).mean(), torch.stack(logits), torch.stack(before))
+        return adapted_predictions(self.model, batch, lambda theta, task: adapt(
+            self.model, theta, task.support_x, task.support_y, self.test_inner_steps,
+            self.inner_lr, first_order=True))
