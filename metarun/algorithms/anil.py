@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaOutput
-from metarun.algorithms.inner_loop import Params, adapt, forward, task_loss
+from metarun.algorithms.inner_loop import (Params, TaskAdapter, adapt, adapted_meta_loss,
+                                           adapted_predictions)
 from metarun.algorithms.maml import MAML
-from metarun.episodes import EpisodeBatch
+from metarun.episodes import Episode, EpisodeBatch
 from metarun.errors import ConfigError
 
 
@@ -58,29 +58,18 @@ class ANIL(MAML):
         """The head after ``steps`` inner steps on ``(x, y)``; the body is never updated."""
         return adapt(self.model, head, x, y, steps, self.inner_lr, first_order, fixed=body)
 
+    def adapt_task(self, steps: int, first_order: bool) -> TaskAdapter:
+        """(θ, task) -> θ′ with only the head adapted, for `inner_loop.adapted_meta_loss`."""
+        def run(theta: Params, task: Episode) -> Params:
+            head, body = self.split(theta)
+            return {**body, **self.adapt_head(head, body, task.support_x, task.support_y,
+                                              steps, first_order)}
+        return run
+
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        head, body = self.split(dict(self.model.named_parameters()))
-        losses, logits = [], []
-        for i in range(len(batch)):
-            task = batch.task(i)
-            adapted = self.adapt_head(head, body, task.support_x, task.support_y,
-                                      self.inner_steps, self.first_order)
-            pred = forward(self.model, adapted, task.query_x, fixed=body)  # [N*Q, N]
-            losses.append(task_loss(pred, task.query_y))
-            logits.append(pred.detach())
-        return MetaOutput(torch.stack(losses).mean(), torch.stack(logits))
+        return adapted_meta_loss(self.model, batch,
+                                 self.adapt_task(self.inner_steps, self.first_order))
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
-        losses, logits, before = [], [], []
-        with torch.enable_grad():
-            for i in range(len(batch)):
-                task = batch.task(i)
-                head, body = self.split({k: v.detach() for k, v in self.model.named_parameters()})
-                head = {k: v.requires_grad_() for k, v in head.items()}
-                before.append(forward(self.model, head, task.query_x, fixed=body).detach())
-                adapted = self.adapt_head(head, body, task.support_x, task.support_y,
-                                          self.test_inner_steps, first_order=True)
-                pred = forward(self.model, adapted, task.query_x, fixed=body).detach()  # [N*Q, N]
-                losses.append(task_loss(pred, task.query_y))
-                logits.append(pred)
-        return MetaOutput(torch.stack(losses).mean(), torch.stack(logits), torch.stack(before))
+        return adapted_predictions(self.model, batch,
+                                   self.adapt_task(self.test_inner_steps, first_order=True))

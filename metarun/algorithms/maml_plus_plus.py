@@ -7,9 +7,10 @@ from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.checks import check_positive, check_same_ways
-from metarun.algorithms.inner_loop import Params, adapt, forward, task_loss
+from metarun.algorithms.inner_loop import Params, adapt, query_forward, task_loss
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
+from metarun.models.norm import TaskNorm2d
 
 MSL_FLOOR = 0.03  # the non-final step weights anneal down to MSL_FLOOR / inner_steps
 
@@ -52,14 +53,14 @@ class PerStepBatchNorm(nn.Module):
     own tensors.
     """
 
-    def __init__(self, norm: nn.modules.batchnorm._BatchNorm, steps: int) -> None:
+    def __init__(self, norm: nn.Module, steps: int) -> None:
         super().__init__()
         for name in ("weight", "bias"):
             value = getattr(norm, name)
             self.register_parameter(name, None if value is None else nn.Parameter(
                 value.detach().repeat(steps, 1)))  # [S, C]
         for name in ("running_mean", "running_var", "num_batches_tracked"):
-            value = getattr(norm, name)
+            value = getattr(norm, name, None)  # TaskNorm keeps no running statistics
             rows = None if value is None else value.detach().repeat(steps, *[1] * value.dim())
             self.register_buffer(name, rows)  # [S, C], or [S] for num_batches_tracked
 
@@ -88,7 +89,9 @@ class MAMLPlusPlus(MetaAlgorithm):
       never adapted in the inner loop) and, when the backbone keeps running statistics
       (``model.norm=running``), its own running mean and variance. They are swapped in
       through `functional_call`; the backbone's own batch-norm affine parameters are then
-      frozen (``requires_grad=False``) and unused.
+      frozen (``requires_grad=False``) and unused. With ``model.norm=tasknorm`` the per-step
+      rows are TaskNorm's weights and biases; its blend (``scale``, ``offset``) is adapted
+      like any other parameter, and queries are normalised with the support set's moments.
     - DA, derivative-order annealing: first-order for the first ``first_order_epochs``
       epochs, second-order after.
     - CA, cosine annealing of the outer learning rate: a config scheduler
@@ -134,7 +137,7 @@ class MAMLPlusPlus(MetaAlgorithm):
         self.per_step_bn, self.learn_inner_lr = per_step_bn, learn_inner_lr
 
         norms = {name: m for name, m in model.named_modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+                 if isinstance(m, (nn.modules.batchnorm._BatchNorm, TaskNorm2d))}
         if per_step_bn and not norms:
             raise ConfigError("algorithm.per_step_bn=true is not allowed with this model: it "
                               "has no batch-norm layers (model.norm=none, or an MLP), so set it "
@@ -209,7 +212,8 @@ class MAMLPlusPlus(MetaAlgorithm):
                 params = adapt(self.model, params, task.support_x, task.support_y, 1,
                                self.step_learning_rates(s), first_order, fixed=norm)
                 if weights is not None or s == self.inner_steps - 1:
-                    pred = forward(self.model, params, task.query_x, fixed=norm)  # [N*Q, N]
+                    pred = query_forward(self.model, params, task.support_x, task.query_x,
+                                         fixed=norm)  # [N*Q, N]
                     loss = task_loss(pred, task.query_y)
                     total = total + (loss if weights is None else weights[s] * loss)
             losses.append(total)
@@ -225,13 +229,15 @@ class MAMLPlusPlus(MetaAlgorithm):
                 params = {name: theta[name].detach().requires_grad_()
                           for name in self.adapted_names}
                 norm = {k: v.detach() for k, v in self.step_norm(0).items()}
-                before.append(forward(self.model, params, task.query_x, fixed=norm).detach())
+                before.append(query_forward(self.model, params, task.support_x, task.query_x,
+                                            fixed=norm).detach())
                 for s in range(self.test_inner_steps):
                     norm = {k: v.detach() for k, v in self.step_norm(s).items()}
                     lrs = {k: v.detach() for k, v in self.step_learning_rates(s).items()}
                     params = adapt(self.model, params, task.support_x, task.support_y, 1, lrs,
                                    first_order=True, fixed=norm)
-                pred = forward(self.model, params, task.query_x, fixed=norm).detach()  # [N*Q, N]
+                pred = query_forward(self.model, params, task.support_x, task.query_x,
+                                     fixed=norm).detach()  # [N*Q, N]
                 losses.append(task_loss(pred, task.query_y))
                 logits.append(pred)
         return MetaOutput(torch.stack(losses).mean(), torch.stack(logits), torch.stack(before))

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.checks import check_positive, check_positive_int, check_same_ways
-from metarun.algorithms.inner_loop import adapt, forward, task_loss
+from metarun.algorithms.inner_loop import adapt, adapted_meta_loss, adapted_predictions
 from metarun.episodes import EpisodeBatch
 
 
@@ -65,29 +65,13 @@ class MetaSGD(MetaAlgorithm):
         check_same_ways(train_ways, ways)
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        theta = dict(self.model.named_parameters())
         lrs = self.learning_rates()
-        losses, logits = [], []
-        for i in range(len(batch)):
-            task = batch.task(i)
-            adapted = adapt(self.model, theta, task.support_x, task.support_y,
-                            self.inner_steps, lrs, self.first_order)
-            pred = forward(self.model, adapted, task.query_x)  # [N*Q, N]
-            losses.append(task_loss(pred, task.query_y))
-            logits.append(pred.detach())
-        return MetaOutput(torch.stack(losses).mean(), torch.stack(logits))
+        return adapted_meta_loss(self.model, batch, lambda theta, task: adapt(
+            self.model, theta, task.support_x, task.support_y, self.inner_steps, lrs,
+            self.first_order))
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
         lrs = {name: lr.detach() for name, lr in self.learning_rates().items()}
-        losses, logits, before = [], [], []
-        with torch.enable_grad():
-            for i in range(len(batch)):
-                task = batch.task(i)
-                theta = {k: v.detach().requires_grad_() for k, v in self.model.named_parameters()}
-                before.append(forward(self.model, theta, task.query_x).detach())
-                adapted = adapt(self.model, theta, task.support_x, task.support_y,
-                                self.test_inner_steps, lrs, first_order=True)
-                pred = forward(self.model, adapted, task.query_x).detach()  # [N*Q, N]
-                losses.append(task_loss(pred, task.query_y))
-                logits.append(pred)
-        return MetaOutput(torch.stack(losses).mean(), torch.stack(logits), torch.stack(before))
+        return adapted_predictions(self.model, batch, lambda theta, task: adapt(
+            self.model, theta, task.support_x, task.support_y, self.test_inner_steps, lrs,
+            first_order=True))

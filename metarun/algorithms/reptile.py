@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.checks import check_same_ways
-from metarun.algorithms.inner_loop import Params, forward, task_loss
+from metarun.algorithms.inner_loop import Params, forward, query_forward, task_loss
 from metarun.episodes import Episode, EpisodeBatch, task_generator
 from metarun.errors import ConfigError
 
@@ -156,7 +156,8 @@ class Reptile(MetaAlgorithm):
             # ½‖θ − stopgrad(θ′)‖²: its gradient w.r.t. θ is θ − θ′
             losses.append(sum(0.5 * (theta[k] - adapted[k]).pow(2).sum() for k in theta))
             with torch.no_grad():
-                logits.append(forward(self.model, adapted, task.query_x))  # [N*Q, N]
+                logits.append(query_forward(self.model, adapted, task.support_x,
+                                            task.query_x))  # [N*Q, N]
         self.updates += 1
         return MetaOutput(torch.stack(losses).mean(), torch.stack(logits))
 
@@ -167,8 +168,9 @@ class Reptile(MetaAlgorithm):
             g = task_generator(self.seed, EVAL_ORDER, 0, task.index)
             adapted = self.adapt(task, self.test_inner_steps, self.test_inner_batch_size, g)
             with torch.no_grad():
-                before.append(self.model(task.query_x))  # [N*Q, N]
-                pred = forward(self.model, adapted, task.query_x)  # [N*Q, N]
+                theta = dict(self.model.named_parameters())
+                before.append(query_forward(self.model, theta, task.support_x, task.query_x))
+                pred = query_forward(self.model, adapted, task.support_x, task.query_x)  # [N*Q, N]
             losses.append(task_loss(pred, task.query_y))
             logits.append(pred)
         return MetaOutput(torch.stack(losses).mean(), torch.stack(logits), torch.stack(before))

@@ -6,8 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from metarun.algorithms.anil import ANIL
 from metarun.algorithms.inner_loop import query_forward
 from metarun.algorithms.maml import MAML
+from metarun.algorithms.maml_plus_plus import MAMLPlusPlus
+from metarun.algorithms.meta_sgd import MetaSGD
+from metarun.algorithms.reptile import Reptile
 from metarun.episodes import TEST, Episode, collate_episodes
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
@@ -117,7 +121,8 @@ def random_batch(seed: int, tasks: int = 2):
 
 def train_and_predict(algorithm, batches) -> None:
     """A few outer Adam steps (α must move), then a finite prediction."""
-    names = [k for k, _ in algorithm.named_parameters() if k.endswith(("scale", "offset"))]
+    names = [k for k, _ in algorithm.named_parameters()
+             if k.startswith("model.") and k.endswith(("scale", "offset"))]
     assert len(names) == 8  # 4 TaskNorm layers × (scale, offset)
     before = {k: v.detach().clone() for k, v in algorithm.named_parameters() if k in names}
     opt = torch.optim.Adam(algorithm.parameters(), lr=1e-3)
@@ -134,11 +139,32 @@ def train_and_predict(algorithm, batches) -> None:
     assert torch.isfinite(pred.query_logits).all() and torch.isfinite(pred.query_logits_before).all()
 
 
-def test_maml_with_tasknorm_on_random_images():
+GRADIENT_LEARNERS = {
+    "maml": lambda m: MAML(m, inner_lr=0.4, inner_steps=1, test_inner_steps=2),
+    "anil": lambda m: ANIL(m, inner_lr=0.4, inner_steps=1, test_inner_steps=2),
+    "meta_sgd": lambda m: MetaSGD(m, init_inner_lr=0.4, inner_steps=1, test_inner_steps=2),
+    "maml_plus_plus": lambda m: MAMLPlusPlus(m, inner_lr=0.4, inner_steps=2, test_inner_steps=2),
+    "reptile": lambda m: Reptile(m, inner_lr=0.1, inner_steps=2, test_inner_steps=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRADIENT_LEARNERS))
+def test_gradient_learners_score_queries_against_the_support_context(name):
+    """Under TaskNorm every query is normalised with the support set's moments (plus its own),
+    never with the other queries': changing one query image leaves the others' predictions,
+    before and after adaptation, unchanged; the blend α is meta-learned."""
     torch.manual_seed(0)
-    model = Conv4(hidden=8, out_features=5, norm="tasknorm")
-    algorithm = MAML(model, inner_lr=0.4, inner_steps=1, test_inner_steps=2)
+    algorithm = GRADIENT_LEARNERS[name](Conv4(hidden=8, out_features=5, norm="tasknorm"))
     train_and_predict(algorithm, [random_batch(s) for s in range(3)])
+    batch = random_batch(7, tasks=1)
+    changed = random_batch(7, tasks=1)
+    changed.query_x[0, 3] += 3.0  # task 0, query 3
+    a, b = algorithm.predict(batch), algorithm.predict(changed)
+    keep = [i for i in range(batch.query_x.shape[1]) if i != 3]
+    for before_or_after in ("query_logits", "query_logits_before"):
+        x, y = getattr(a, before_or_after)[0, keep], getattr(b, before_or_after)[0, keep]
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a.query_logits[0, 3], b.query_logits[0, 3])
 
 
 def test_maml_with_tasknorm_on_omniglot(omniglot_available, make_config):
