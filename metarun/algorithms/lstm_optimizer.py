@@ -96,15 +96,20 @@ class LSTMOptimizer(MetaAlgorithm):
     zero for every task.
 
     ``variant="ravi"`` (Ravi & Larochelle, ICLR 2017, "Optimization as a Model for
-    Few-Shot Learning"): the cell state is the parameter vector,
-    θ_t = f_t ⊙ θ_{t−1} − i_t ⊙ ∇_t, with the input gate i_t = σ(W_I·[∇, L, θ, i_{t−1}] + b_I)
-    and forget gate f_t = σ(W_F·[∇, L, θ, f_{t−1}] + b_F), each one linear map per coordinate
-    with shared weights (∇ and L preprocessed as above if ``preprocess``). Compact form: the
-    paper feeds the gates from a first LSTM layer over (∇, L); here the preprocessed
-    inputs go to the gates directly, and ``hidden`` and ``layers`` are unused. b_F starts
-    at 5 (f ≈ 0.993, nearly no decay) and b_I at logit(``output_scale``) (an initial step
-    size of ``output_scale`` on ∇), gate weights at zero, i_0 = f_0 = 0: the untrained
-    learner is gradient descent with lr ``output_scale`` and a slight weight decay.
+    Few-Shot Learning", section 3): the meta-learner LSTM. A first, standard LSTM
+    (``layers`` layers of ``hidden`` units; the paper: one layer of 20) reads each
+    coordinate's preprocessed (L, ∇); its output h_t feeds the two gates of the second
+    layer, whose cell state is the parameter vector itself::
+
+        i_t = σ(W_I·[h_t, θ_{t−1}, i_{t−1}] + b_I)      (a learned step size per coordinate)
+        f_t = σ(W_F·[h_t, θ_{t−1}, f_{t−1}] + b_F)      (a learned shrinkage per coordinate)
+        θ_t = f_t ⊙ θ_{t−1} − i_t ⊙ ∇_t
+
+    b_F starts at 5 (f ≈ 0.993) and b_I at logit(``output_scale``), gate weights at zero,
+    i_0 = f_0 = 0: as in the paper, the untrained learner is gradient descent (lr
+    ``output_scale``) with a slight weight decay. The paper's other half, its batch-norm
+    handling at meta-test time (never the test batch's own statistics), is
+    ``model.norm=support`` (or ``tasknorm``); see `metarun.models.norm`.
 
     In both the meta-parameters are the optimiser and the learner's initialisation θ; the
     meta-loss is the mean query loss after the unrolled inner loop, back-propagated
@@ -115,8 +120,9 @@ class LSTMOptimizer(MetaAlgorithm):
         model: backbone whose output is the task prediction (a head of ``ways`` outputs).
         inner_steps: learned updates during meta-training (the unroll length).
         test_inner_steps: learned updates at validation/test.
-        hidden: LSTM units per layer (Andrychowicz et al.: 20).
-        layers: LSTM layers (Andrychowicz et al.: 2).
+        hidden: LSTM units per layer (Andrychowicz et al. and Ravi & Larochelle: 20).
+        layers: LSTM layers (Andrychowicz et al.: 2; for "ravi", layers before the
+            parameter cell, the paper: 1).
         preprocess: the paper's log/sign input preprocessing; otherwise the raw gradient.
         output_scale: the update is the LSTM's output times this (Andrychowicz et al.: 0.1);
             for "ravi", the initial input gate (step size), in (0, 1).
@@ -151,14 +157,14 @@ class LSTMOptimizer(MetaAlgorithm):
         dtype = next(model.parameters()).dtype
         with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
             torch.manual_seed(seed)
+            inputs = features if variant == "andrychowicz" else 2 * features  # ∇, or (L, ∇)
+            self.cells = nn.ModuleList(
+                nn.LSTMCell(inputs if i == 0 else hidden, hidden) for i in range(layers))
             if variant == "andrychowicz":
-                self.cells = nn.ModuleList(
-                    nn.LSTMCell(features if i == 0 else hidden, hidden) for i in range(layers))
                 self.out = nn.Linear(hidden, 1)
-            else:
-                # gate inputs per coordinate: [∇ (features), L (features), θ, previous gate]
-                self.input_gate = nn.Linear(2 * features + 2, 1)
-                self.forget_gate = nn.Linear(2 * features + 2, 1)
+            else:  # gate inputs per coordinate: [h (hidden), θ, previous gate]
+                self.input_gate = nn.Linear(hidden + 2, 1)
+                self.forget_gate = nn.Linear(hidden + 2, 1)
         self.to(dtype)
         if variant == "ravi":
             with torch.no_grad():  # in the model's dtype, so σ(b_I) is 0.1 to its precision
@@ -173,27 +179,34 @@ class LSTMOptimizer(MetaAlgorithm):
     def _inputs(self, x: Tensor) -> Tensor:
         return preprocess(x) if self.preprocess else x.unsqueeze(-1)  # [P, features]
 
-    def update(self, grad: Tensor, loss: Tensor, theta: Tensor, state: Any) -> tuple[Tensor, Any]:
-        """One learned step: flat gradient ``[P]``, loss, flat parameters ``[P]`` -> new ``[P]``."""
-        if self.variant == "andrychowicz":
-            h = self._inputs(grad)  # [P, features]
-            if state is None:
-                zeros = h.new_zeros(grad.shape[0], self.cells[0].hidden_size)  # [P, hidden]
-                state = tuple((zeros, zeros) for _ in self.cells)
-            new_state = []
-            for cell, (h_prev, c_prev) in zip(self.cells, state):
-                h, c = cell(h, (h_prev, c_prev))  # [P, hidden] each
-                new_state.append((h, c))
-            delta = self.out(h).squeeze(-1) * self.output_scale  # [P, 1] -> [P]
-            return theta + delta, tuple(new_state)
+    def _lstm(self, h: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """The coordinate-wise LSTM stack on inputs ``[P, in]``: top output ``[P, hidden]``."""
         if state is None:
-            state = (theta.new_zeros(theta.shape), theta.new_zeros(theta.shape))  # i_0, f_0: [P]
-        i_prev, f_prev = state
-        shared = torch.cat([self._inputs(grad), self._inputs(loss.expand_as(grad)),
-                            theta.unsqueeze(-1)], dim=-1)  # [P, 2*features + 1]
+            zeros = h.new_zeros(h.shape[0], self.cells[0].hidden_size)  # [P, hidden]
+            state = tuple((zeros, zeros) for _ in self.cells)
+        new_state = []
+        for cell, (h_prev, c_prev) in zip(self.cells, state):
+            h, c = cell(h, (h_prev, c_prev))  # [P, hidden] each
+            new_state.append((h, c))
+        return h, tuple(new_state)
+
+    def update(self, grad: Tensor, loss: Tensor, theta: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """One learned step: flat gradient ``[P]``, loss, flat parameters ``[P]`` -> new ``[P]``.
+
+        State: the LSTM stack's (h, c) per layer; for "ravi" also the previous gates
+        (i, f), each ``[P]``.
+        """
+        if self.variant == "andrychowicz":
+            h, lstm_state = self._lstm(self._inputs(grad), state)  # [P, hidden]
+            return theta + self.out(h).squeeze(-1) * self.output_scale, lstm_state  # [P]
+        lstm_state, i_prev, f_prev = (None, theta.new_zeros(theta.shape),
+                                      theta.new_zeros(theta.shape)) if state is None else state
+        h, lstm_state = self._lstm(torch.cat([self._inputs(loss.expand_as(grad)),
+                                              self._inputs(grad)], dim=-1), lstm_state)
+        shared = torch.cat([h, theta.unsqueeze(-1)], dim=-1)  # [P, hidden + 1]
         i = torch.sigmoid(self.input_gate(torch.cat([shared, i_prev.unsqueeze(-1)], -1))).squeeze(-1)
         f = torch.sigmoid(self.forget_gate(torch.cat([shared, f_prev.unsqueeze(-1)], -1))).squeeze(-1)
-        return f * theta - i * grad, (i, f)  # [P] each
+        return f * theta - i * grad, (lstm_state, i, f)  # [P] each
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         return adapted_meta_loss(self.model, batch, lambda theta, task: lstm_adapt(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from metarun.errors import ConfigError
-from metarun.models.norm import TaskNorm2d, batch_norm
+from metarun.models.norm import CONTEXT_NORMS, TaskNorm2d, batch_norm
 
 
 class Conv4(nn.Module):
@@ -19,15 +19,16 @@ class Conv4(nn.Module):
         image_size: input height and width, which fixes the embedding size.
         hidden: channels of every block.
         out_features: classes of the linear head, or None for an embedding network.
-        norm: "transductive", "running", "tasknorm" or "none" (see `metarun.models.norm`).
+        norm: "transductive", "running", "tasknorm", "support" or "none" (see
+            `metarun.models.norm`).
         pooled_blocks: how many blocks, from the first, end with the 2×2 max-pool; the
             others keep their resolution. 4 is the standard backbone; Relation Networks
             (Sung et al. 2018) pool only the first 2, so a spatial map is left to compare.
 
     ``features(x)`` is the feature map ``[M, *feature_shape]`` before flattening.
-    ``forward(x, context_size)``: with ``norm="tasknorm"`` the first ``context_size`` rows
-    of ``x`` are the context (support) set whose moments every TaskNorm layer uses (None:
-    the whole batch); the other norms ignore it. ``uses_context`` says whether it matters.
+    ``forward(x, context_size)``: with ``norm="tasknorm"`` or ``"support"`` the first
+    ``context_size`` rows of ``x`` are the context (support) set whose moments every
+    TaskNorm layer uses (None: the whole batch); the other norms ignore it. ``uses_context`` says whether it matters.
     """
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
@@ -47,7 +48,7 @@ class Conv4(nn.Module):
             if i < pooled_blocks:
                 blocks.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*blocks)
-        self.uses_context = norm == "tasknorm"
+        self.uses_context = norm in CONTEXT_NORMS
         side = image_size
         for _ in range(pooled_blocks):
             side //= 2  # each max-pool floors the side

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from metarun.errors import ConfigError
 
-NORMS = ("transductive", "running", "tasknorm", "none")
+NORMS = ("transductive", "running", "tasknorm", "support", "none")
+CONTEXT_NORMS = ("tasknorm", "support")  # normalise with the support (context) set: need context_size
 
 
 class TaskNorm2d(nn.Module):
@@ -37,21 +38,30 @@ class TaskNorm2d(nn.Module):
     training mode and reuses them in evaluation mode; we chose the argument to keep the
     inner loop pure. Training and evaluation behave the same (no running averages).
 
+    With ``blend=False`` α is fixed at 1 (no ``scale``/``offset``): every row, support and
+    query alike, is normalised with the context set's batch moments only ("MetaBN" in
+    Bronskill et al. 2020), which is ``model.norm=support``.
+
     Args:
         channels: feature channels.
         eps: added to the variance.
+        blend: learn α (TaskNorm-I); False fixes α = 1 (support moments only).
+
     """
 
-    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+    def __init__(self, channels: int, eps: float = 1e-5, blend: bool = True) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.blend = eps, blend
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
-        self.scale = nn.Parameter(torch.zeros(()))
-        self.offset = nn.Parameter(torch.zeros(()))
+        if blend:
+            self.scale = nn.Parameter(torch.zeros(()))
+            self.offset = nn.Parameter(torch.zeros(()))
 
     def alpha(self, context_size: int) -> Tensor:
-        """α = sigmoid(scale · n + offset), the weight of the context moments."""
+        """α = sigmoid(scale · n + offset), the weight of the context moments (1 without blend)."""
+        if not self.blend:
+            return self.weight.new_ones(())
         return torch.sigmoid(self.scale * context_size + self.offset)
 
     def forward(self, x: Tensor, context_size: int | None = None) -> Tensor:
@@ -71,7 +81,7 @@ class TaskNorm2d(nn.Module):
 
 
 def batch_norm(channels: int, norm: str) -> nn.Module:
-    """Batch norm in one of four modes (the `model.norm` key).
+    """Batch norm in one of five modes (the `model.norm` key).
 
     - ``transductive``: always the current batch's statistics, no running buffers; at test
       time the statistics come from whatever batch the model is called on — in MAML the
@@ -85,6 +95,11 @@ def batch_norm(channels: int, norm: str) -> nn.Module:
       depending on the support-set size; queries are normalised with the support moments
       and never with each other's. Needs a model that passes ``context_size`` (`Conv4`);
       called without it, the whole batch is the context.
+    - ``support``: every example, support and query, is normalised with the support set's
+      batch moments alone (`TaskNorm2d` with α = 1; "MetaBN" in Bronskill et al. 2020).
+      Queries never see each other or their own statistics: our counterpart, in a pure
+      inner loop, to Ravi & Larochelle's (2017) rule of never normalising a meta-test
+      batch with its own statistics.
     - ``none``: identity.
     """
     if norm == "transductive":
@@ -93,6 +108,8 @@ def batch_norm(channels: int, norm: str) -> nn.Module:
         return nn.BatchNorm2d(channels)
     if norm == "tasknorm":
         return TaskNorm2d(channels)
+    if norm == "support":
+        return TaskNorm2d(channels, blend=False)
     if norm == "none":
         return nn.Identity()
     raise ConfigError(f"model.norm={norm!r} is not allowed: choose one of {', '.join(NORMS)}.")

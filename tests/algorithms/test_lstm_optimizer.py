@@ -86,7 +86,7 @@ def test_ravi_cell_state_is_the_parameters():
     theta = torch.tensor([1.0, -2.0], dtype=torch.float64)
     grad = torch.tensor([0.5, 3.0], dtype=torch.float64)
     with torch.no_grad():
-        new, (i, f) = alg.update(grad, torch.tensor(0.7, dtype=torch.float64), theta, None)
+        new, (_, i, f) = alg.update(grad, torch.tensor(0.7, dtype=torch.float64), theta, None)
     torch.testing.assert_close(i, torch.full((2,), 0.1, dtype=torch.float64), rtol=1e-14, atol=0)
     sigma5 = 1 / (1 + math.exp(-5.0))
     torch.testing.assert_close(new, sigma5 * theta - 0.1 * grad, rtol=1e-14, atol=0)

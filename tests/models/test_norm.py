@@ -77,6 +77,26 @@ def test_intermediate_alpha_matches_a_hand_computation():
     torch.testing.assert_close(norm(y, context_size=n)[n], out[n])
 
 
+def test_support_norm_is_batch_norm_with_the_support_moments():
+    """model.norm=support: every row, support or query, is batch-normalised with the first n
+    rows' moments, and a query row depends on nothing but the support set and itself."""
+    x, n = inputs(), 4
+    norm = batch_norm(3, "support").double()
+    assert isinstance(norm, TaskNorm2d) and not hasattr(norm, "scale")
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        norm.bias.copy_(torch.tensor([0.0, -1.0, 3.0]))
+    out = norm(x, context_size=n)
+    mean = x[:n].mean((0, 2, 3))
+    var = x[:n].var((0, 2, 3), unbiased=False)
+    expected = F.batch_norm(x, mean, var, norm.weight, norm.bias, training=False, eps=norm.eps)
+    torch.testing.assert_close(out, expected.detach())
+    y = x.clone()
+    y[n + 1] += 5.0
+    torch.testing.assert_close(norm(y, context_size=n)[n], out[n])
+    assert Conv4(hidden=8, norm="support").uses_context
+
+
 def test_gradients_reach_scale_and_offset():
     x, n = inputs(), 4
     norm = layer(0.2)
@@ -119,11 +139,11 @@ def random_batch(seed: int, tasks: int = 2):
                              for _ in range(tasks)])
 
 
-def train_and_predict(algorithm, batches) -> None:
-    """A few outer Adam steps (α must move), then a finite prediction."""
+def train_and_predict(algorithm, batches, blend: bool = True) -> None:
+    """A few outer Adam steps (α must move, if learned), then a finite prediction."""
     names = [k for k, _ in algorithm.named_parameters()
              if k.startswith("model.") and k.endswith(("scale", "offset"))]
-    assert len(names) == 8  # 4 TaskNorm layers × (scale, offset)
+    assert len(names) == (8 if blend else 0)  # 4 TaskNorm layers × (scale, offset)
     before = {k: v.detach().clone() for k, v in algorithm.named_parameters() if k in names}
     opt = torch.optim.Adam(algorithm.parameters(), lr=1e-3)
     for batch in batches[:-1]:
@@ -148,14 +168,16 @@ GRADIENT_LEARNERS = {
 }
 
 
+@pytest.mark.parametrize("norm", ["tasknorm", "support"])
 @pytest.mark.parametrize("name", sorted(GRADIENT_LEARNERS))
-def test_gradient_learners_score_queries_against_the_support_context(name):
-    """Under TaskNorm every query is normalised with the support set's moments (plus its own),
-    never with the other queries': changing one query image leaves the others' predictions,
-    before and after adaptation, unchanged; the blend α is meta-learned."""
+def test_gradient_learners_score_queries_against_the_support_context(name, norm):
+    """Under TaskNorm (and the support-moments norm) every query is normalised with the
+    support set's moments (plus its own, for TaskNorm), never with the other queries':
+    changing one query image leaves the others' predictions, before and after adaptation,
+    unchanged; TaskNorm's blend α is meta-learned."""
     torch.manual_seed(0)
-    algorithm = GRADIENT_LEARNERS[name](Conv4(hidden=8, out_features=5, norm="tasknorm"))
-    train_and_predict(algorithm, [random_batch(s) for s in range(3)])
+    algorithm = GRADIENT_LEARNERS[name](Conv4(hidden=8, out_features=5, norm=norm))
+    train_and_predict(algorithm, [random_batch(s) for s in range(3)], blend=norm == "tasknorm")
     batch = random_batch(7, tasks=1)
     changed = random_batch(7, tasks=1)
     changed.query_x[0, 3] += 3.0  # task 0, query 3
