@@ -33,7 +33,7 @@ test: install-test ## set up and run the test suite (reads Omniglot from METARUN
 test-all: install-test ## the test suite plus the slow checks (every algorithm under 2-process DDP)
 	$(VENV)/bin/pytest -q -m "" $(PYTEST_ARGS)
 
-bench: install ## throughput and Omniglot accuracy benchmarks (long; not part of CI)
+bench: install ## throughput and the results tables: every algorithm on Omniglot and sinusoids (long; not part of CI)
 	bash scripts/bench.sh
 
 lint: install-test ## byte-compile every module and script

@@ -1,26 +1,41 @@
 #!/usr/bin/env bash
 # The benchmarks behind the README's results tables (long; never part of CI).
-#   bash scripts/bench.sh            # or: make bench
-# Budgets are wall-clock (trainer.max_time) so the run fits a 2-core CPU; each run then
-# tests its best validation checkpoint on the 600 fixed test episodes.
+#   bash scripts/bench.sh                # or: make bench — throughput, then both grids, then the tables
+#   bash scripts/bench.sh omniglot       # one part: throughput | omniglot | sinusoid | table | reference
+# Environment:
+#   BENCH_TIME      training budget per grid cell, DD:HH:MM:SS (default 00:00:01:30)
+#   BENCH_EPISODES  fixed test episodes per grid cell (default 100)
+#   BENCH_JOBS      grid runs at a time, one thread each (default 2, the cores of this machine)
+#   BENCH_DIR       output directory (default outputs/bench); finished cells are skipped
+#   PROTONET_TIME, MAML_TIME  budgets of the two longer reference runs (20 and 25 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export METARUN_DATA_DIR="${METARUN_DATA_DIR:-../shared/data}"
 OUT="${BENCH_DIR:-outputs/bench}"
 PY=.venv/bin/python
-PROTONET_TIME="${PROTONET_TIME:-00:00:20:00}"
-MAML_TIME="${MAML_TIME:-00:00:25:00}"
+GRID=(--time "${BENCH_TIME:-00:00:01:30}" --episodes "${BENCH_EPISODES:-100}"
+      --jobs "${BENCH_JOBS:-2}" --out "$OUT")
 mkdir -p "$OUT"
 
-# 1. Throughput of the real training step, MAML 5-way 1-shot Omniglot, meta-batch 32.
-$PY scripts/benchmark.py experiment=maml_omniglot_5w1s bench.steps=5 | tee "$OUT/throughput.jsonl"
+throughput() {  # the real training step, MAML 5-way 1-shot Omniglot, meta-batch 32
+    $PY scripts/benchmark.py experiment=maml_omniglot_5w1s bench.steps=5 | tee "$OUT/throughput.jsonl"
+}
+omniglot() { $PY scripts/bench_grid.py omniglot "${GRID[@]}"; }
+sinusoid() { $PY scripts/bench_grid.py sinusoid "${GRID[@]}"; }
+table() { $PY scripts/bench_grid.py table --out "$OUT" | tee "$OUT/tables.md"; }
+reference() {  # two longer runs with validation, best checkpoint tested on 600 episodes
+    $PY -m metarun.train experiment=protonet_omniglot_20w1s trainer.max_time="${PROTONET_TIME:-00:00:20:00}" \
+        trainer.val_check_interval=200 trainer.enable_progress_bar=false \
+        hydra.run.dir="$OUT/protonet_omniglot_20w1s"
+    $PY -m metarun.train experiment=maml_omniglot_5w1s trainer.max_time="${MAML_TIME:-00:00:25:00}" \
+        trainer.val_check_interval=50 trainer.enable_progress_bar=false \
+        hydra.run.dir="$OUT/maml_omniglot_5w1s"
+    $PY scripts/summarize.py "$OUT"
+}
 
-# 2. Accuracy after a fixed training budget on this machine.
-$PY -m metarun.train experiment=protonet_omniglot_20w1s trainer.max_time="$PROTONET_TIME" \
-    trainer.val_check_interval=200 trainer.enable_progress_bar=false \
-    hydra.run.dir="$OUT/protonet_omniglot_20w1s"
-$PY -m metarun.train experiment=maml_omniglot_5w1s trainer.max_time="$MAML_TIME" \
-    trainer.val_check_interval=50 trainer.enable_progress_bar=false \
-    hydra.run.dir="$OUT/maml_omniglot_5w1s"
-
-$PY scripts/summarize.py "$OUT"
+case "${1:-all}" in
+    all) throughput; omniglot; sinusoid; table ;;
+    throughput|omniglot|sinusoid|table|reference) "$1" ;;
+    *) echo "bench.sh: error: unknown part '$1'; choose all, throughput, omniglot, sinusoid, table or reference" >&2
+       exit 2 ;;
+esac

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +56,53 @@ def test_benchmark_reports_throughput_and_memory(capsys):
     assert line == result
     assert line["tasks_per_second"] > 0 and line["peak_memory_mb"] > 0
     assert line["meta_batch_size"] == 4 and line["steps"] == 2
+
+
+def test_bench_grid_picks_the_paper_preset_for_every_cell():
+    """Each Omniglot cell composes: the exact preset where one exists, else the same-ways
+    preset with sampler.shots=5, else the 5-way preset with 20 ways."""
+    grid = load_script("bench_grid")
+    assert grid.omniglot_overrides("reptile", "20w5s") == ["experiment=reptile_omniglot_20w5s"]
+    assert grid.omniglot_overrides("maml", "20w5s") == ["experiment=maml_omniglot_20w1s",
+                                                        "sampler.shots=5"]
+    assert grid.omniglot_overrides("fomaml", "5w1s") == ["experiment=maml_omniglot_5w1s",
+                                                         "algorithm.first_order=true"]
+    assert grid.omniglot_overrides("lstm_optimizer", "20w1s") == [
+        "experiment=lstm_optimizer_omniglot_5w1s", "sampler.ways=20", "sampler.shots=1",
+        "sampler.meta_batch_size=16"]
+    assert "sampler.train_queries=5" in grid.omniglot_overrides("relation_net", "20w5s")
+    cells = grid.cells("omniglot", list(grid.OMNIGLOT))
+    assert len(cells) == 4 * len(grid.OMNIGLOT) == 4 * len(grid.PAPER)
+    GlobalHydra.instance().clear()
+    from hydra import compose, initialize_config_dir
+
+    from metarun.train import CONFIG_DIR
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        for algo, shape, overrides in cells + grid.cells("sinusoid", list(grid.SINUSOID)):
+            cfg = compose("train", overrides=overrides)
+            if shape[0].isdigit():
+                ways, shots = shape.rstrip("s").split("w")
+                assert (cfg.sampler.ways, cfg.sampler.shots) == (int(ways), int(shots)), algo
+            else:
+                assert cfg.sampler.shots == int(shape[1:]), algo
+
+
+def test_bench_grid_tables_say_not_run_and_never_copy_a_number(tmp_path):
+    grid = load_script("bench_grid")
+    cell = tmp_path / "omniglot" / "protonet" / "20w1s"
+    cell.mkdir(parents=True)
+    (cell / "results.json").write_text(json.dumps({
+        "test": {"accuracy": {"mean": 0.9248, "ci95": 0.0026, "episodes": 100}},
+        "train": {"steps": 838, "wall_seconds": 1200.0}}))
+    table = grid.omniglot_table(tmp_path)
+    row = next(line for line in table.splitlines() if line.startswith("| ProtoNet "))
+    assert row == ("| ProtoNet | not run (98.8) | not run (99.7) | 92.5 ± 0.3 (96.0) <br>838 steps "
+                   "| not run (98.9) |")
+    assert "| ANIL | not run (—) | not run (—) | not run (96.2) | not run (98.0) |" in table
+    assert "| MAML | not run | not run |" in grid.sinusoid_table(tmp_path)
+
+
+def test_bench_grid_refuses_an_unknown_algorithm():
+    grid = load_script("bench_grid")
+    with pytest.raises(SystemExit, match=r"unknown omniglot algorithm\(s\) \['nope'\]"):
+        grid.main(["omniglot", "--algos", "maml", "nope"])

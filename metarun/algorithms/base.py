@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from metarun.episodes import EpisodeBatch
@@ -42,3 +43,14 @@ class MetaAlgorithm(nn.Module):
 
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
         """Raise `ConfigError` if the algorithm cannot test on ``ways`` after ``train_ways``."""
+
+
+def embed_episodes(model: nn.Module, batch: EpisodeBatch) -> Tensor:
+    """``model`` on every episode's support then query images: ``[B, NK+NQ, ...]``.
+
+    One forward call per episode, so with batch norm in training mode each episode is its
+    own batch: episodes never share statistics, and the result does not depend on how
+    many episodes are batched together or how a meta-batch is split over DDP processes.
+    """
+    images = torch.cat([batch.support_x, batch.query_x], 1)  # [B, NK+NQ, C, H, W]
+    return torch.stack([model(x) for x in images])  # [B, NK+NQ, D]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embed_episodes
 from metarun.algorithms.checks import check_positive_int
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
@@ -97,10 +97,9 @@ class FineTune(MetaAlgorithm):
                 f"algorithm.num_train_classes={self.num_train_classes} is not allowed: the "
                 f"training split has class id {int(batch.classes.max())}, so it must be at "
                 f"least {int(batch.classes.max()) + 1}.")
-        x = torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1)  # [B*(NK+NQ), C, H, W]
         y = torch.cat([batch.support_y, batch.query_y], 1)  # [B, NK+NQ] in 0..N-1
         labels = batch.classes.gather(1, y).flatten()  # [B*(NK+NQ)] split class ids
-        z = self.model(x)  # [B*(NK+NQ), D]
+        z = embed_episodes(self.model, batch).flatten(0, 1)  # [B*(NK+NQ), D]
         return head_logits(z, self.weight, self.bias, self.head, self.cosine_scale), labels
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
@@ -138,8 +137,7 @@ class FineTune(MetaAlgorithm):
         nq = batch.query_y.shape[1]
         ways = int(batch.support_y.max()) + 1
         with torch.no_grad():
-            x = torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1)  # [B*(NK+NQ), C, H, W]
-            z = self.model(x).view(b, nk + nq, -1)  # [B, NK+NQ, D]
+            z = embed_episodes(self.model, batch).view(b, nk + nq, -1)  # [B, NK+NQ, D]
         logits = []
         for i in range(b):
             weight, bias = self.fit_head(z[i, :nk], batch.support_y[i], ways)

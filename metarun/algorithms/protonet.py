@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embed_episodes
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -45,8 +45,7 @@ class ProtoNet(MetaAlgorithm):
         b, nk = batch.support_y.shape
         nq = batch.query_y.shape[1]
         ways = int(batch.support_y.max()) + 1
-        images = torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1)  # [B*(NK+NQ), C, H, W]
-        z = self.model(images).reshape(b, nk + nq, -1)  # [B, NK+NQ, D]
+        z = embed_episodes(self.model, batch).reshape(b, nk + nq, -1)  # [B, NK+NQ, D]
         return prototype_logits(z[:, :nk], batch.support_y, z[:, nk:], ways)  # [B, NQ, N]
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
