@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: help install install-test run test test-all bench lint clean
+.PHONY: help install install-test run test bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
@@ -29,9 +29,6 @@ run: install ## set up and run the default experiment (MAML on sinusoids); ARGS=
 
 test: install-test ## set up and run the test suite (reads Omniglot from METARUN_DATA_DIR)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
-
-test-all: install-test ## the test suite plus the slow checks (every algorithm under 2-process DDP)
-	$(VENV)/bin/pytest -q -m "" $(PYTEST_ARGS)
 
 bench: install ## throughput and the results tables: every algorithm on Omniglot and sinusoids (long; not part of CI)
 	bash scripts/bench.sh

@@ -36,7 +36,6 @@ def test_regression_algorithms_under_bf16(algorithm, make_config):
     check(train(make_config("hardware=bf16", f"algorithm={algorithm}"))[0])
 
 
-@pytest.mark.slow  # 15 runs x 4 spawned processes: about 5 minutes; `make test-all`
 @pytest.mark.parametrize("algorithm", IMAGE)
 def test_image_algorithms_under_ddp(algorithm, make_config, omniglot_available):
     extra = ["algorithm.num_train_classes=4112"] if algorithm == "finetune" else []
@@ -44,7 +43,6 @@ def test_image_algorithms_under_ddp(algorithm, make_config, omniglot_available):
     check(results, precision="32-true", world_size=2)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", REGRESSION)
 def test_regression_algorithms_under_ddp(algorithm, make_config):
     check(train(make_config(*DDP, f"algorithm={algorithm}"))[0], precision="32-true", world_size=2)
