@@ -125,8 +125,8 @@ def cell_result(out: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def fmt_minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f}"
+def fmt_steps(steps: int) -> str:
+    return f"{steps} step" if steps == 1 else f"{steps} steps"
 
 
 def omniglot_table(root: Path) -> str:
@@ -144,7 +144,7 @@ def omniglot_table(root: Path) -> str:
             acc = result["test"]["accuracy"]
             steps = result["train"]["steps"]
             row.append(f"{100 * acc['mean']:.1f} ± {100 * acc['ci95']:.1f} ({paper_text}) "
-                       f"<br>{steps} steps")
+                       f"<br>{fmt_steps(steps)}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -159,7 +159,7 @@ def sinusoid_table(root: Path) -> str:
                 row.append("not run")
                 continue
             mse, steps = result["test"]["mse"], result["train"]["steps"]
-            row.append(f"{mse['mean']:.3f} ± {mse['ci95']:.3f} <br>{steps} steps")
+            row.append(f"{mse['mean']:.3f} ± {mse['ci95']:.3f} <br>{fmt_steps(steps)}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
