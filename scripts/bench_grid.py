@@ -150,7 +150,7 @@ def omniglot_table(root: Path) -> str:
 
 
 def sinusoid_table(root: Path) -> str:
-    lines = ["| Algorithm | K = 5 | K = 10 |", "|---|---|---|"]
+    lines = ["| Algorithm | K = 5 | K = 10 |", "|---|---|---|"]  # test MSE (and log-likelihood)
     for algo, (name, _) in SINUSOID.items():
         row = [name]
         for k in SINUSOID_SHOTS:
@@ -159,7 +159,11 @@ def sinusoid_table(root: Path) -> str:
                 row.append("not run")
                 continue
             mse, steps = result["test"]["mse"], result["train"]["steps"]
-            row.append(f"{mse['mean']:.3f} ± {mse['ci95']:.3f} <br>{fmt_steps(steps)}")
+            text = f"{mse['mean']:.3f} ± {mse['ci95']:.3f}"
+            if "log_likelihood" in result["test"]:  # the neural processes' predictive density
+                ll = result["test"]["log_likelihood"]
+                text += f" <br>log-lik. {ll['mean']:.2f} ± {ll['ci95']:.2f}"
+            row.append(f"{text} <br>{fmt_steps(steps)}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -100,6 +100,14 @@ def test_bench_grid_tables_say_not_run_and_never_copy_a_number(tmp_path):
                    "| not run (98.9) |")
     assert "| ANIL | not run (—) | not run (—) | not run (96.2) | not run (98.0) |" in table
     assert "| MAML | not run | not run |" in grid.sinusoid_table(tmp_path)
+    cell = tmp_path / "sinusoid" / "np" / "k5"
+    cell.mkdir(parents=True)
+    (cell / "results.json").write_text(json.dumps({
+        "test": {"mse": {"mean": 0.4123, "ci95": 0.05, "episodes": 100},
+                 "log_likelihood": {"mean": -1.234, "ci95": 0.1, "episodes": 100}},
+        "train": {"steps": 1}}))
+    assert ("| NP | 0.412 ± 0.050 <br>log-lik. -1.23 ± 0.10 <br>1 step | not run |"
+            in grid.sinusoid_table(tmp_path))
 
 
 def test_bench_grid_refuses_an_unknown_algorithm():
