@@ -106,6 +106,7 @@ def run_cell(out: Path, overrides: list[str], budget: str, episodes: int) -> str
     if (out / "results.json").exists():
         return f"skip {out} (results.json exists)"
     out.mkdir(parents=True, exist_ok=True)
+    (out / "failed.txt").unlink(missing_ok=True)
     command = [sys.executable, "-m", "metarun.train", *overrides,
                f"trainer.max_time={budget}", "trainer.val_check_interval=100000000",
                f"sampler.test_episodes={episodes}",
@@ -117,12 +118,23 @@ def run_cell(out: Path, overrides: list[str], budget: str, episodes: int) -> str
         log.write(" ".join(command) + "\n")
         log.flush()
         rc = subprocess.call(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0:  # shown in the table instead of a number; rc -9 is a SIGKILL (e.g. out of memory)
+        (out / "failed.txt").write_text(f"rc={rc}\n")
     return f"{'done' if rc == 0 else f'FAILED rc={rc}'} {out} ({time.perf_counter() - start:.0f} s)"
 
 
 def cell_result(out: Path) -> dict | None:
     path = out / "results.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def failure(out: Path) -> str:
+    """What a cell without results shows: "not run", or how its run ended."""
+    failed = out / "failed.txt"
+    if not failed.exists():
+        return "not run"
+    rc = failed.read_text().strip()
+    return "killed, out of memory" if rc == "rc=-9" else f"failed ({rc})"
 
 
 def fmt_steps(steps: int) -> str:
@@ -139,7 +151,7 @@ def omniglot_table(root: Path) -> str:
             paper_text = "—" if paper is None else paper
             result = cell_result(root / "omniglot" / algo / shape)
             if result is None:
-                row.append(f"not run ({paper_text})")
+                row.append(f"{failure(root / 'omniglot' / algo / shape)} ({paper_text})")
                 continue
             acc = result["test"]["accuracy"]
             steps = result["train"]["steps"]
@@ -156,7 +168,7 @@ def sinusoid_table(root: Path) -> str:
         for k in SINUSOID_SHOTS:
             result = cell_result(root / "sinusoid" / algo / f"k{k}")
             if result is None:
-                row.append("not run")
+                row.append(failure(root / "sinusoid" / algo / f"k{k}"))
                 continue
             mse, steps = result["test"]["mse"], result["train"]["steps"]
             text = f"{mse['mean']:.3f} ± {mse['ci95']:.3f}"

@@ -100,6 +100,11 @@ def test_bench_grid_tables_say_not_run_and_never_copy_a_number(tmp_path):
                    "| not run (98.9) |")
     assert "| ANIL | not run (—) | not run (—) | not run (96.2) | not run (98.0) |" in table
     assert "| MAML | not run | not run |" in grid.sinusoid_table(tmp_path)
+    (tmp_path / "sinusoid" / "maml" / "k5").mkdir(parents=True)
+    (tmp_path / "sinusoid" / "maml" / "k5" / "failed.txt").write_text("rc=-9\n")
+    (tmp_path / "sinusoid" / "maml" / "k10").mkdir(parents=True)
+    (tmp_path / "sinusoid" / "maml" / "k10" / "failed.txt").write_text("rc=1\n")
+    assert "| MAML | killed, out of memory | failed (rc=1) |" in grid.sinusoid_table(tmp_path)
     cell = tmp_path / "sinusoid" / "np" / "k5"
     cell.mkdir(parents=True)
     (cell / "results.json").write_text(json.dumps({
