@@ -180,12 +180,17 @@ def test_runs_in_the_module_with_an_annealed_outer_step(make_config):
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["lr"] == 0.0
 
 
-@pytest.mark.parametrize("preset, ways, batch", [("reptile_omniglot_5w1s", 5, 10),
-                                                 ("reptile_omniglot_20w1s", 20, 20)])
-def test_omniglot_presets_build(make_config, omniglot_available, preset, ways, batch):
+@pytest.mark.parametrize("preset, ways, shots, batch, steps, lr", [
+    ("reptile_omniglot_5w1s", 5, 1, 25, 3, 0.001), ("reptile_omniglot_5w5s", 5, 5, 10, 5, 0.0015),
+    ("reptile_omniglot_20w1s", 20, 1, 15, 12, 0.00046),
+    ("reptile_omniglot_20w5s", 20, 5, 20, 12, 0.00046)])
+def test_omniglot_presets_build(make_config, omniglot_available, preset, ways, shots, batch, steps,
+                                lr):
+    """The authors' README commands (--inner-batch, --inner-iters, --learning-rate)."""
     cfg = make_config(f"experiment={preset}", tiny=False)
     alg = build(cfg)["algorithm"]
     assert (alg.inner_optimizer, alg.inner_betas, alg.inner_batch_size) == ("adam", (0.0, 0.999), batch)
+    assert (alg.inner_steps, alg.inner_lr, cfg.sampler.shots) == (steps, lr, shots)
     assert alg.model.head.out_features == ways and cfg.scheduler.total_iters == cfg.trainer.max_steps
 
 
