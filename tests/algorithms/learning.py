@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import torch
 
 from metarun.algorithms.base import MetaAlgorithm
@@ -42,3 +44,33 @@ def tiny_batch(tasks: int = 2, shots: int = 3, queries: int = 4) -> EpisodeBatch
     for name in ("support_x", "support_y", "query_x", "query_y"):
         setattr(batch, name, getattr(batch, name).double())
     return batch
+
+
+def meta_gradient(algorithm: MetaAlgorithm, batch: EpisodeBatch,
+                  params: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
+    """Autograd's gradient of the meta-loss w.r.t. ``params`` (default: all), flattened."""
+    params = list(algorithm.parameters() if params is None else params)
+    algorithm.zero_grad()
+    algorithm.meta_loss(batch).loss.backward()
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+def meta_loss_value(algorithm: MetaAlgorithm, batch: EpisodeBatch) -> Callable[[], float]:
+    return lambda: algorithm.meta_loss(batch).loss.item()
+
+
+def finite_difference(loss: Callable[[], float], params: Iterable[torch.Tensor],
+                      eps: float = 1e-6) -> torch.Tensor:
+    """Central differences (loss(θ + ε) − loss(θ − ε)) / 2ε, coordinate by coordinate."""
+    out = []
+    for p in params:
+        flat = p.data.view(-1)
+        for i in range(flat.numel()):
+            old = flat[i].item()
+            flat[i] = old + eps
+            up = loss()
+            flat[i] = old - eps
+            down = loss()
+            flat[i] = old
+            out.append((up - down) / (2 * eps))
+    return torch.tensor(out, dtype=torch.float64)

@@ -14,7 +14,8 @@ from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.models.mlp import MLP
 from metarun.train import build
-from tests.algorithms.learning import episode_accuracy, meta_train, tiny_batch
+from tests.algorithms.learning import (episode_accuracy, finite_difference, meta_gradient,
+                                       meta_loss_value, meta_train, tiny_batch)
 
 
 
@@ -28,33 +29,13 @@ def tiny_mlp(seed: int = 0) -> nn.Module:
     return net.double()
 
 
-def grads(alg, batch) -> torch.Tensor:
-    alg.zero_grad()
-    alg.meta_loss(batch).loss.backward()
-    return torch.cat([p.grad.flatten() for p in alg.parameters()])
-
-
-def finite_difference(alg, batch, eps: float = 1e-6) -> torch.Tensor:
-    out = []
-    for p in alg.parameters():
-        for i in range(p.numel()):
-            old = p.data.view(-1)[i].item()
-            p.data.view(-1)[i] = old + eps
-            up = alg.meta_loss(batch).loss.item()
-            p.data.view(-1)[i] = old - eps
-            down = alg.meta_loss(batch).loss.item()
-            p.data.view(-1)[i] = old
-            out.append((up - down) / (2 * eps))
-    return torch.tensor(out, dtype=torch.float64)
-
-
 @pytest.mark.parametrize("steps", [1, 3])
 def test_meta_gradient_matches_finite_differences(steps):
     """Second order: the body's gradient includes the path through the head's inner updates."""
     batch = tiny_batch()
     alg = ANIL(tiny_mlp(), inner_lr=0.1, inner_steps=steps, test_inner_steps=steps,
                head_prefix="4.")
-    torch.testing.assert_close(grads(alg, batch), finite_difference(alg, batch),
+    torch.testing.assert_close(meta_gradient(alg, batch), finite_difference(meta_loss_value(alg, batch), alg.parameters()),
                                rtol=1e-6, atol=1e-8)
 
 
@@ -92,7 +73,7 @@ def test_first_order_body_gradient_is_the_query_gradient_at_the_initial_body():
         inputs = {**body, **adapted}
         for name, g in zip(inputs, torch.autograd.grad(loss, list(inputs.values()))):
             expected[name] += g / len(batch)
-    torch.testing.assert_close(grads(alg, batch),
+    torch.testing.assert_close(meta_gradient(alg, batch),
                                torch.cat([expected[n].flatten() for n in names]),
                                rtol=1e-10, atol=1e-12)
 
@@ -104,7 +85,7 @@ def test_every_parameter_as_the_head_is_maml(first_order):
     maml = MAML(tiny_mlp(), 0.1, 2, 2, first_order=first_order)
     torch.testing.assert_close(anil.meta_loss(batch).loss, maml.meta_loss(batch).loss,
                                rtol=0, atol=0)
-    torch.testing.assert_close(grads(anil, batch), grads(maml, batch), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(meta_gradient(anil, batch), meta_gradient(maml, batch), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(anil.predict(batch).query_logits, maml.predict(batch).query_logits,
                                rtol=0, atol=0)
 

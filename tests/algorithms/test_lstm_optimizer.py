@@ -16,7 +16,8 @@ from metarun.algorithms.lstm_optimizer import LSTMOptimizer, lstm_adapt, preproc
 from metarun.episodes import TEST, collate_episodes
 from metarun.errors import ConfigError
 from metarun.train import build
-from tests.algorithms.learning import episode_accuracy, meta_train, tiny_batch
+from tests.algorithms.learning import (episode_accuracy, finite_difference, meta_gradient,
+                                       meta_loss_value, meta_train, tiny_batch)
 
 
 def tiny_mlp(seed: int = 0) -> nn.Module:
@@ -111,9 +112,7 @@ def test_meta_gradient_matches_finite_differences(variant, steps, first_order,
             for gate in (alg.input_gate, alg.forget_gate):
                 gate.weight.copy_(0.3 * torch.randn(gate.weight.shape, generator=g,
                                                     dtype=torch.float64))
-    alg.zero_grad()
-    alg.meta_loss(batch).loss.backward()
-    analytic = torch.cat([p.grad.flatten() for p in alg.parameters()])
+    analytic = meta_gradient(alg, batch)
 
     if first_order:
         frozen = frozen_gradients(alg, batch)
@@ -121,20 +120,9 @@ def test_meta_gradient_matches_finite_differences(variant, steps, first_order,
         def loss_fn():
             return frozen_loss(alg, batch, frozen).item()
     else:
-        def loss_fn():
-            return alg.meta_loss(batch).loss.item()
+        loss_fn = meta_loss_value(alg, batch)
 
-    numeric, eps = [], 1e-6
-    for p in alg.parameters():
-        for i in range(p.numel()):
-            old = p.data.view(-1)[i].item()
-            p.data.view(-1)[i] = old + eps
-            up = loss_fn()
-            p.data.view(-1)[i] = old - eps
-            down = loss_fn()
-            p.data.view(-1)[i] = old
-            numeric.append((up - down) / (2 * eps))
-    numeric = torch.tensor(numeric, dtype=torch.float64)
+    numeric = finite_difference(loss_fn, alg.parameters())
     assert analytic.abs().max() > 1e-4
     torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
 

@@ -9,7 +9,7 @@ from torch import nn
 from metarun.algorithms.inner_loop import adapt, forward, task_loss
 from metarun.algorithms.maml import MAML
 from metarun.errors import ConfigError
-from tests.algorithms.learning import tiny_batch
+from tests.algorithms.learning import finite_difference, meta_gradient, meta_loss_value, tiny_batch
 
 
 def tiny_mlp(seed: int = 0) -> nn.Module:
@@ -18,31 +18,11 @@ def tiny_mlp(seed: int = 0) -> nn.Module:
         return nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).double()
 
 
-def flat_grad(alg: MAML, batch) -> torch.Tensor:
-    alg.zero_grad()
-    alg.meta_loss(batch).loss.backward()
-    return torch.cat([p.grad.flatten() for p in alg.parameters()])
-
-
-def finite_difference(alg: MAML, batch, eps: float = 1e-6) -> torch.Tensor:
-    grads = []
-    for p in alg.parameters():
-        for i in range(p.numel()):
-            old = p.data.view(-1)[i].item()
-            p.data.view(-1)[i] = old + eps
-            up = alg.meta_loss(batch).loss.item()
-            p.data.view(-1)[i] = old - eps
-            down = alg.meta_loss(batch).loss.item()
-            p.data.view(-1)[i] = old
-            grads.append((up - down) / (2 * eps))
-    return torch.tensor(grads, dtype=torch.float64)
-
-
 @pytest.mark.parametrize("steps", [1, 3])
 def test_second_order_meta_gradient_matches_finite_differences(steps):
     batch = tiny_batch()
     alg = MAML(tiny_mlp(), inner_lr=0.1, inner_steps=steps, test_inner_steps=steps)
-    torch.testing.assert_close(flat_grad(alg, batch), finite_difference(alg, batch),
+    torch.testing.assert_close(meta_gradient(alg, batch), finite_difference(meta_loss_value(alg, batch), alg.parameters()),
                                rtol=1e-6, atol=1e-8)
 
 
@@ -59,9 +39,9 @@ def test_first_order_gradient_is_query_gradient_at_adapted_parameters():
         loss = task_loss(forward(alg.model, adapted, task.query_x), task.query_y)
         expected += torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(adapted.values()))])
     expected /= len(batch)
-    torch.testing.assert_close(flat_grad(alg, batch), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(meta_gradient(alg, batch), expected, rtol=1e-10, atol=1e-12)
     second = MAML(tiny_mlp(), inner_lr=0.1, inner_steps=2, test_inner_steps=2)
-    assert not torch.allclose(flat_grad(second, batch), expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(meta_gradient(second, batch), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_closed_form_on_a_linear_model():
@@ -78,7 +58,7 @@ def test_closed_form_on_a_linear_model():
     w_adapted = w - alpha * grad_s
     grad_q = 2 * ((w_adapted * xq - yq) * xq).mean()
     alg = MAML(model, inner_lr=alpha, inner_steps=1, test_inner_steps=1)
-    torch.testing.assert_close(flat_grad(alg, batch)[0], (1 - alpha * hess_s) * grad_q)
+    torch.testing.assert_close(meta_gradient(alg, batch)[0], (1 - alpha * hess_s) * grad_q)
 
 
 def test_inner_loop_is_pure_and_predict_adapts():
