@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -60,3 +61,13 @@ def omniglot_available():
     if root is None or not (root / "omniglot" / "images_background.zip").exists():
         pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models: one intra-op thread is faster than two on a busy 2-core machine.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

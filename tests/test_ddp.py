@@ -34,14 +34,7 @@ DDP = ["hardware=ddp", "trainer.strategy=ddp_spawn", "trainer.accelerator=cpu", 
 ATOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two on a busy 2-core box (the spawned
-    workers get one each from Lightning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def state(ckpt: Path) -> dict[str, torch.Tensor]:

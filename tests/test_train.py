@@ -35,13 +35,7 @@ def run(directory: Path, *overrides: str):
     return train(compose_config([*FAST, *overrides], directory))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def state(ckpt: Path) -> dict[str, torch.Tensor]:

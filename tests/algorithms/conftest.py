@@ -1,13 +1,8 @@
-"""Fixtures shared by the algorithm tests."""
+"""Fixtures shared by the algorithm tests: every module runs on one intra-op thread."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models: one intra-op thread is faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def algorithm_tests_on_one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)

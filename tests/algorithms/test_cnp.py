@@ -7,14 +7,14 @@ import math
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from torch import nn
 
 from metarun.algorithms.cnp import CNP, gaussian_log_prob
-from metarun.episodes import TEST, Episode, collate_episodes
+from metarun.episodes import Episode, collate_episodes
 from metarun.errors import ConfigError
 from metarun.models.mlp import MLP
 from metarun.train import build, train
+from tests.algorithms.learning import check_learns_sinusoids
 
 
 
@@ -135,18 +135,4 @@ def test_module_reports_the_log_likelihood(make_config):
 def test_learns_sinusoids(make_config):
     """Measured on 100 test tasks (y variance 4.32): MSE 4.48 untrained -> 0.41 after 500
     steps of Adam 3e-3, meta-batch 25; mean log-likelihood -5.08 -> -0.75."""
-    cfg = make_config("algorithm=cnp", "sampler.meta_batch_size=25")
-    objects = build(cfg)
-    alg, sampler, splits = objects["algorithm"], objects["sampler"], objects["datamodule"].splits
-    test = collate_episodes([sampler.eval_episode(splits["test"], TEST, i) for i in range(100)])
-    before = alg.predict(test)
-    opt = instantiate(cfg.optimizer, lr=0.003)(params=alg.parameters())
-    for step in range(500):
-        opt.zero_grad()
-        alg.meta_loss(sampler.train_batch(splits["train"], step)).loss.backward()
-        opt.step()
-    after = alg.predict(test)
-    mse = (after.query_logits - test.query_y).pow(2).mean().item()
-    assert mse < 0.3 * test.query_y.var().item()
-    assert mse < 0.3 * (before.query_logits - test.query_y).pow(2).mean().item()
-    assert after.extra["log_likelihood"].mean() > before.extra["log_likelihood"].mean() + 2
+    check_learns_sinusoids(make_config("algorithm=cnp", "sampler.meta_batch_size=25"), steps=500)

@@ -7,16 +7,16 @@ import math
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from metarun.algorithms.cnp import gaussian_log_prob
 from metarun.algorithms.np import (EVAL_NOISE, TRAIN_NOISE, NeuralProcess, kl_diagonal_gaussians,
                                    task_noise)
 from metarun.datasets.sinusoid import Sinusoid
-from metarun.episodes import TEST, EpisodeSampler, collate_episodes, task_generator
+from metarun.episodes import EpisodeSampler, task_generator
 from metarun.errors import ConfigError
 from metarun.models.mlp import MLP
 from metarun.train import build, train
+from tests.algorithms.learning import check_learns_sinusoids
 
 
 
@@ -183,18 +183,4 @@ def test_module_reports_the_log_likelihood(make_config, tmp_path):
 def test_learns_sinusoids(make_config):
     """Measured on 100 test tasks (y variance 4.32): MSE 4.50 untrained -> 0.36 after 600
     steps of Adam 3e-3, meta-batch 25; mean log-likelihood -4.55 -> -0.53."""
-    cfg = make_config("algorithm=np", "sampler.meta_batch_size=25")
-    objects = build(cfg)
-    alg, sampler, splits = objects["algorithm"], objects["sampler"], objects["datamodule"].splits
-    test = collate_episodes([sampler.eval_episode(splits["test"], TEST, i) for i in range(100)])
-    before = alg.predict(test)
-    opt = instantiate(cfg.optimizer, lr=0.003)(params=alg.parameters())
-    for step in range(600):
-        opt.zero_grad()
-        alg.meta_loss(sampler.train_batch(splits["train"], step)).loss.backward()
-        opt.step()
-    after = alg.predict(test)
-    mse = (after.query_logits - test.query_y).pow(2).mean().item()
-    assert mse < 0.3 * test.query_y.var().item()
-    assert mse < 0.3 * (before.query_logits - test.query_y).pow(2).mean().item()
-    assert after.extra["log_likelihood"].mean() > before.extra["log_likelihood"].mean() + 2
+    check_learns_sinusoids(make_config("algorithm=np", "sampler.meta_batch_size=25"), steps=600)
