@@ -12,27 +12,25 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from metarun.cli import exit_on_config_error
+from metarun.checkpoints import load_checkpoint
+from metarun.cli import exit_on_config_error, run_command
 from metarun.errors import ConfigError
-from metarun.train import CONFIG_DIR, build, environment, report, test_block
+from metarun.train import CONFIG_DIR, build, environment, report, test_block, write_results
 
 OWN_KEYS = ("ckpt_path", "hardware", "trainer", "paths", "task_name", "hydra")
 
 
 def checkpoint_config(ckpt_path: str, overrides: list[str]) -> tuple[DictConfig, dict[str, Any]]:
-    """The training config stored in the checkpoint, with ``key=value`` overrides applied."""
-    if not Path(ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path} is not allowed: no such file; give a .ckpt "
-                          f"written by metarun.")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    if "metarun_config" not in checkpoint:
-        raise ConfigError(f"ckpt_path={ckpt_path} is not allowed: it holds no metarun config, "
-                          f"so it was not written by metarun training.")
+    """The training config stored in the checkpoint, with ``key=value`` overrides applied.
+
+    The checkpoint is loaded with ``weights_only=True`` (`metarun.checkpoints.load_checkpoint`):
+    a file that would run code when unpickled is refused, never executed.
+    """
+    checkpoint = load_checkpoint(ckpt_path)
     cfg = OmegaConf.create(checkpoint["metarun_config"])
     for item in overrides:
         key = item.lstrip("+").split("=", 1)[0]
@@ -50,7 +48,14 @@ def evaluate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     run_cfg.paths = cfg.paths
     objects = build(run_cfg)
     module = objects["module"]
-    module.load_state_dict(checkpoint["state_dict"])
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, KeyError) as error:
+        changed = " ".join(overrides) or "none"
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not allowed with the overrides "
+                          f"({changed}): its weights do not fit the model they build "
+                          f"({str(error).strip().splitlines()[-1].strip()}), so drop the overrides "
+                          f"that change the model.") from None
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     tested = trainer.test(module, datamodule=objects["datamodule"], verbose=False)
     metrics = {k: float(v) for k, v in tested[0].items()}
@@ -68,18 +73,22 @@ def evaluate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        write_results(out, results)
         report(results, module.metric)
     return results
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 @exit_on_config_error
-def main(cfg: DictConfig) -> None:
-    """The ``metarun-eval`` command."""
+def hydra_main(cfg: DictConfig) -> None:
     overrides = [o for o in HydraConfig.get().overrides.task
                  if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in OWN_KEYS]
     evaluate(cfg, overrides)
+
+
+def main() -> None:
+    """The ``metarun-eval`` command: ``sampler.shots=5`` overrides the trained config as is."""
+    run_command(hydra_main, append_unless=OWN_KEYS)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.episodes import EpisodeBatch
+from metarun.errors import NonFiniteLoss
 from metarun.stats import mean_ci95
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -61,10 +62,8 @@ class MetaLearningModule(L.LightningModule):
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         started = time.perf_counter()
         out = self.algorithm.meta_loss(batch)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(
-                f"the meta-loss is {out.loss.item()} at step {self.global_step}; lower "
-                f"optimizer.lr or algorithm.inner_lr, or set trainer.gradient_clip_val.")
+        if not torch.isfinite(out.loss):  # before the update: the weights stay those of the last step
+            raise NonFiniteLoss(self.global_step, out.loss.item())
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(out.loss)

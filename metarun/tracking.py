@@ -2,19 +2,78 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from metarun.errors import ConfigError
 
 log = logging.getLogger(__name__)
+WANDB_DEFAULT_URL = "https://api.wandb.ai"
+REACH_TIMEOUT_S = 3.0
 
 
-def _wandb_reachable(host: str = "api.wandb.ai", port: int = 443, timeout: float = 2.0) -> bool:
+class _KeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that it keeps an existing metrics.csv (and its header)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
+
+    def drop_rows_from(self, step: int) -> None:
+        """Remove the rows logged at ``step`` or later (a resumed run logs them again)."""
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            rows = [r for r in csv.DictReader(file) if r.get("step") and int(r["step"]) < step]
+        if not rows:
+            self._fs.rm_file(self.metrics_file_path)
+            self.metrics_keys = []
+            return
+        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's `CSVLogger` for a run that may be resumed: ``metrics.csv`` keeps the rows
+    of earlier sessions of the run up to the step it resumes from (`drop_rows_from`),
+    where Lightning's logger would delete the file.
+
+    Args: as `lightning.pytorch.loggers.CSVLogger` (``save_dir``, ``name``, ``version``).
+    """
+
+    @property
+    def experiment(self) -> _KeepingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    def drop_rows_from(self, step: int) -> None:
+        self.save()  # anything still buffered goes to the file first
+        self.experiment.drop_rows_from(step)
+
+
+def wandb_endpoint() -> tuple[str, int]:
+    """Host and port of the configured W&B server (``WANDB_BASE_URL``, else W&B's cloud)."""
+    url = urlsplit(os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL)
+    port = url.port or (80 if url.scheme == "http" else 443)
+    return url.hostname or "api.wandb.ai", port
+
+
+def _wandb_reachable(timeout: float = REACH_TIMEOUT_S) -> bool:
+    """Whether the configured W&B server accepts a connection within ``timeout`` seconds."""
     try:
-        with socket.create_connection((host, port), timeout=timeout):
+        with socket.create_connection(wandb_endpoint(), timeout=timeout):
             return True
     except OSError:
         return False
@@ -26,7 +85,10 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", entity: str | 
 
     ``mode="auto"`` logs online only when ``WANDB_API_KEY`` is set and the W&B server
     answers, otherwise offline into ``save_dir/wandb`` (sync later with ``wandb sync``).
-    If W&B cannot start at all, the run continues with a CSV logger and a warning.
+    ``mode="online"`` with a server that does not answer within a few seconds also logs
+    offline, with a warning (W&B itself would wait about 90 s). The server is the one in
+    ``WANDB_BASE_URL`` (W&B's cloud by default). If W&B cannot start at all, the run
+    continues with a CSV logger and a warning.
 
     Args:
         project, entity, name, tags: the W&B run's identity.
@@ -34,10 +96,14 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", entity: str | 
         mode: "auto", "online" or "offline".
     """
     if mode not in ("auto", "online", "offline"):
-        from metarun.errors import ConfigError
         raise ConfigError(f"logger.mode={mode!r} is not allowed: choose auto, online or offline.")
     if mode == "auto":
         mode = "online" if os.environ.get("WANDB_API_KEY") and _wandb_reachable() else "offline"
+    elif mode == "online" and not _wandb_reachable():
+        host, port = wandb_endpoint()
+        log.warning("W&B server %s:%d does not answer; logging offline into %s/wandb instead "
+                    "(upload later with `wandb sync`).", host, port, save_dir)
+        mode = "offline"
     try:
         import wandb
 

@@ -212,7 +212,8 @@ def test_command_prints_one_error_line_and_no_traceback(commands):
     assert len(error_lines) == 1 and error_lines[0].startswith("metarun: error: ")
     assert_one_sentence(error_lines[0])
     assert "Traceback" not in run.stderr + run.stdout
-    assert not (commands.tmp / "missing_data" / "checkpoints").exists()
+    assert not list((commands.tmp / "missing_data").rglob("*.ckpt"))
+    assert not (commands.tmp / "missing_data" / "results.json").exists()
 
 
 def test_command_shows_the_traceback_with_hydra_full_error(commands):

@@ -150,7 +150,8 @@ def test_results_json_schema_and_plot(default_run):
     results, _, out, cfg = default_run
     saved = json.loads((out / "results.json").read_text())
     assert saved == {k: v for k, v in results.items() if k != "plot"}
-    assert set(saved) == {"experiment", "test", "val", "train", "environment", "config"}
+    assert set(saved) == {"status", "experiment", "test", "val", "train", "environment", "config"}
+    assert saved["status"] == "completed"
     assert saved["experiment"].items() >= {"algorithm": "MAML", "dataset": "Sinusoid", "ways": 1,
                                         "shots": 10, "queries": 10, "seed": 0}.items()
     assert set(saved["test"]) == {"mse", "mse_before_adaptation"}
@@ -160,7 +161,8 @@ def test_results_json_schema_and_plot(default_run):
     assert {"best_mse", "best_step"} <= set(saved["val"])
     assert isinstance(saved["val"]["best_mse"], float) and saved["val"]["best_step"] in (2, 4)
     train_block = saved["train"]
-    assert {"steps", "tasks", "tasks_per_second", "wall_seconds"} <= set(train_block)
+    assert {"steps", "tasks", "tasks_per_second", "wall_seconds", "last_checkpoint"} <= set(train_block)
+    assert train_block["last_checkpoint"] == str(out / "checkpoints" / "last.ckpt")
     assert (train_block["steps"], train_block["tasks"]) == (4, 8)  # meta_batch_size=2
     assert train_block["wall_seconds"] > 0
     assert train_block["tasks_per_second"] == pytest.approx(8 / train_block["wall_seconds"])
