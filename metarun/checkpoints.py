@@ -38,13 +38,18 @@ log = logging.getLogger(__name__)
 
 FORMAT = 2  # 1: before the format was recorded; 2: + metarun_format, written at step boundaries
 LAST = "last.ckpt"
+PREVIOUS = "previous.ckpt"  # the write before last.ckpt: where a divergence rolls back to
 LOCK = ".metarun.lock"
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# Settings that change what a run computes: a checkpoint resumes a run only when they agree.
-# (Step limits, validation cadence, logging, paths and hardware other than precision may
-# differ, so a run can be extended or moved to other machines.)
-RESUME_KEYS = ("dataset", "sampler", "algorithm", "model", "transform", "optimizer", "scheduler",
-               "grad_clip", "seed", "trainer.precision")
+# Settings that make a run what it is: `ckpt_path=last` takes another directory's checkpoint
+# only when all of them agree. (Step limits, validation cadence, logging, paths and hardware
+# other than precision may differ, so a run can be extended or moved to other machines.)
+RUN_KEYS = ("dataset", "sampler", "algorithm", "model", "transform", "optimizer", "scheduler",
+            "grad_clip", "seed", "trainer.precision")
+# Settings that shape the saved state: resuming this run's own checkpoint (or a named file)
+# needs them to agree; other changes (a lower optimizer.lr after a divergence) are allowed
+# and logged.
+STATE_KEYS = ("dataset._target_", "algorithm._target_", "model")
 
 
 # ------------------------------------------------------------------ reading a checkpoint
@@ -66,19 +71,24 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
     if p.stat().st_size == 0:
         raise ConfigError(f"{where}: the file is empty, so give a complete .ckpt file written "
                           f"by metarun.")
+    with open(p, "rb") as f:
+        header = f.read(4)
+    if header[:2] != b"PK" and header[:1] != b"\x80":  # torch.save: a zip, or a legacy pickle
+        raise ConfigError(f"{where}: it is not a PyTorch checkpoint (it starts with {header!r}, "
+                          f"not a zip or pickle header), so give a .ckpt file written by metarun.")
     try:
         checkpoint = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         text = str(error)
-        if "Unsupported global" in text or "Unsupported operand" in text:
+        if "Weights only load failed" in text:
             raise ConfigError(f"{where}: it holds Python objects that a safe load refuses "
                               f"(metarun never runs code from a checkpoint), so it is not a "
                               f"metarun checkpoint.") from None
-        raise ConfigError(f"{where}: it is not a PyTorch checkpoint "
+        raise ConfigError(f"{where}: it is truncated or corrupt "
                           f"({_first_line(text)}).") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError,
             AttributeError, IndexError, TypeError) as error:
-        raise ConfigError(f"{where}: it is truncated or not a PyTorch checkpoint "
+        raise ConfigError(f"{where}: it is truncated or corrupt "
                           f"({type(error).__name__}: {_first_line(str(error))}).") from None
     if not isinstance(checkpoint, dict) or "metarun_config" not in checkpoint:
         raise ConfigError(f"{where}: it holds no metarun config, so it was not written by "
@@ -115,15 +125,15 @@ def _select(config: dict[str, Any], dotted: str) -> Any:
 
 
 def config_differences(stored: dict[str, Any], requested: dict[str, Any],
-                       requested_raw: dict[str, Any]) -> list[str]:
-    """``key=<stored>, not <requested>`` for every setting in `RESUME_KEYS` that differs.
+                       requested_raw: dict[str, Any], keys: tuple[str, ...] = RUN_KEYS) -> list[str]:
+    """``key=<stored> there, not <requested>`` for every setting under ``keys`` that differs.
 
     ``requested_raw`` is the requested config before interpolation: a value taken from
     ``paths.*`` or ``hydra:`` (a data folder, a cache) is where the run reads from, not
     what it computes, and may differ.
     """
     out = []
-    for key in RESUME_KEYS:
+    for key in keys:
         theirs = dict(_leaves(_select(stored, key), f"{key}."))
         ours = dict(_leaves(_select(requested, key), f"{key}."))
         raw = dict(_leaves(_select(requested_raw, key), f"{key}."))
@@ -149,10 +159,13 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path, log_dir: Path,
     """(checkpoint file to resume from, its contents), or (None, None) for a fresh start.
 
     - ``last``: this run directory's newest checkpoint; else the newest ``last.ckpt`` under
-      ``log_dir`` whose settings match the requested ones; else `ConfigError`.
+      ``log_dir`` whose settings all match the requested ones (`RUN_KEYS`); else `ConfigError`.
     - ``auto``: this run directory's newest checkpoint, else a fresh start (a job that a
       scheduler requeues with the same command).
-    - a path: that file, if its settings match the requested ones.
+    - a path: that file.
+
+    This directory's checkpoint and a named file must agree on `STATE_KEYS` (the dataset,
+    the algorithm, the model); other changed settings are logged.
     """
     if ckpt_path in (None, ""):
         return None, None
@@ -197,11 +210,15 @@ def _listed(diff: list[str]) -> str:
 
 def _check_matches(path: str, checkpoint: dict[str, Any], requested: dict[str, Any],
                    requested_raw: dict[str, Any]) -> None:
-    diff = config_differences(checkpoint["metarun_config"], requested, requested_raw)
+    stored = checkpoint["metarun_config"]
+    diff = config_differences(stored, requested, requested_raw, STATE_KEYS)
     if diff:
-        raise ConfigError(f"ckpt_path={path} is not allowed: it was trained with other settings "
-                          f"({_listed(diff)}), so resume it with its own settings or start a new "
-                          f"run.")
+        raise ConfigError(f"ckpt_path={path} is not allowed: it holds another dataset, algorithm "
+                          f"or model ({_listed(diff)}), so resume it with its own settings or "
+                          f"start a new run.")
+    changed = config_differences(stored, requested, requested_raw)
+    if changed:
+        log.warning("Resuming %s with changed settings: %s.", path, "; ".join(changed))
 
 
 # ------------------------------------------------------------------ the run directory
@@ -336,8 +353,10 @@ class RunCheckpoints(Callback):
     validation on a step that validates (the two states Lightning resumes exactly, so a
     resumed run ends with the metrics of an uninterrupted one). A write goes to a
     temporary file renamed over ``last.ckpt`` (a crash never leaves a partial file), first
-    flushes the loggers (their rows up to the step are on disk), and is skipped while any
-    weight is non-finite (the last checkpoint is a good one). Each checkpoint also carries
+    flushes the loggers (their rows up to the step are on disk), keeps the write before it
+    as ``previous.ckpt``, and is skipped while any weight is non-finite. After a divergence
+    ``last.ckpt`` is rolled back to a state from before the diverging step
+    (`good_checkpoint`). Each checkpoint also carries
     the run's resolved config (for `metarun-eval`, resume checks and `load_checkpoint`).
 
     Args:
@@ -360,6 +379,18 @@ class RunCheckpoints(Callback):
     @property
     def path(self) -> Path:
         return self.dirpath / LAST
+
+    def good_checkpoint(self, diverged_at: int) -> Path | None:
+        """After the loss of step ``diverged_at`` was not finite: ``last.ckpt`` when it is from
+        an earlier step, else (it holds the weights that diverged) ``previous.ckpt`` moved
+        back over it; None when neither is from before that step."""
+        for path in (self.path, self.dirpath / PREVIOUS):
+            if path.is_file() and torch.load(path, map_location="cpu",
+                                             weights_only=True)["global_step"] < diverged_at:
+                if path != self.path:
+                    os.replace(path, self.path)
+                return self.path
+        return None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint["metarun_config"] = self.config
@@ -443,6 +474,8 @@ class RunCheckpoints(Callback):
         try:
             trainer.save_checkpoint(tmp, weights_only=False)  # the full resumable state
             if trainer.is_global_zero:
+                if self.path.exists():
+                    os.replace(self.path, self.dirpath / PREVIOUS)
                 os.replace(tmp, self.path)
         except OSError as error:
             with contextlib.suppress(OSError):

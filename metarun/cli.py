@@ -54,16 +54,25 @@ def exit_on_config_error(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 def check_output_dirs(argv: Iterable[str]) -> None:
-    """Create an explicitly given ``hydra.run.dir`` / ``hydra.sweep.dir`` now, so one that
-    cannot be created is one sentence (exit 2) rather than Hydra's traceback."""
+    """Create an explicitly given ``hydra.run.dir`` / ``hydra.sweep.dir`` now and write a
+    probe file in it, so one that cannot be created or written (read-only, immutable) is
+    one sentence (exit 2) rather than a traceback from Hydra's own logging."""
     for arg in argv:
         key, _, value = arg.partition("=")
         if key.lstrip("+") not in DIR_KEYS or not value or "${" in value:
             continue
+        folder = Path(value).expanduser()
         try:
-            Path(value).expanduser().mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             fail(f"{key}={value} is not allowed: the directory cannot be created "
+                 f"({error.strerror or type(error).__name__}), so choose a writable path.")
+        probe = folder / f".metarun-probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            fail(f"{key}={value} is not allowed: the directory cannot be written "
                  f"({error.strerror or type(error).__name__}), so choose a writable path.")
 
 

@@ -62,7 +62,10 @@ class MetaLearningModule(L.LightningModule):
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         started = time.perf_counter()
         out = self.algorithm.meta_loss(batch)
-        if not torch.isfinite(out.loss):  # before the update: the weights stay those of the last step
+        bad = not bool(torch.isfinite(out.loss))
+        if self.trainer.world_size > 1:  # every process stops at the same step, none waits
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:  # before the update: the weights stay those of the last step
             raise NonFiniteLoss(self.global_step, out.loss.item())
         opt = self.optimizers()
         opt.zero_grad()
@@ -148,6 +151,24 @@ class MetaLearningModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best = dict(checkpoint.get("metarun_best", self.best))
+        self._apply_changed_optimizer_settings(checkpoint)
+
+    def _apply_changed_optimizer_settings(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run uses the optimiser settings it was started with (e.g. a lower
+        ``optimizer.lr`` after a divergence), not those saved in the optimiser's state; an
+        unchanged setting keeps the saved value (a scheduled learning rate included)."""
+        stored = (checkpoint.get("metarun_config") or {}).get("optimizer") or {}
+        requested = getattr(self.optimizer_factory, "keywords", {})
+        changed = {k: v for k, v in requested.items() if k in stored and stored[k] != v}
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                group.update({k: v for k, v in changed.items() if k in group})
+                if "lr" in changed and "initial_lr" in group:
+                    group["initial_lr"] = changed["lr"]
+        if "lr" in changed:
+            for schedule in checkpoint.get("lr_schedulers", []):
+                if "base_lrs" in schedule:
+                    schedule["base_lrs"] = [changed["lr"]] * len(schedule["base_lrs"])
 
 
 def _unique_first(ids: Tensor) -> tuple[Tensor, Tensor]:

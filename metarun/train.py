@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -192,9 +193,7 @@ def launching_rank() -> bool:
 
 @contextlib.contextmanager
 def restored_environment(*names: str) -> Iterator[None]:
-    """Put environment variables back as they were: Lightning leaves ``MASTER_PORT`` set
-    after a DDP run, and the next run in this process (a sweep, a test) would reuse its
-    port while the old rendezvous may still be closing."""
+    """Put environment variables back as they were (see `fresh_port`)."""
     saved = {name: os.environ.get(name) for name in names}
     try:
         yield
@@ -206,16 +205,36 @@ def restored_environment(*names: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
+@contextlib.contextmanager
+def fresh_port(trainer: L.Trainer) -> Iterator[None]:
+    """One launch of processes (``fit`` or ``test``) on a rendezvous port of its own.
+
+    Lightning's default environment picks a free port at the first launch, caches it, and
+    leaves it in ``MASTER_PORT``, so the test stage's processes under ``ddp_spawn`` (and the
+    next run in this process: a sweep, a test suite) reused the training processes' port
+    while the old rendezvous could still be closing: on a busy machine a worker then died
+    with SIGABRT. Each launch now starts from the environment as it was and a new
+    `LightningEnvironment`; an environment a cluster chose (SLURM, torchrun) is kept.
+    """
+    strategy = trainer.strategy
+    if type(getattr(strategy, "cluster_environment", None)) is LightningEnvironment \
+            and "MASTER_PORT" not in os.environ:
+        strategy.cluster_environment = LightningEnvironment()
+    with restored_environment("MASTER_PORT"):
+        yield
+
+
 def write_results(output_dir: Path, results: dict[str, Any]) -> None:
     tmp = output_dir / ".results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, output_dir / "results.json")
 
 
-def diverged(cfg: DictConfig, error: NonFiniteLoss, last: Path, output_dir: Path,
+def diverged(cfg: DictConfig, error: NonFiniteLoss, checkpoints: RunCheckpoints, output_dir: Path,
              experiment: dict[str, Any], resolved: dict[str, Any]) -> ConfigError:
     """results.json with ``status: diverged``, and the sentence that names what to change."""
-    good = str(last) if last.exists() else None
+    found = checkpoints.good_checkpoint(error.step)
+    good = None if found is None else str(found)
     write_results(output_dir, {"status": "diverged", "experiment": experiment,
                                "train": {"diverged_at_step": error.step,
                                          "meta_loss": str(error.value),
@@ -248,7 +267,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         log.info("Resuming from %s", ckpt_path)
     directory = (RunDirectory(output_dir, resuming=ckpt_path is not None) if launching_rank()
                  else contextlib.nullcontext())
-    with SignalFlag() as signals, directory, restored_environment("MASTER_PORT"):
+    with SignalFlag() as signals, directory:
         return _train(cfg, build_data(cfg, learner), output_dir, resolved, ckpt_path, signals)
 
 
@@ -278,16 +297,18 @@ def _train(cfg: DictConfig, objects: dict[str, Any], output_dir: Path, resolved:
                   "seed": cfg.seed}
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=ckpt_path,
-                    weights_only=True)
+        with fresh_port(trainer):
+            trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=ckpt_path,
+                        weights_only=True)
     except NonFiniteLoss as error:
         finish(logger)
-        raise diverged(cfg, error, last.path, output_dir, experiment, resolved) from None
+        raise diverged(cfg, error, last, output_dir, experiment, resolved) from None
     wall = time.perf_counter() - started
     best = checkpoint.best_model_path or None
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # test() resets them
-    tested = trainer.test(module, datamodule=objects["datamodule"], ckpt_path=best, verbose=False,
-                          weights_only=True)
+    with fresh_port(trainer):
+        tested = trainer.test(module, datamodule=objects["datamodule"], ckpt_path=best,
+                              verbose=False, weights_only=True)
     metrics = {k: float(v) for k, v in tested[0].items()}
     # ddp_spawn trains in child processes and hands back weights and callback_metrics but
     # not the loop state, so this process's trainer.global_step is 0 there.
