@@ -35,7 +35,8 @@ def checkpoint_config(ckpt_path: str, overrides: list[str]) -> tuple[DictConfig,
     for item in overrides:
         key = item.lstrip("+").split("=", 1)[0]
         if "=" not in item or "." not in key:
-            raise ConfigError(f"override {item!r} is not allowed for metarun-eval: give key=value "
+            raise ConfigError(f"override {item.lstrip('+')!r} is not allowed for metarun-eval: it "
+                              f"tests the checkpoint's own algorithm and model, so give key=value "
                               f"overrides of the trained config, such as sampler.ways=5.")
         value = OmegaConf.select(OmegaConf.from_dotlist([item.lstrip("+")]), key)
         OmegaConf.update(cfg, key, value, merge=True)

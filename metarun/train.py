@@ -217,9 +217,12 @@ def fresh_port(trainer: L.Trainer) -> Iterator[None]:
     `LightningEnvironment`; an environment a cluster chose (SLURM, torchrun) is kept.
     """
     strategy = trainer.strategy
-    if type(getattr(strategy, "cluster_environment", None)) is LightningEnvironment \
-            and "MASTER_PORT" not in os.environ:
-        strategy.cluster_environment = LightningEnvironment()
+    old = getattr(strategy, "cluster_environment", None)
+    if type(old) is LightningEnvironment and "MASTER_PORT" not in os.environ:
+        new = LightningEnvironment()
+        new.set_world_size(old.world_size())
+        new.set_global_rank(old.global_rank())
+        strategy.cluster_environment = new
     with restored_environment("MASTER_PORT"):
         yield
 

@@ -1,7 +1,7 @@
 """hardware=ddp: the meta-batch is split across processes and the outer update is unchanged.
 
-Two CPU processes over gloo with ``ddp_spawn`` (so pytest can launch them; the command
-line's default stays ``ddp``). Rank r of W draws tasks r*B/W .. (r+1)*B/W - 1 of each step
+Two CPU processes over gloo, launched by the installed `metarun` command as a user's would
+be (``strategy=ddp``). Rank r of W draws tasks r*B/W .. (r+1)*B/W - 1 of each step
 and DDP averages the per-rank mean gradients, so with plain SGD (update = -lr * grad) the
 parameters after a few steps must equal a 1-process run over the whole meta-batch.
 """
@@ -21,14 +21,13 @@ from metarun.errors import ConfigError
 from metarun.module import per_task_metric
 from metarun.stats import mean_ci95
 from metarun.train import build, train
-from tests.conftest import TINY, compose_config
+from tests.conftest import DDP, TINY, compose_config, run_metarun
 
 STEPS, META_BATCH, TEST_EPISODES = 3, 4, 5  # 5 test episodes: DistributedSampler pads rank 1
 RUN = [*TINY, f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
        f"sampler.meta_batch_size={META_BATCH}", f"sampler.test_episodes={TEST_EPISODES}",
        "sampler.val_episodes=3", "sampler.queries=10", "algorithm.test_inner_steps=2",
        "optimizer._target_=torch.optim.SGD", "optimizer.lr=0.01"]
-DDP = ["hardware=ddp", "trainer.strategy=ddp_spawn", "trainer.accelerator=cpu", "trainer.devices=2"]
 # float32: the 2-process gradient is a mean of two half-batch means, all-reduced; it differs
 # from the 1-process mean only by rounding (~1e-7 relative), times lr = 0.01 per step.
 ATOL = 1e-6
@@ -43,12 +42,12 @@ def state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same seeded run on 2 processes (ddp_spawn) and on 1 process."""
+    """The same seeded run on 2 processes (the `metarun` command) and on 1 process."""
     out = {}
     for name, hardware in (("ddp", DDP), ("single", ["hardware=cpu"])):
         directory = tmp_path_factory.mktemp(name)
         cfg = compose_config([*RUN, *hardware], directory)
-        results, _ = train(cfg)
+        results = run_metarun(directory, *RUN, *hardware) if name == "ddp" else train(cfg)[0]
         out[name] = {"results": results, "dir": directory, "cfg": cfg}
     return out
 
@@ -89,7 +88,7 @@ def test_ddp_results_json_counts_every_test_episode_once(runs):
     written = json.loads((directory / "results.json").read_text())
     assert written["environment"]["world_size"] == 2
     assert written["environment"]["accelerator"] == "CPUAccelerator"
-    assert written["train"]["steps"] == STEPS  # not 0: ddp_spawn trains in child processes
+    assert written["train"]["steps"] == STEPS
     assert written["train"]["tasks"] == STEPS * META_BATCH
     for block in written["test"].values():
         assert block["episodes"] == TEST_EPISODES  # padding de-duplicated, nothing dropped
@@ -120,7 +119,7 @@ def test_meta_batch_not_divisible_by_processes_stops_before_launch(tmp_path, cap
     with pytest.raises(ConfigError, match=r"^sampler\.meta_batch_size=3 is not allowed with 2 "
                                           r"processes: it must be divisible"):
         train(cfg)
-    assert not (tmp_path / "checkpoints").exists()  # nothing was launched or trained
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing was launched or trained
     with pytest.raises(SystemExit) as exit_:  # the `metarun` command: one line, exit code 2
         exit_on_config_error(train)(cfg)
     assert exit_.value.code == 2

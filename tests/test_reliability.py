@@ -338,6 +338,11 @@ def test_checkpoint_of_another_algorithm_is_one_sentence(bad_checkpoints, tmp_pa
     assert (f"metarun: error: ckpt_path={real} is not allowed: it holds another dataset, "
             f"algorithm or model (algorithm._target_='metarun.algorithms.maml.MAML' there, not "
             f"'metarun.algorithms.cnp.CNP'") in done.stderr
+    other = finish(start(tmp_path / "other", f"ckpt_path={real}", "algorithm=protonet",
+                         command=EVAL))
+    assert other.returncode == 2
+    assert ("metarun: error: override 'algorithm=protonet' is not allowed for metarun-eval: it "
+            "tests the checkpoint's own algorithm and model") in other.stderr
     shape = finish(start(tmp_path / "eval", f"ckpt_path={real}", "model.hidden=[8]", command=EVAL))
     assert shape.returncode == 2
     assert (f"metarun: error: ckpt_path={real} is not allowed with the overrides "

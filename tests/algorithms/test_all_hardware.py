@@ -1,5 +1,5 @@
-"""Every algorithm trains and tests a few steps under hardware=bf16 and hardware=ddp (2 CPU
-processes, gloo, spawned so pytest can run it) through the real runner."""
+"""Every algorithm trains and tests a few steps under hardware=bf16 (in this process) and
+hardware=ddp (2 CPU processes over gloo, through the installed command) with the real runner."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import math
 import pytest
 
 from metarun.train import train
+from tests.conftest import DDP, TINY, run_metarun
 
 IMAGE = ["anil", "fomaml", "finetune", "lstm_optimizer", "maml", "maml_plus_plus", "matching_net",
          "meta_sgd", "protonet", "relation_net", "reptile"]
 REGRESSION = ["cnp", "maml", "np", "reptile"]
-DDP = ["hardware=ddp", "trainer.strategy=ddp_spawn", "trainer.accelerator=cpu", "trainer.devices=2"]
 SMALL_OMNIGLOT = ["dataset=omniglot", "model.hidden=8", "sampler.ways=3", "sampler.queries=2",
                   "sampler.meta_batch_size=2"]
 
@@ -37,12 +37,13 @@ def test_regression_algorithms_under_bf16(algorithm, make_config):
 
 
 @pytest.mark.parametrize("algorithm", IMAGE)
-def test_image_algorithms_under_ddp(algorithm, make_config, omniglot_available):
+def test_image_algorithms_under_ddp(algorithm, tmp_path, omniglot_available):
     extra = ["algorithm.num_train_classes=4112"] if algorithm == "finetune" else []
-    results = train(make_config(*DDP, f"algorithm={algorithm}", *SMALL_OMNIGLOT, *extra))[0]
+    results = run_metarun(tmp_path, *TINY, *DDP, f"algorithm={algorithm}", *SMALL_OMNIGLOT, *extra)
     check(results, precision="32-true", world_size=2)
 
 
 @pytest.mark.parametrize("algorithm", REGRESSION)
-def test_regression_algorithms_under_ddp(algorithm, make_config):
-    check(train(make_config(*DDP, f"algorithm={algorithm}"))[0], precision="32-true", world_size=2)
+def test_regression_algorithms_under_ddp(algorithm, tmp_path):
+    check(run_metarun(tmp_path, *TINY, *DDP, f"algorithm={algorithm}"), precision="32-true",
+          world_size=2)
