@@ -7,7 +7,6 @@ from the config stored in the checkpoint, applies the value overrides, and write
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

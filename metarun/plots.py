@@ -40,3 +40,67 @@ def plot_regression_tasks(algorithm: MetaAlgorithm, episodes: EvalEpisodes, path
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _show(ax, image: torch.Tensor) -> None:
+    """A ``[C, H, W]`` image in [0, 1] on ``ax``, without axes."""
+    if image.shape[0] == 1:
+        ax.imshow(image[0].cpu(), cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).cpu())
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_predictions(support: dict, queries: list, labels: list, probabilities: torch.Tensor,
+                     truth: list | None, path: Path, max_queries: int = 24,
+                     max_shots: int = 5) -> Path:
+    """The support images by class (one row each, up to ``max_shots``), then the first
+    ``max_queries`` queries, each titled with its predicted class and probability (green
+    when it matches the true class of a labelled query, red when not)."""
+    classes = list(support)
+    shown = min(len(queries), max_queries)
+    columns = max(max_shots, 6)
+    query_rows = -(-shown // columns)
+    fig, axes = plt.subplots(len(classes) + query_rows, columns,
+                             figsize=(1.6 * columns, 1.7 * (len(classes) + query_rows)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, name in enumerate(classes):
+        for col, (_, image) in enumerate(support[name][:columns]):
+            ax = axes[row, col]
+            ax.axis("on")
+            _show(ax, image)
+            if col == 0:
+                ax.set_ylabel(f"support: {name}"[:24], fontsize=8)
+    for i in range(shown):
+        ax = axes[len(classes) + i // columns, i % columns]
+        ax.axis("on")
+        _show(ax, queries[i][1])
+        p = float(probabilities[i].max())
+        colour = "black" if truth is None else ("green" if labels[i] == truth[i] else "red")
+        ax.set_title(f"{labels[i]} ({p:.2f})"[:22], fontsize=8, color=colour)
+    fig.suptitle(f"{len(queries)} queries ({shown} shown): predicted class (probability)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_points(support_x, support_y, query_x, mean, std, path: Path) -> Path:
+    """Regression: support points, the predicted mean at the queries and ± 2 std when the
+    learner gives one (the first input and output dimension)."""
+    order = query_x[:, 0].argsort()
+    x, m = query_x[order, 0], mean[order, 0]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if std is not None:
+        s = std[order, 0]
+        ax.fill_between(x, m - 2 * s, m + 2 * s, color="C0", alpha=0.2, label="± 2 std")
+    ax.plot(x, m, "C0-", label="prediction")
+    ax.plot(support_x[:, 0], support_y[:, 0], "C3^", label="support")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

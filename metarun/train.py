@@ -227,10 +227,11 @@ def fresh_port(trainer: L.Trainer) -> Iterator[None]:
         yield
 
 
-def write_results(output_dir: Path, results: dict[str, Any]) -> None:
-    tmp = output_dir / ".results.json.tmp"
+def write_results(output_dir: Path, results: dict[str, Any], name: str = "results.json") -> None:
+    """``results`` as ``output_dir/name``, written atomically."""
+    tmp = output_dir / f".{name}.tmp"
     tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, output_dir / "results.json")
+    os.replace(tmp, output_dir / name)
 
 
 def diverged(cfg: DictConfig, error: NonFiniteLoss, checkpoints: RunCheckpoints, output_dir: Path,

@@ -30,18 +30,33 @@ TINY = ["trainer.max_steps=3", "trainer.val_check_interval=2", "trainer.enable_p
 # spawned test workers aborting at exit, "terminate called without an active exception",
 # in about 1 run in 10 on this 2-core machine.)
 DDP = ["hardware=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
-METARUN = str(Path(sys.executable).parent / "metarun")
+BIN = Path(sys.executable).parent
+METARUN, EVAL, PREDICT = (str(BIN / name) for name in ("metarun", "metarun-eval", "metarun-predict"))
+# The installed commands run as a user runs them: no traceback switch, no leftover DDP
+# variables, one intra-op thread (deterministic and quick on a busy machine).
+COMMAND_ENV = {**{k: v for k, v in os.environ.items()
+                  if k not in ("HYDRA_FULL_ERROR", "LOCAL_RANK", "RANK", "MASTER_PORT")},
+               "OMP_NUM_THREADS": "1"}
 
 
-def run_metarun(run_dir: Path, *overrides: str, timeout: float = 300) -> dict:
+def launch(run_dir: Path, *overrides: str, command: str = METARUN) -> subprocess.Popen:
+    """Start an installed metarun command writing into ``run_dir``."""
+    return subprocess.Popen([command, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                            env=COMMAND_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Wait for a launched command; its exit code and output."""
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_metarun(run_dir: Path, *overrides: str) -> dict:
     """The installed `metarun` command on ``overrides``; its results.json."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "LOCAL_RANK",
-                                                            "RANK", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
     if data_dir() is not None:
         overrides = (f"paths.data_dir={data_dir()}", *overrides)
-    done = subprocess.run([METARUN, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    done = finish(launch(run_dir, *overrides))
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((run_dir / "results.json").read_text())
 

@@ -16,7 +16,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,28 +27,15 @@ import metarun.tracking
 from metarun.checkpoints import load_checkpoint
 from metarun.errors import ConfigError
 from metarun.train import train
-from tests.conftest import ROOT, TINY, compose_config
+from tests.conftest import EVAL, METARUN, TINY, compose_config, finish, launch
 from tests.test_cli import assert_one_sentence
 
-BIN = Path(sys.executable).parent
-METARUN, EVAL = str(BIN / "metarun"), str(BIN / "metarun-eval")
-ENV = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "OMP_NUM_THREADS": "1"}
 RUN = ["trainer.max_steps=300", "trainer.val_check_interval=40", "sampler.val_episodes=4",
        "sampler.test_episodes=8", "sampler.meta_batch_size=4", "trainer.enable_progress_bar=false",
        "checkpoint.every_n_steps=20", "trainer.log_every_n_steps=1"]
 EVERY_STEP_VALIDATES = ["trainer.max_steps=120", "trainer.val_check_interval=1"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def start(run_dir: Path, *overrides: str, command: str = METARUN) -> subprocess.Popen:
-    return subprocess.Popen([command, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def rows(run_dir: Path) -> list[dict[str, str]]:
@@ -64,7 +50,7 @@ def step_of(checkpoint: Path) -> int:
 
 def interrupt(run_dir: Path, sig: int, at_step: int, *overrides: str) -> subprocess.CompletedProcess:
     """Start a run and send ``sig`` once its last.ckpt is at ``at_step`` or later."""
-    proc = start(run_dir, *RUN, *overrides)
+    proc = launch(run_dir, *RUN, *overrides)
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
@@ -83,7 +69,7 @@ def reference(tmp_path_factory):
     """Uninterrupted runs, by name: results.json and metrics.csv rows."""
     out = tmp_path_factory.mktemp("reference")
     cases = {"default": [], "every_step_validates": EVERY_STEP_VALIDATES}
-    procs = {name: start(out / name, *RUN, *extra) for name, extra in cases.items()}
+    procs = {name: launch(out / name, *RUN, *extra) for name, extra in cases.items()}
     for name, proc in procs.items():
         done = finish(proc)
         assert done.returncode == 0, done.stderr[-2000:]
@@ -92,7 +78,7 @@ def reference(tmp_path_factory):
 
 
 def resume_and_compare(run_dir: Path, reference: tuple[dict, list], *overrides: str) -> dict:
-    done = finish(start(run_dir, *RUN, *overrides, "ckpt_path=last"))
+    done = finish(launch(run_dir, *RUN, *overrides, "ckpt_path=last"))
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((run_dir / "results.json").read_text())
     expected, expected_rows = reference
@@ -134,7 +120,7 @@ def test_signal_saves_the_step_exits_128_plus_signal_and_resumes(reference, tmp_
 
 
 def test_finished_run_leaves_a_checkpoint_to_continue_from(reference, tmp_path):
-    short = finish(start(tmp_path, *RUN, "trainer.max_steps=100"))
+    short = finish(launch(tmp_path, *RUN, "trainer.max_steps=100"))
     assert short.returncode == 0, short.stderr[-2000:]
     assert step_of(tmp_path / "checkpoints" / "last.ckpt") == 100  # not the last validation's 80
     resume_and_compare(tmp_path, reference["default"])  # extended to 300 steps
@@ -199,7 +185,7 @@ def test_run_directory_in_use_by_another_process_refuses(tmp_path):
         held.write("4242")
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX)  # as a running metarun holds it
-        done = finish(start(tmp_path, *TINY))
+        done = finish(launch(tmp_path, *TINY))
     assert done.returncode == 2
     assert (f"metarun: error: the run directory {tmp_path} (hydra.run.dir) is not allowed: "
             f"another metarun process (pid 4242) is running there") in done.stderr
@@ -219,7 +205,7 @@ def check_unwritable(done: subprocess.CompletedProcess, reason: str) -> None:
 def test_checkpoint_folder_that_is_a_file(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "checkpoints").write_text("not a folder")
-    check_unwritable(finish(start(tmp_path, *TINY)), "it cannot be written (File exists)")
+    check_unwritable(finish(launch(tmp_path, *TINY)), "it cannot be written (File exists)")
 
 
 def test_immutable_run_directory(tmp_path):
@@ -228,7 +214,7 @@ def test_immutable_run_directory(tmp_path):
     if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(run_dir)]).returncode:
         pytest.skip("chattr +i is not available here (needs root on ext4/xfs/tmpfs)")
     try:
-        done = finish(start(run_dir, *TINY))
+        done = finish(launch(run_dir, *TINY))
     finally:
         subprocess.run(["chattr", "-i", str(run_dir)])
     check_unwritable(done, "cannot be written (Operation not permitted)")
@@ -247,13 +233,13 @@ def full_disk(tmp_path):
 
 
 def test_full_disk_is_found_before_training(full_disk):
-    check_unwritable(finish(start(full_disk / "run", *TINY)), "No space left on device")
+    check_unwritable(finish(launch(full_disk / "run", *TINY)), "No space left on device")
 
 
 # ------------------------------------------------------------------ divergence
 
 def test_divergence_names_the_keys_and_the_last_good_checkpoint(tmp_path):
-    done = finish(start(tmp_path, *TINY, "optimizer.lr=1e10", "checkpoint.every_n_steps=1"))
+    done = finish(launch(tmp_path, *TINY, "optimizer.lr=1e10", "checkpoint.every_n_steps=1"))
     assert done.returncode == 2
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert (f"metarun: error: training diverged: the meta-loss is nan at step 1, so lower "
@@ -318,7 +304,7 @@ BAD = {
 @pytest.mark.parametrize("command", [METARUN, EVAL], ids=["metarun", "metarun-eval"])
 def test_bad_checkpoint_is_one_sentence(bad_checkpoints, tmp_path, command):
     folder, _ = bad_checkpoints
-    procs = {name: start(tmp_path / name, f"ckpt_path={folder / name}.ckpt", command=command)
+    procs = {name: launch(tmp_path / name, f"ckpt_path={folder / name}.ckpt", command=command)
              for name in BAD}
     for name, proc in procs.items():
         done = finish(proc)
@@ -333,17 +319,17 @@ def test_bad_checkpoint_is_one_sentence(bad_checkpoints, tmp_path, command):
 
 def test_checkpoint_of_another_algorithm_is_one_sentence(bad_checkpoints, tmp_path):
     _, real = bad_checkpoints  # MAML on sinusoids
-    done = finish(start(tmp_path, *TINY, "algorithm=cnp", f"ckpt_path={real}"))
+    done = finish(launch(tmp_path, *TINY, "algorithm=cnp", f"ckpt_path={real}"))
     assert done.returncode == 2
     assert (f"metarun: error: ckpt_path={real} is not allowed: it holds another dataset, "
             f"algorithm or model (algorithm._target_='metarun.algorithms.maml.MAML' there, not "
             f"'metarun.algorithms.cnp.CNP'") in done.stderr
-    other = finish(start(tmp_path / "other", f"ckpt_path={real}", "algorithm=protonet",
+    other = finish(launch(tmp_path / "other", f"ckpt_path={real}", "algorithm=protonet",
                          command=EVAL))
     assert other.returncode == 2
     assert ("metarun: error: override 'algorithm=protonet' is not allowed for metarun-eval: it "
             "tests the checkpoint's own algorithm and model") in other.stderr
-    shape = finish(start(tmp_path / "eval", f"ckpt_path={real}", "model.hidden=[8]", command=EVAL))
+    shape = finish(launch(tmp_path / "eval", f"ckpt_path={real}", "model.hidden=[8]", command=EVAL))
     assert shape.returncode == 2
     assert (f"metarun: error: ckpt_path={real} is not allowed with the overrides "
             f"(+model.hidden=[8]): its weights do not fit the model they build") in shape.stderr
@@ -351,7 +337,7 @@ def test_checkpoint_of_another_algorithm_is_one_sentence(bad_checkpoints, tmp_pa
 
 def test_eval_takes_plain_overrides_of_the_trained_config(bad_checkpoints, tmp_path):
     _, real = bad_checkpoints
-    done = finish(start(tmp_path, f"ckpt_path={real}", "sampler.shots=5",
+    done = finish(launch(tmp_path, f"ckpt_path={real}", "sampler.shots=5",
                           "sampler.test_episodes=3", command=EVAL))
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -374,14 +360,14 @@ BAD_SETTINGS = {
 
 
 def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
-    procs = {o: start(tmp_path / str(i), o) for i, o in enumerate(BAD_SETTINGS)}
+    procs = {o: launch(tmp_path / str(i), o) for i, o in enumerate(BAD_SETTINGS)}
     empty = tmp_path / "no_data"
     empty.mkdir()
-    procs["norm"] = start(tmp_path / "norm", "dataset=omniglot", "model.norm=bogus",
+    procs["norm"] = launch(tmp_path / "norm", "dataset=omniglot", "model.norm=bogus",
                             f"paths.data_dir={empty}", f"paths.cache_dir={tmp_path / 'cache'}")
     parent = tmp_path / "a_file"
     parent.write_text("")
-    procs["run_dir"] = start(parent / "run")
+    procs["run_dir"] = launch(parent / "run")
     expected = {**BAD_SETTINGS,
                 # the model is checked before any data is looked for or decoded
                 "norm": ("model.norm='bogus' is not allowed: choose one of transductive, running, "

@@ -19,12 +19,15 @@ class MetaOutput:
     ``query_logits_before``: the same before task adaptation, when the learner adapts.
     ``extra``: further per-task metrics, name -> ``[B]`` (e.g. a Neural Process's predictive
     log-likelihood); the module logs each as ``{stage}/{name}``, mean ± 95% CI at evaluation.
+    ``query_std [B, Q, D_out]``: the predictive standard deviation, from regression learners
+    that model one (CNP, NP), else None.
     """
 
     loss: Tensor
     query_logits: Tensor
     query_logits_before: Tensor | None = None
     extra: dict[str, Tensor] | None = None
+    query_std: Tensor | None = None
 
 
 class MetaAlgorithm(nn.Module):
@@ -43,6 +46,11 @@ class MetaAlgorithm(nn.Module):
 
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
         """Raise `ConfigError` if the algorithm cannot test on ``ways`` after ``train_ways``."""
+
+    def query_probabilities(self, query_logits: Tensor) -> Tensor:
+        """Class probabilities ``[B, M, N]`` from `predict`'s ``query_logits`` (a softmax;
+        log-probabilities, as Matching Networks give, come back unchanged)."""
+        return query_logits.float().softmax(-1)
 
 
 def embed_episodes(model: nn.Module, batch: EpisodeBatch) -> Tensor:

@@ -126,4 +126,4 @@ class CNP(MetaAlgorithm):
         with torch.no_grad():
             mean, std = self.distribution(batch, batch.query_x)  # [B, Q, Dy] each
             log_lik = gaussian_log_prob(batch.query_y, mean, std).mean(1)  # [B]
-        return MetaOutput(-log_lik.mean(), mean, extra={"log_likelihood": log_lik})
+        return MetaOutput(-log_lik.mean(), mean, extra={"log_likelihood": log_lik}, query_std=std)

@@ -153,4 +153,7 @@ class NeuralProcess(MetaAlgorithm):
             mean, std = mean.view(b, s, q, -1), std.view(b, s, q, -1)  # [B, S, Q, Dy]
             joint = gaussian_log_prob(batch.query_y[:, None], mean, std).sum(-1)  # [B, S]
             log_lik = (torch.logsumexp(joint, 1) - math.log(s)) / q  # [B]
-        return MetaOutput(-log_lik.mean(), mean.mean(1), extra={"log_likelihood": log_lik})
+        # the mixture over the S latent draws: E[y] = E[μ], Var[y] = E[σ²] + Var[μ]
+        spread = (std.pow(2).mean(1) + mean.var(1, unbiased=False)).sqrt()  # [B, Q, Dy]
+        return MetaOutput(-log_lik.mean(), mean.mean(1), extra={"log_likelihood": log_lik},
+                          query_std=spread)

@@ -107,3 +107,8 @@ class RelationNet(MetaAlgorithm):
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
         return self.meta_loss(batch)
+
+    def query_probabilities(self, query_logits: Tensor) -> Tensor:
+        """Relation scores in [0, 1] normalised over the classes (they are not logits)."""
+        scores = query_logits.float().clamp_min(1e-12)  # [B, M, N]
+        return scores / scores.sum(-1, keepdim=True)

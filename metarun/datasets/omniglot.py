@@ -57,6 +57,12 @@ FETCH_HINT = ("put the official images_background.zip and images_evaluation.zip 
               "github.com/brendenlake/omniglot there or set METARUN_DATA_DIR to a folder with omniglot/")
 
 
+def prepare_image(image: Image.Image, size: int) -> np.ndarray:
+    """One image as Omniglot is decoded for training: grey ('L'), LANCZOS-resized to
+    ``size``: uint8 ``[1, size, size]``. `metarun-predict` prepares a user's images with it."""
+    return np.asarray(image.convert("L").resize((size, size), Image.Resampling.LANCZOS))[None]
+
+
 class Omniglot:
     """Omniglot (Lake, Salakhutdinov & Tenenbaum, Science 2015) as in-memory class splits.
 
@@ -70,7 +76,8 @@ class Omniglot:
     sorted order validate), evaluation alphabets test; ``rotations`` adds the 3 rotations
     of each character as classes (Vinyals always uses them).
 
-    Images keep the archives' intensities: background 255, ink near 0.
+    Images keep the archives' intensities: background 255, ink near 0. ``prepare_image``
+    turns any image into a training image (grey, resized), for `metarun-predict`.
 
     Args:
         root: folder with ``images_background.zip`` and ``images_evaluation.zip`` (or their
@@ -81,6 +88,9 @@ class Omniglot:
         rotations: for "lake", whether each rotation of a character is its own class.
         download: fetch missing archives from github.com/brendenlake/omniglot (md5-checked).
     """
+
+    channels = 1
+    prepare_image = staticmethod(prepare_image)
 
     def __init__(self, root: str, cache_dir: str, image_size: int = 28,
                  split_scheme: str = "vinyals", rotations: bool = True,
@@ -252,7 +262,7 @@ def _decode_chunk(source: Path, members: list[str], size: int) -> np.ndarray:
         for i, member in enumerate(members):
             data = archive.read(member) if archive else (source / member).read_bytes()
             with Image.open(io.BytesIO(data)) as image:
-                out[i] = np.asarray(image.convert("L").resize((size, size), Image.Resampling.LANCZOS))
+                out[i] = prepare_image(image, size)[0]
     finally:
         if archive:
             archive.close()

@@ -1,0 +1,286 @@
+"""metarun-predict and metarun.load: a trained learner on a user's own labelled examples.
+
+The Omniglot checkpoints are trained for a few steps (the labels need not be right, only
+identical to what `metarun-eval` computes); the episode written to disk is test episode 0
+of the fixed list, as support/<class>/<i>.png and query/<class>/<i>.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import metarun
+from metarun.episodes import TEST, collate_episodes
+from metarun.predict import load
+from metarun.train import train
+from tests.conftest import EVAL, PREDICT, TINY, compose_config, data_dir, finish, launch
+from tests.test_cli import assert_one_sentence
+
+EPISODE = ["sampler.ways=5", "sampler.shots=1", "sampler.queries=3"]
+SMALL = ["dataset=omniglot", "model.hidden=8", *EPISODE, "sampler.meta_batch_size=2"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def command(exe: str, run_dir: Path, *overrides: str) -> subprocess.Popen:
+    return launch(run_dir, *overrides, command=exe)
+
+
+def save_png(x: torch.Tensor, path: Path) -> None:
+    """A ``[1, H, W]`` image in [0, 1] (a training tensor) as the grey PNG it came from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(x[0].mul(255).round().byte().numpy(), mode="L").save(path)
+
+
+def predictions(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "predictions.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def omniglot(tmp_path_factory):
+    """{algorithm: (checkpoint, episode folder, episode)} for ProtoNet and MAML."""
+    root = data_dir()
+    if root is None or not (root / "omniglot" / "images_background.zip").exists():
+        pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
+    out = {}
+    for algorithm in ("protonet", "maml"):
+        run = tmp_path_factory.mktemp(algorithm)
+        cfg = compose_config([*TINY, *SMALL, f"algorithm={algorithm}"], run)
+        _, objects = train(cfg)
+        episode = objects["sampler"].eval_episode(objects["datamodule"].splits["test"], TEST, 0)
+        folder = run / "episode"
+        for part, x, y in (("support", episode.support_x, episode.support_y),
+                           ("query", episode.query_x, episode.query_y)):
+            for i, (image, label) in enumerate(zip(x, y.tolist())):
+                save_png(image, folder / part / f"class_{label}" / f"{i:02d}.png")
+        out[algorithm] = (run / "checkpoints" / "last.ckpt", folder, episode, objects)
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["protonet", "maml"])
+def test_predict_gives_what_eval_gives_on_the_same_episode(omniglot, tmp_path, algorithm):
+    ckpt, folder, episode, objects = omniglot[algorithm]
+    predicted = command(PREDICT, tmp_path / "predict", f"ckpt_path={ckpt}",
+                        f"support={folder / 'support'}", f"query={folder / 'query'}")
+    evaluated = command(EVAL, tmp_path / "eval", f"ckpt_path={ckpt}", "sampler.test_episodes=1")
+    done, ev = finish(predicted), finish(evaluated)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    report = json.loads((tmp_path / "predict" / "predict.json").read_text())
+    tested = json.loads((tmp_path / "eval" / "results.json").read_text())["test"]["accuracy"]
+    assert tested["episodes"] == 1
+    assert report["accuracy"]["mean"] == tested["mean"]  # exactly: the same episode, same code
+    assert report["support"] == {f"class_{i}": 1 for i in range(5)} and report["queries"] == 15
+    # the labels: the algorithm's own meta-test prediction of episode 0
+    module = objects["module"]
+    module.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
+    module.eval()
+    with torch.no_grad():
+        logits = module.algorithm.predict(collate_episodes([episode])).query_logits[0]
+    expected = [f"class_{i}" for i in logits.argmax(-1).tolist()]
+    rows = predictions(tmp_path / "predict")
+    assert [r["predicted"] for r in rows] == expected
+    assert [r["true"] for r in rows] == [f"class_{i}" for i in episode.query_y.tolist()]
+    probabilities = torch.tensor([[float(r[f"p(class_{i})"]) for i in range(5)] for r in rows])
+    torch.testing.assert_close(probabilities, logits.softmax(-1), rtol=0, atol=1e-6)
+    picture = tmp_path / "predict" / "predictions.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 5000
+    # the Python API is the same code: same labels and probabilities
+    learner = metarun.load(ckpt)
+    support = sorted((folder / "support").rglob("*.png"))
+    queries = sorted((folder / "query").rglob("*.png"))
+    labels, probs = learner.adapt(support, [p.parent.name for p in support]).predict(queries)
+    assert labels == expected
+    torch.testing.assert_close(probs, probabilities, rtol=0, atol=1e-6)
+
+
+def test_an_image_on_disk_reads_back_as_its_training_tensor(omniglot, tmp_path):
+    ckpt, _, _, objects = omniglot["protonet"]
+    dataset = objects["dataset"]
+    with zipfile.ZipFile(data_dir() / "omniglot" / "images_background.zip") as archive:
+        first = sorted(n for n in archive.namelist() if n.endswith(".png"))[0]
+        (tmp_path / "drawing.png").write_bytes(archive.read(first))  # the original 105x105 file
+    training = dataset.images[0].float().div(255.0)  # the decoded, cached training image
+    learner = load(ckpt)
+    assert torch.equal(learner.image(tmp_path / "drawing.png"), training)
+    assert torch.equal(learner.image(Image.open(tmp_path / "drawing.png")), training)
+
+
+def test_learner_refuses_bad_support_in_python(omniglot):
+    ckpt = omniglot["maml"][0]
+    learner = load(ckpt)
+    blank = [torch.zeros(1, 28, 28)] * 3
+    with pytest.raises(metarun.errors.ConfigError) as caught:
+        learner.adapt(blank, ["a", "b", "c"])
+    assert_one_sentence(str(caught.value), "3 classes", "classifier head has 5 outputs",
+                        "protonet")
+    with pytest.raises(metarun.errors.ConfigError, match="at least 2 classes"):
+        load(omniglot["protonet"][0]).adapt(blank, ["a", "a", "a"])
+
+
+# ------------------------------------------------------------------ bad input, via the command
+
+def write_images(folder: Path, count: int, mode: str = "L") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        colour = 200 if mode == "L" else (200, 30, 30)
+        Image.new(mode, (28, 28), colour).save(folder / f"{i}.png")
+
+
+def test_bad_input_is_one_sentence(omniglot, tmp_path):
+    proto, maml = omniglot["protonet"][0], omniglot["maml"][0]
+    good = tmp_path / "good"
+    for c in "ab":
+        write_images(good / c, 2)
+    write_images(tmp_path / "queries", 2)
+    cases = {
+        "empty_class": (proto, {"a": 2, "b": 0}, "its class folder 'b' holds no readable images"),
+        "one_class": (proto, {"a": 2}, "it holds 1 class folder (a), so give at least 2 class"),
+        "fixed_head": (maml, {"a": 1, "b": 1, "c": 1},
+                       "it holds 3 classes but the model's classifier head has 5 outputs"),
+    }
+    procs = {}
+    for name, (ckpt, counts, _) in cases.items():
+        for c, n in counts.items():
+            write_images(tmp_path / name / c, n) if n else (tmp_path / name / c).mkdir(parents=True)
+        procs[name] = command(PREDICT, tmp_path / f"run_{name}", f"ckpt_path={ckpt}",
+                              f"support={tmp_path / name}", f"query={tmp_path / 'queries'}")
+    (tmp_path / "no_images").mkdir()
+    (tmp_path / "no_images" / "notes.txt").write_text("not an image")
+    procs["no_queries"] = command(PREDICT, tmp_path / "run_nq", f"ckpt_path={proto}",
+                                  f"support={good}", f"query={tmp_path / 'no_images'}")
+    cases["no_queries"] = (proto, {}, f"query={tmp_path / 'no_images'} is not allowed: it holds "
+                                      f"no readable images")
+    (tmp_path / "text.ckpt").write_text("hello")
+    procs["checkpoint"] = command(PREDICT, tmp_path / "run_ck", f"ckpt_path={tmp_path / 'text.ckpt'}",
+                                  f"support={good}", f"query={tmp_path / 'queries'}")
+    cases["checkpoint"] = (proto, {}, "is not allowed: it is not a PyTorch checkpoint")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    procs["out_dir"] = command(PREDICT, blocker / "run", f"ckpt_path={proto}", f"support={good}",
+                               f"query={tmp_path / 'queries'}")
+    cases["out_dir"] = (proto, {}, "the directory cannot be created (Not a directory)")
+    procs["unset"] = command(PREDICT, tmp_path / "run_unset", f"ckpt_path={proto}")
+    cases["unset"] = (proto, {}, "support is not set: metarun-predict needs ckpt_path=<.ckpt>")
+    for name, proc in procs.items():
+        done = finish(proc)
+        assert done.returncode == 2, (name, done.stderr[-2000:])
+        errors = [line for line in done.stderr.splitlines() if line.startswith("metarun: error:")]
+        assert len(errors) == 1 and cases[name][2] in errors[0], (name, done.stderr[-2000:])
+        assert_one_sentence(errors[0])
+        assert "Traceback" not in done.stderr, name
+
+
+def test_unreadable_files_are_skipped_and_colour_is_converted(omniglot, tmp_path):
+    proto = omniglot["protonet"][0]
+    support = tmp_path / "support"
+    write_images(support / "a", 2, mode="RGB")  # colour images for a grey model
+    write_images(support / "b", 2)
+    (support / "b" / "broken.png").write_bytes(b"not a png at all")
+    (support / "b" / "readme.txt").write_text("notes")
+    write_images(tmp_path / "queries", 3)
+    done = finish(command(PREDICT, tmp_path / "run", f"ckpt_path={proto}", f"support={support}",
+                          f"query={tmp_path / 'queries'}"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "predict.json").read_text())
+    assert report["support"] == {"a": 2, "b": 2} and report["queries"] == 3
+    assert len(report["skipped"]) == 2 and report["converted"] == 2
+    logged = done.stdout + done.stderr  # Hydra's log goes to the console and the run's log file
+    assert "Skipped 2 files that are not readable images" in logged
+    assert "Converted 2 images to grey" in logged
+    assert "accuracy" not in report  # unlabelled queries
+    assert len(predictions(tmp_path / "run")) == 3
+
+
+def test_query_file_list(omniglot, tmp_path):
+    ckpt, folder, _, _ = omniglot["protonet"]
+    listing = tmp_path / "queries.txt"
+    paths = sorted((folder / "query").rglob("*.png"))
+    listing.write_text("\n".join(str(p) for p in paths) + f"\n{tmp_path / 'gone.png'}\n")
+    done = finish(command(PREDICT, tmp_path / "run", f"ckpt_path={ckpt}",
+                          f"support={folder / 'support'}", f"query={listing}"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["path"] for r in predictions(tmp_path / "run")] == [str(p) for p in paths]
+    assert json.loads((tmp_path / "run" / "predict.json").read_text())["skipped"] == [
+        f"{tmp_path / 'gone.png'} (no such file)"]
+
+
+# ------------------------------------------------------------------ regression
+
+@pytest.fixture(scope="module")
+def sinusoid_checkpoints(tmp_path_factory):
+    out = {}
+    for algorithm in ("cnp", "maml"):
+        run = tmp_path_factory.mktemp(algorithm)
+        train(compose_config([*TINY, f"algorithm={algorithm}"], run))
+        out[algorithm] = run / "checkpoints" / "last.ckpt"
+    return out
+
+
+def write_points(path: Path, x: np.ndarray, y: np.ndarray | None) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["x", "y"] if y is not None else ["x"])
+        for i in range(len(x)):
+            writer.writerow([x[i], y[i]] if y is not None else [x[i]])
+
+
+@pytest.mark.parametrize("algorithm", ["cnp", "maml"])
+def test_regression_points(sinusoid_checkpoints, tmp_path, algorithm):
+    ckpt = sinusoid_checkpoints[algorithm]
+    x = np.linspace(-4, 4, 5)
+    write_points(tmp_path / "support.csv", x, 2 * np.sin(x - 0.5))
+    xq = np.linspace(-5, 5, 11)
+    write_points(tmp_path / "query.csv", xq, 2 * np.sin(xq - 0.5))
+    done = finish(command(PREDICT, tmp_path / "run", f"ckpt_path={ckpt}",
+                          f"support={tmp_path / 'support.csv'}", f"query={tmp_path / 'query.csv'}"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = predictions(tmp_path / "run")
+    assert len(rows) == 11 and ("std0" in rows[0]) == (algorithm == "cnp")
+    report = json.loads((tmp_path / "run" / "predict.json").read_text())
+    assert report["mse"]["queries"] == 11
+    assert (tmp_path / "run" / "predictions.png").stat().st_size > 5000
+    # the same as the algorithm's own meta-test prediction of that task
+    learner = load(ckpt)
+    mean, std = learner.adapt(x[:, None], 2 * np.sin(x - 0.5)[:, None]).predict(xq[:, None])
+    assert [float(r["y0"]) for r in rows] == pytest.approx(mean[:, 0].tolist(), abs=1e-6)
+    if algorithm == "cnp":
+        assert (std > 0).all()
+
+
+def test_regression_csv_without_y_is_one_sentence(sinusoid_checkpoints, tmp_path):
+    write_points(tmp_path / "support.csv", np.linspace(-1, 1, 3), None)
+    done = finish(command(PREDICT, tmp_path / "run", f"ckpt_path={sinusoid_checkpoints['cnp']}",
+                          f"support={tmp_path / 'support.csv'}", f"query={tmp_path / 'support.csv'}"))
+    assert done.returncode == 2
+    assert (f"metarun: error: support={tmp_path / 'support.csv'} is not allowed: it has no rows "
+            f"with columns x… and y… (found x)") in done.stderr
+
+
+class RGBStandIn:
+    """A dataset class as an RGB image dataset provides it (`channels`, `prepare_image`)."""
+
+    channels = 3
+
+    @staticmethod
+    def prepare_image(image: Image.Image, size: int) -> np.ndarray:
+        return np.asarray(image.convert("RGB").resize((size, size))).transpose(2, 0, 1)
+
+
+def test_grey_images_for_an_rgb_model_are_converted_and_counted(omniglot):
+    learner = load(omniglot["protonet"][0])
+    learner.dataset = RGBStandIn
+    grey = learner.image(Image.new("L", (10, 10), 128))
+    assert grey.shape == (3, 28, 28) and learner.converted == 1
+    learner.image(Image.new("RGB", (10, 10), (1, 2, 3)))
+    assert learner.converted == 1  # an RGB image for an RGB model is not a conversion
