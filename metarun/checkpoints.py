@@ -380,14 +380,15 @@ class RunCheckpoints(Callback):
     def path(self) -> Path:
         return self.dirpath / LAST
 
-    def good_checkpoint(self, diverged_at: int) -> Path | None:
+    def good_checkpoint(self, diverged_at: int, restore: bool = True) -> Path | None:
         """After the loss of step ``diverged_at`` was not finite: ``last.ckpt`` when it is from
         an earlier step, else (it holds the weights that diverged) ``previous.ckpt`` moved
-        back over it; None when neither is from before that step."""
+        back over it (by the process that owns the files, ``restore``); None when neither is
+        from before that step."""
         for path in (self.path, self.dirpath / PREVIOUS):
             if path.is_file() and torch.load(path, map_location="cpu",
                                              weights_only=True)["global_step"] < diverged_at:
-                if path != self.path:
+                if path != self.path and restore:
                     os.replace(path, self.path)
                 return self.path
         return None

@@ -19,7 +19,6 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -193,7 +192,9 @@ def launching_rank() -> bool:
 
 @contextlib.contextmanager
 def restored_environment(*names: str) -> Iterator[None]:
-    """Put environment variables back as they were (see `fresh_port`)."""
+    """Put environment variables back as they were. Lightning leaves ``MASTER_PORT`` set
+    after a DDP launch; without this the next run in the same process (a sweep's next job)
+    would rendezvous on the previous run's port instead of picking its own."""
     saved = {name: os.environ.get(name) for name in names}
     try:
         yield
@@ -205,28 +206,6 @@ def restored_environment(*names: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-@contextlib.contextmanager
-def fresh_port(trainer: L.Trainer) -> Iterator[None]:
-    """One launch of processes (``fit`` or ``test``) on a rendezvous port of its own.
-
-    Lightning's default environment picks a free port at the first launch, caches it, and
-    leaves it in ``MASTER_PORT``, so the test stage's processes under ``ddp_spawn`` (and the
-    next run in this process: a sweep, a test suite) reused the training processes' port
-    while the old rendezvous could still be closing: on a busy machine a worker then died
-    with SIGABRT. Each launch now starts from the environment as it was and a new
-    `LightningEnvironment`; an environment a cluster chose (SLURM, torchrun) is kept.
-    """
-    strategy = trainer.strategy
-    old = getattr(strategy, "cluster_environment", None)
-    if type(old) is LightningEnvironment and "MASTER_PORT" not in os.environ:
-        new = LightningEnvironment()
-        new.set_world_size(old.world_size())
-        new.set_global_rank(old.global_rank())
-        strategy.cluster_environment = new
-    with restored_environment("MASTER_PORT"):
-        yield
-
-
 def write_results(output_dir: Path, results: dict[str, Any], name: str = "results.json") -> None:
     """``results`` as ``output_dir/name``, written atomically."""
     tmp = output_dir / f".{name}.tmp"
@@ -235,15 +214,17 @@ def write_results(output_dir: Path, results: dict[str, Any], name: str = "result
 
 
 def diverged(cfg: DictConfig, error: NonFiniteLoss, checkpoints: RunCheckpoints, output_dir: Path,
-             experiment: dict[str, Any], resolved: dict[str, Any]) -> ConfigError:
-    """results.json with ``status: diverged``, and the sentence that names what to change."""
-    found = checkpoints.good_checkpoint(error.step)
+             experiment: dict[str, Any], resolved: dict[str, Any], owner: bool) -> ConfigError:
+    """results.json with ``status: diverged`` (written by the ``owner`` of the run's files,
+    rank 0), and the sentence that names what to change."""
+    found = checkpoints.good_checkpoint(error.step, restore=owner)
     good = None if found is None else str(found)
-    write_results(output_dir, {"status": "diverged", "experiment": experiment,
-                               "train": {"diverged_at_step": error.step,
-                                         "meta_loss": str(error.value),
-                                         "last_good_checkpoint": good},
-                               "config": resolved})
+    if owner:
+        write_results(output_dir, {"status": "diverged", "experiment": experiment,
+                                   "train": {"diverged_at_step": error.step,
+                                             "meta_loss": str(error.value),
+                                             "last_good_checkpoint": good},
+                                   "config": resolved})
     rates = [f"{key} (now {OmegaConf.select(cfg, key)})"
              for key in ("optimizer.lr", "algorithm.inner_lr", "algorithm.init_inner_lr")
              if OmegaConf.select(cfg, key) is not None]
@@ -271,7 +252,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         log.info("Resuming from %s", ckpt_path)
     directory = (RunDirectory(output_dir, resuming=ckpt_path is not None) if launching_rank()
                  else contextlib.nullcontext())
-    with SignalFlag() as signals, directory:
+    with SignalFlag() as signals, directory, restored_environment("MASTER_PORT"):
         return _train(cfg, build_data(cfg, learner), output_dir, resolved, ckpt_path, signals)
 
 
@@ -301,18 +282,17 @@ def _train(cfg: DictConfig, objects: dict[str, Any], output_dir: Path, resolved:
                   "seed": cfg.seed}
     started = time.perf_counter()
     try:
-        with fresh_port(trainer):
-            trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=ckpt_path,
-                        weights_only=True)
+        trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=ckpt_path,
+                    weights_only=True)
     except NonFiniteLoss as error:
         finish(logger)
-        raise diverged(cfg, error, last, output_dir, experiment, resolved) from None
+        raise diverged(cfg, error, last, output_dir, experiment, resolved,
+                       owner=trainer.is_global_zero) from None
     wall = time.perf_counter() - started
     best = checkpoint.best_model_path or None
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # test() resets them
-    with fresh_port(trainer):
-        tested = trainer.test(module, datamodule=objects["datamodule"], ckpt_path=best,
-                              verbose=False, weights_only=True)
+    tested = trainer.test(module, datamodule=objects["datamodule"], ckpt_path=best,
+                          verbose=False, weights_only=True)
     metrics = {k: float(v) for k, v in tested[0].items()}
     # ddp_spawn trains in child processes and hands back weights and callback_metrics but
     # not the loop state, so this process's trainer.global_step is 0 there.
