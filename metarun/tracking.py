@@ -6,9 +6,11 @@ import csv
 import logging
 import os
 import socket
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -137,3 +139,43 @@ def finish(logger: Logger | bool | None) -> None:
     """End this run's W&B run, so that the next run in this process starts its own."""
     if isinstance(logger, WandbLogger) and logger._experiment is not None:
         logger.experiment.finish()
+
+
+class ProgressLog(Callback):
+    """One plain line every ``every_n_steps`` outer steps and one per validation, for a
+    stdout that is not a terminal (a log file, a scheduler's output), where Lightning's
+    progress bar would write a carriage-return update for every step.
+
+    Example: ``step 500/4000 | train/loss 0.8123 | train/mse 0.8123 | 412 tasks/s | 61 s``.
+
+    Args:
+        every_n_steps: outer steps between lines.
+    """
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every_n_steps = max(1, int(every_n_steps))
+        self.started = time.monotonic()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.started = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps and step != trainer.max_steps:
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"{k} {float(metrics[k]):.4g}" for k in sorted(metrics)
+                 if k.startswith("train/") and k not in ("train/steps", "train/tasks_per_second")]
+        if "train/tasks_per_second" in metrics:
+            parts.append(f"{float(metrics['train/tasks_per_second']):.4g} tasks/s")
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else "?"
+        log.info("step %d/%s | %s | %.0f s", step, total, " | ".join(parts),
+                 time.monotonic() - self.started)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"{k} {float(metrics[k]):.4g}" for k in sorted(metrics)
+                 if k.startswith("val/") and not k.endswith(("_ci95", "episodes", "best_step"))]
+        log.info("validation at step %d | %s", trainer.global_step, " | ".join(parts))

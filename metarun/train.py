@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,7 +30,7 @@ from metarun.episodes import TEST, EvalEpisodes
 from metarun.errors import ConfigError, NonFiniteLoss
 from metarun.module import MetaLearningModule
 from metarun.plots import plot_regression_tasks
-from metarun.tracking import ResumableCSVLogger, finish, log_test_table
+from metarun.tracking import ProgressLog, ResumableCSVLogger, finish, log_test_table
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -268,8 +269,14 @@ def _train(cfg: DictConfig, objects: dict[str, Any], output_dir: Path, resolved:
                           cfg.checkpoint.every_minutes, resolved, signals)
     logger = instantiate_checked(cfg.logger) if cfg.get("logger") else False
     start = StartStep()
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger,
-                                     callbacks=[checkpoint, last, start])
+    callbacks: list[Callback] = [checkpoint, last, start]
+    # Lightning's progress bar rewrites one line with carriage returns: fine on a terminal,
+    # megabytes of updates in a log file. Elsewhere a plain line every log_every_n_steps.
+    bar = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stdout.isatty()
+    if cfg.trainer.get("enable_progress_bar", True) and not bar:
+        callbacks.append(ProgressLog(cfg.trainer.get("log_every_n_steps") or 50))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
+                                     enable_progress_bar=bar)
     # Before any process is launched: under ddp_spawn a ConfigError raised in the workers'
     # datamodule.setup would reach the user as a traceback from torch.multiprocessing.
     sampler.shard(trainer.world_size)

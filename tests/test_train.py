@@ -355,3 +355,21 @@ def test_multirun_sweep_from_the_command_line(tmp_path):
         assert results["train"]["steps"] == 2 and results["test"]["mse"]["episodes"] == 2
         seen.add((chosen["algorithm"], results["experiment"]["shots"]))
     assert seen == {("maml", 5), ("maml", 10), ("fomaml", 5), ("fomaml", 10)}
+
+
+# ------------------------------------------------------------------ output in a log file
+
+def test_progress_is_plain_lines_when_stdout_is_not_a_terminal(tmp_path):
+    from tests.conftest import finish, launch
+
+    done = finish(launch(tmp_path, "trainer.max_steps=20", "trainer.log_every_n_steps=5",
+                         "trainer.val_check_interval=10", "sampler.val_episodes=2",
+                         "sampler.test_episodes=2", "logger=none"))  # stdout is a pipe here
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    assert "\r" not in output  # no progress-bar updates
+    steps = [line.split(" - ", 1)[1].split(" |")[0] for line in output.splitlines()
+             if "metarun.tracking" in line and " - step " in line]
+    assert steps == ["step 5/20", "step 10/20", "step 15/20", "step 20/20"]
+    assert sum("validation at step" in line for line in output.splitlines()) == 2
+    assert len(output) < 5000
