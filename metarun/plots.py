@@ -104,3 +104,49 @@ def plot_points(support_x, support_y, query_x, mean, std, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_learning_curves(train: list, val: list, metric: str, path: Path) -> Path:
+    """Training loss and the validation metric against outer steps (``[(step, value)]``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, points, title in ((axes[0], train, "training loss"),
+                              (axes[1], val, f"validation {metric}")):
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, "C0.-" if len(points) < 30 else "C0-")
+        else:
+            ax.text(0.5, 0.5, "no values logged", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("outer step")
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_test_episode(algorithm, episode, path: Path, max_queries: int = 24) -> Path:
+    """One test episode of a classifier: its support images by class, then the first few
+    queries of every class (``max_queries`` in all) titled with the predicted class and
+    probability (green when right, red when wrong)."""
+    batch = collate_episodes([episode])
+    device = next(algorithm.parameters()).device
+    batch = type(batch)(**{k: (v.to(device) if torch.is_tensor(v) else v)
+                           for k, v in vars(batch).items()})
+    was_training = algorithm.training
+    algorithm.eval()
+    with torch.no_grad():
+        logits = algorithm.predict(batch).query_logits
+    algorithm.train(was_training)
+    probabilities = algorithm.query_probabilities(logits)[0].cpu()  # [M, N]
+    support: dict = {}
+    for image, label in zip(episode.support_x, episode.support_y.tolist()):
+        support.setdefault(f"class {label}", []).append((None, image.float()))
+    support = dict(sorted(support.items()))
+    ways = len(support)
+    per_class = max(1, max_queries // ways)
+    shown = [i for c in range(ways)  # the first few queries of every class
+             for i in (episode.query_y == c).nonzero().flatten().tolist()[:per_class]]
+    queries = [(None, episode.query_x[i].float()) for i in shown]
+    labels = [f"class {i}" for i in probabilities[shown].argmax(-1).tolist()]
+    truth = [f"class {episode.query_y[i]}" for i in shown]
+    return plot_predictions(support, queries, labels, probabilities[shown], truth, path, max_queries)

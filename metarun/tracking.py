@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from metarun.errors import ConfigError
@@ -124,15 +124,39 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", entity: str | 
 
 def log_test_table(logger: Logger | bool | None, test: dict[str, dict[str, Any]],
                    step: int | None = None) -> None:
-    """Log the ``test`` block of results.json as a W&B table (a no-op for other loggers)."""
-    if not isinstance(logger, WandbLogger):
+    """Log the ``test`` block of results.json as a table: a W&B table, or TensorBoard text
+    (a no-op for other loggers)."""
+    rows = [[k, v["mean"], v["ci95"], v["episodes"]] for k, v in test.items()]
+    try:
+        if isinstance(logger, WandbLogger):
+            logger.log_table(key="test", columns=["metric", "mean", "ci95", "episodes"],
+                             data=rows, step=step)
+        elif isinstance(logger, TensorBoardLogger):
+            table = ["| metric | mean | ci95 | episodes |", "|---|---|---|---|"]
+            table += [f"| {m} | {mean:.6g} | {ci:.3g} | {n} |" for m, mean, ci, n in rows]
+            logger.experiment.add_text("test", "\n".join(table), global_step=step or 0)
+    except Exception as err:  # results.json is written already; tracking must not fail the run
+        log.warning("The logger could not record the test table (%s).", err)
+
+
+def log_pictures(logger: Logger | bool | None, pictures: dict[str, Any],
+                 step: int | None = None) -> None:
+    """Send the run's pictures (name -> PNG path) to W&B or TensorBoard, as images."""
+    if not isinstance(logger, (WandbLogger, TensorBoardLogger)) or not pictures:
         return
     try:
-        logger.log_table(key="test", columns=["metric", "mean", "ci95", "episodes"],
-                         data=[[k, v["mean"], v["ci95"], v["episodes"]] for k, v in test.items()],
-                         step=step)
-    except Exception as err:  # results.json is written already; tracking must not fail the run
-        log.warning("W&B could not log the test table (%s).", err)
+        import numpy as np
+        from PIL import Image
+
+        for name, path in pictures.items():
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=name, images=[str(path)], step=step)
+            else:
+                with Image.open(path) as image:
+                    array = np.asarray(image.convert("RGB"))  # [H, W, 3]
+                logger.experiment.add_image(name, array, global_step=step or 0, dataformats="HWC")
+    except Exception as err:  # the PNG files are written already
+        log.warning("The logger could not record the pictures (%s).", err)
 
 
 def finish(logger: Logger | bool | None) -> None:
@@ -179,3 +203,35 @@ class ProgressLog(Callback):
         parts = [f"{k} {float(metrics[k]):.4g}" for k in sorted(metrics)
                  if k.startswith("val/") and not k.endswith(("_ci95", "episodes", "best_step"))]
         log.info("validation at step %d | %s", trainer.global_step, " | ".join(parts))
+
+
+class RunPictures(Callback):
+    """Records the training loss (every ``every_n_steps`` outer steps) and each validation's
+    metric for the run's learning curves. The history is saved in checkpoints, so a
+    resumed run draws the whole run.
+
+    Args:
+        metric: the validation metric ("accuracy" or "mse").
+        every_n_steps: outer steps between recorded training losses.
+    """
+
+    def __init__(self, metric: str, every_n_steps: int) -> None:
+        self.metric, self.every_n_steps = metric, max(1, int(every_n_steps))
+        self.train: list[list[float]] = []
+        self.val: list[list[float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and "train/loss" in trainer.callback_metrics:
+            self.train.append([step, float(trainer.callback_metrics["train/loss"])])
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        key = f"val/{self.metric}"
+        if not trainer.sanity_checking and key in trainer.callback_metrics:
+            self.val.append([trainer.global_step, float(trainer.callback_metrics[key])])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train": self.train, "val": self.val}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train, self.val = list(state.get("train", [])), list(state.get("val", []))

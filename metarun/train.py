@@ -29,8 +29,9 @@ from metarun.datamodule import EpisodicDataModule
 from metarun.episodes import TEST, EvalEpisodes
 from metarun.errors import ConfigError, NonFiniteLoss
 from metarun.module import MetaLearningModule
-from metarun.plots import plot_regression_tasks
-from metarun.tracking import ProgressLog, ResumableCSVLogger, finish, log_test_table
+from metarun.plots import plot_learning_curves, plot_regression_tasks, plot_test_episode
+from metarun.tracking import (ProgressLog, ResumableCSVLogger, RunPictures, finish, log_pictures,
+                              log_test_table)
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -269,7 +270,8 @@ def _train(cfg: DictConfig, objects: dict[str, Any], output_dir: Path, resolved:
                           cfg.checkpoint.every_minutes, resolved, signals)
     logger = instantiate_checked(cfg.logger) if cfg.get("logger") else False
     start = StartStep()
-    callbacks: list[Callback] = [checkpoint, last, start]
+    history = RunPictures(metric, cfg.trainer.get("log_every_n_steps") or 50)
+    callbacks: list[Callback] = [checkpoint, last, start, history]
     # Lightning's progress bar rewrites one line with carriage returns: fine on a terminal,
     # megabytes of updates in a log file. Elsewhere a plain line every log_every_n_steps.
     bar = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stdout.isatty()
@@ -322,12 +324,21 @@ def _train(cfg: DictConfig, objects: dict[str, Any], output_dir: Path, resolved:
     }
     if trainer.is_global_zero:
         write_results(output_dir, results)
+        pictures = {"learning_curves": plot_learning_curves(
+            history.train, history.val, metric, output_dir / "learning_curves.png")}
+        test_split = objects["datamodule"].splits["test"]
         if objects["regression"] and hasattr(objects["dataset"], "curve"):
-            episodes = EvalEpisodes(sampler, objects["datamodule"].splits["test"], TEST, 4)
-            results["plot"] = str(plot_regression_tasks(
-                module.algorithm, episodes, output_dir / "test_tasks.png"))
+            episodes = EvalEpisodes(sampler, test_split, TEST, 4)
+            pictures["test_tasks"] = plot_regression_tasks(
+                module.algorithm, episodes, output_dir / "test_tasks.png")
+            results["plot"] = str(pictures["test_tasks"])
+        elif not objects["regression"]:
+            pictures["test_episode"] = plot_test_episode(
+                module.algorithm, sampler.eval_episode(test_split, TEST, 0),
+                output_dir / "test_episode.png")
         report(results, metric)
         log_test_table(logger, results["test"], step=steps)
+        log_pictures(logger, pictures, step=steps)
     finish(logger)
     return results, {**objects, "trainer": trainer}
 

@@ -309,6 +309,9 @@ def test_wandb_offline_run_per_train_call(offline_wandb, tmp_path):
         assert json.loads(tables[0].read_text()) == {
             "columns": ["metric", "mean", "ci95", "episodes"],
             "data": [[k, v["mean"], v["ci95"], v["episodes"]] for k, v in results["test"].items()]}
+        images = {p.name.split("_")[0] + "_" + p.name.split("_")[1]
+                  for p in runs[0].glob("files/media/images/*.png")}
+        assert images == {"learning_curves", "test_tasks"}  # the run's pictures, as on disk
     assert "WANDB_MODE" not in os.environ  # offline mode did not leak into the process
 
 
@@ -373,3 +376,35 @@ def test_progress_is_plain_lines_when_stdout_is_not_a_terminal(tmp_path):
     assert steps == ["step 5/20", "step 10/20", "step 15/20", "step 20/20"]
     assert sum("validation at step" in line for line in output.splitlines()) == 2
     assert len(output) < 5000
+
+
+# ------------------------------------------------------------------ pictures and TensorBoard
+
+def is_png(path: Path, min_size: int = 5000) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > min_size
+
+
+def test_regression_run_draws_learning_curves_and_test_tasks(default_run):
+    _, _, out, _ = default_run
+    assert is_png(out / "learning_curves.png") and is_png(out / "test_tasks.png")
+
+
+def test_classification_run_on_tensorboard_gets_scalars_pictures_and_test_table(
+        omniglot_available, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = [o for o in FAST if not o.startswith("algorithm.")]
+    results, _ = train(compose_config(
+        [*overrides, "dataset=omniglot", "algorithm=protonet", "model.hidden=8",
+         "sampler.ways=3", "sampler.queries=2", "logger=tensorboard"], tmp_path))
+    assert is_png(tmp_path / "learning_curves.png") and is_png(tmp_path / "test_episode.png")
+    tags = {"scalars": set(), "images": set(), "tensors": set()}
+    for events in (tmp_path / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0, "tensors": 0})
+        acc.Reload()
+        for kind in tags:
+            tags[kind] |= set(acc.Tags()[kind])
+    assert {"train/loss", "val/accuracy", "test/accuracy"} <= tags["scalars"]
+    assert tags["images"] == {"learning_curves", "test_episode"}
+    assert "test/text_summary" in tags["tensors"]  # the test table
+    assert results["status"] == "completed"
