@@ -40,6 +40,20 @@ def episode_accuracy(algorithm: MetaAlgorithm, sampler: EpisodeSampler, source: 
     return torch.cat(correct).mean().item()
 
 
+def assert_learns(algorithm: MetaAlgorithm, sampler: EpisodeSampler, test: TaskSource,
+                  fit: Callable[[], None], at_least: float, gain: float,
+                  episodes: int = 100) -> tuple[float, float]:
+    """Test accuracy of the untrained learner, then ``fit()``, then of the trained one, on
+    the same fixed test episodes: trained ≥ ``at_least`` and ≥ untrained + ``gain`` (an
+    untrained learner adapted at test time can already be far above chance)."""
+    before = episode_accuracy(algorithm, sampler, test, episodes)
+    fit()
+    after = episode_accuracy(algorithm, sampler, test, episodes)
+    print(f"test accuracy before training {before:.3f}, after {after:.3f}")  # shown with -s
+    assert after >= at_least and after >= before + gain, (before, after)
+    return before, after
+
+
 def tiny_batch(tasks: int = 2, shots: int = 3, queries: int = 4) -> EpisodeBatch:
     """A float64 sinusoid meta-batch for gradient checks."""
     sampler = EpisodeSampler(1, shots, queries, tasks)

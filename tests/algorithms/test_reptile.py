@@ -16,7 +16,7 @@ from metarun.datasets.sinusoid import Sinusoid
 from metarun.episodes import TEST, EpisodeSampler, collate_episodes, task_generator
 from metarun.errors import ConfigError
 from metarun.train import build, train as run_training
-from tests.algorithms.learning import episode_accuracy
+from tests.algorithms.learning import assert_learns
 
 
 def tiny_batch(tasks: int = 3, shots: int = 6, queries: int = 4):
@@ -225,8 +225,9 @@ def test_learns_sinusoids(make_config):
 def test_learns_omniglot(make_config, omniglot_available):
     """5-way 1-shot, the paper's inner loop (Adam, β₁ = 0, 5 steps of 10 images from a
     10-shot training task, meta-batch 5, ε = 1 annealed) but inner lr 0.003, 40 outer steps
-    and 10 test steps on a 32-channel Conv4. Measured on 40 test episodes: 73.2 %; the
-    untrained initialisation, adapted the same way, scores 62.7 % (chance 20 %)."""
+    and 10 test steps on a 32-channel Conv4. Measured on 40 test episodes: the untrained
+    initialisation, adapted the same way, scores 62.7 % (chance 20 %), the trained one 71.5 %;
+    asserted ≥ 67 % and ≥ 4 points above the untrained one."""
     cfg = make_config("dataset=omniglot", "algorithm=reptile", "model.hidden=32",
                       "sampler.train_shots=10", "sampler.train_queries=1",
                       "sampler.meta_batch_size=5", "algorithm.inner_optimizer=adam",
@@ -234,7 +235,5 @@ def test_learns_omniglot(make_config, omniglot_available):
                       "algorithm.inner_batch_size=10", "algorithm.test_inner_steps=10",
                       "trainer.max_steps=40")
     objects = build(cfg)
-    train(cfg, objects, 40)
-    accuracy = episode_accuracy(objects["algorithm"], objects["sampler"],
-                                objects["datamodule"].splits["test"], episodes=40)
-    assert accuracy >= 0.67
+    assert_learns(objects["algorithm"], objects["sampler"], objects["datamodule"].splits["test"],
+                  lambda: train(cfg, objects, 40), at_least=0.67, gain=0.04, episodes=40)
