@@ -33,7 +33,8 @@ test: install-test ## set up and run the test suite (reads Omniglot from METARUN
 bench: install ## throughput and the results tables: every algorithm on Omniglot and sinusoids (long; not part of CI)
 	bash scripts/bench.sh
 
-lint: install-test ## byte-compile every module and script
+lint: install-test ## ruff (pyflakes, pycodestyle, bugbear, pyupgrade, import order; pyproject.toml) and byte-compile
+	$(VENV)/bin/ruff check metarun scripts tests
 	$(PY) -m compileall -q metarun scripts tests
 
 clean: ## remove caches (keeps .venv and outputs/)

@@ -24,9 +24,10 @@ import signal
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -239,7 +240,7 @@ class RunDirectory:
         self.output_dir, self.resuming = output_dir, resuming
         self._lock: Any = None
 
-    def __enter__(self) -> "RunDirectory":
+    def __enter__(self) -> RunDirectory:
         where = f"the run directory {self.output_dir} (hydra.run.dir)"
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +334,7 @@ class SignalFlag:
             signal.signal(sig, previous)
         self._previous.clear()
 
-    def __enter__(self) -> "SignalFlag":
+    def __enter__(self) -> SignalFlag:
         self.take()
         return self
 

@@ -8,8 +8,9 @@ therefore see exactly the same meta-batch, each rank a different slice of it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch

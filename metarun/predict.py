@@ -17,8 +17,9 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import hydra
 import numpy as np
@@ -105,7 +106,7 @@ class Learner:
 
     # ------------------------------------------------------------------ adapt and predict
 
-    def adapt(self, examples: Sequence[Any], labels: Sequence[Any]) -> "Learner":
+    def adapt(self, examples: Sequence[Any], labels: Sequence[Any]) -> Learner:
         """Keep ``examples`` with their ``labels`` as the support set; returns self."""
         if len(examples) != len(labels) or not len(examples):
             raise ConfigError(f"support is not allowed: it has {len(examples)} examples and "

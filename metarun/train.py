@@ -12,8 +12,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import hydra
 import lightning as L
@@ -30,8 +31,7 @@ from metarun.episodes import TEST, EvalEpisodes
 from metarun.errors import ConfigError, NonFiniteLoss
 from metarun.module import MetaLearningModule
 from metarun.plots import plot_learning_curves, plot_regression_tasks, plot_test_episode
-from metarun.tracking import (ProgressLog, ResumableCSVLogger, RunPictures, finish, log_pictures,
-                              log_test_table)
+from metarun.tracking import ProgressLog, ResumableCSVLogger, RunPictures, finish, log_pictures, log_test_table
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")

@@ -38,7 +38,7 @@ def test_shapes_labels_and_disjoint_support_and_query():
         # every image of episode label c comes from one original class, one per label
         original = torch.cat([s_ids, q_ids]) // 8
         labels = torch.cat([task.support_y, task.query_y])
-        mapping = {int(l): set(original[labels == l].tolist()) for l in range(5)}
+        mapping = {int(label): set(original[labels == label].tolist()) for label in range(5)}
         assert all(len(v) == 1 for v in mapping.values())
         assert len(set().union(*mapping.values())) == 5
 

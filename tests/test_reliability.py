@@ -70,7 +70,7 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     cases = {"default": [], "every_step_validates": EVERY_STEP_VALIDATES}
     procs = {name: launch(out / name, *RUN, *extra) for name, extra in cases.items()}
-    for name, proc in procs.items():
+    for proc in procs.values():
         done = finish(proc)
         assert done.returncode == 0, done.stderr[-2000:]
     return {name: (json.loads((out / name / "results.json").read_text()), rows(out / name))

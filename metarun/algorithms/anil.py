@@ -5,8 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaOutput
-from metarun.algorithms.inner_loop import (Params, TaskAdapter, adapt, adapted_meta_loss,
-                                           adapted_predictions)
+from metarun.algorithms.inner_loop import Params, TaskAdapter, adapt, adapted_meta_loss, adapted_predictions
 from metarun.algorithms.maml import MAML
 from metarun.episodes import Episode, EpisodeBatch
 from metarun.errors import ConfigError

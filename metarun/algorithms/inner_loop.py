@@ -7,7 +7,7 @@ call with ``params`` restricted to the head and the body passed as ``fixed``.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.checks import check_positive_int, check_same_ways
-from metarun.algorithms.inner_loop import (Params, adapted_meta_loss, adapted_predictions, forward,
-                                            task_loss)
+from metarun.algorithms.inner_loop import Params, adapted_meta_loss, adapted_predictions, forward, task_loss
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 

@@ -9,8 +9,7 @@ from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.checks import check_positive_int
-from metarun.algorithms.cnp import (check_regression, check_sizes, decode, gaussian_log_prob,
-                                    linear_sizes)
+from metarun.algorithms.cnp import check_regression, check_sizes, decode, gaussian_log_prob, linear_sizes
 from metarun.episodes import EpisodeBatch, task_generator
 from metarun.errors import ConfigError
 

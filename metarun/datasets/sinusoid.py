@@ -37,7 +37,7 @@ class Sinusoid:
         self.phase = (phase_min, phase_max)
         self.x_range = (x_min, x_max)
 
-    def split(self, name: str) -> "Sinusoid":
+    def split(self, name: str) -> Sinusoid:
         return self
 
     def check_episode(self, ways: int, shots: int, queries: int, prefix: str) -> None:

@@ -3,7 +3,7 @@ the sinusoid check of the learning tests, and the meta-gradient / finite-differe
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from hydra.utils import instantiate

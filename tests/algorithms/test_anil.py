@@ -14,9 +14,14 @@ from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.models.mlp import MLP
 from metarun.train import build
-from tests.algorithms.learning import (assert_learns, finite_difference, meta_gradient,
-                                       meta_loss_value, meta_train, tiny_batch)
-
+from tests.algorithms.learning import (
+    assert_learns,
+    finite_difference,
+    meta_gradient,
+    meta_loss_value,
+    meta_train,
+    tiny_batch,
+)
 
 
 def tiny_mlp(seed: int = 0) -> nn.Module:
@@ -35,8 +40,8 @@ def test_meta_gradient_matches_finite_differences(steps):
     batch = tiny_batch()
     alg = ANIL(tiny_mlp(), inner_lr=0.1, inner_steps=steps, test_inner_steps=steps,
                head_prefix="4.")
-    torch.testing.assert_close(meta_gradient(alg, batch), finite_difference(meta_loss_value(alg, batch), alg.parameters()),
-                               rtol=1e-6, atol=1e-8)
+    expected = finite_difference(meta_loss_value(alg, batch), alg.parameters())
+    torch.testing.assert_close(meta_gradient(alg, batch), expected, rtol=1e-6, atol=1e-8)
 
 
 def test_only_the_head_adapts_and_the_query_sees_the_initial_body():

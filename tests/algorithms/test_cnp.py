@@ -17,7 +17,6 @@ from metarun.train import build, train
 from tests.algorithms.learning import check_learns_sinusoids
 
 
-
 def linear(weight: list[list[float]], bias: list[float]) -> nn.Linear:
     layer = nn.Linear(len(weight[0]), len(weight)).double()
     with torch.no_grad():

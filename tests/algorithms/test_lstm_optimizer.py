@@ -16,8 +16,14 @@ from metarun.algorithms.lstm_optimizer import LSTMOptimizer, lstm_adapt, preproc
 from metarun.episodes import TEST, collate_episodes
 from metarun.errors import ConfigError
 from metarun.train import build
-from tests.algorithms.learning import (assert_learns, finite_difference, meta_gradient,
-                                       meta_loss_value, meta_train, tiny_batch)
+from tests.algorithms.learning import (
+    assert_learns,
+    finite_difference,
+    meta_gradient,
+    meta_loss_value,
+    meta_train,
+    tiny_batch,
+)
 
 
 def tiny_mlp(seed: int = 0) -> nn.Module:
@@ -133,7 +139,7 @@ def frozen_gradients(alg: LSTMOptimizer, batch) -> list[list[torch.Tensor]]:
     for i in range(len(batch)):
         task, grads = batch.task(i), []
 
-        def record(grad, loss, theta, state):
+        def record(grad, loss, theta, state, grads=grads):  # this task's list
             grads.append(grad.detach())
             return alg.update(grad, loss, theta, state)
 
@@ -149,7 +155,7 @@ def frozen_loss(alg: LSTMOptimizer, batch, frozen) -> torch.Tensor:
     for i in range(len(batch)):
         task, grads = batch.task(i), iter(frozen[i])
 
-        def replay(grad, loss, theta, state):
+        def replay(grad, loss, theta, state, grads=grads):  # this task's constants
             return alg.update(next(grads), loss, theta, state)
 
         theta = dict(alg.model.named_parameters())

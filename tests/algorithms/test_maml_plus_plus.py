@@ -14,9 +14,14 @@ from metarun.algorithms.maml_plus_plus import MAMLPlusPlus, multi_step_loss_weig
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.train import build
-from tests.algorithms.learning import (assert_learns, finite_difference, meta_gradient,
-                                       meta_loss_value, meta_train, tiny_batch)
-
+from tests.algorithms.learning import (
+    assert_learns,
+    finite_difference,
+    meta_gradient,
+    meta_loss_value,
+    meta_train,
+    tiny_batch,
+)
 
 
 def tiny_mlp(seed: int = 0, norm: str | None = None) -> nn.Module:

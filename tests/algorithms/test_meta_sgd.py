@@ -13,9 +13,14 @@ from metarun.algorithms.meta_sgd import MetaSGD
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.train import build
-from tests.algorithms.learning import (assert_learns, finite_difference, meta_gradient,
-                                       meta_loss_value, meta_train, tiny_batch)
-
+from tests.algorithms.learning import (
+    assert_learns,
+    finite_difference,
+    meta_gradient,
+    meta_loss_value,
+    meta_train,
+    tiny_batch,
+)
 
 
 def tiny_mlp(seed: int = 0) -> nn.Module:

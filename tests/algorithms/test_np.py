@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from metarun.algorithms.cnp import gaussian_log_prob
-from metarun.algorithms.np import (EVAL_NOISE, TRAIN_NOISE, NeuralProcess, kl_diagonal_gaussians,
-                                   task_noise)
+from metarun.algorithms.np import EVAL_NOISE, TRAIN_NOISE, NeuralProcess, kl_diagonal_gaussians, task_noise
 from metarun.datasets.sinusoid import Sinusoid
 from metarun.episodes import EpisodeSampler, task_generator
 from metarun.errors import ConfigError
 from metarun.models.mlp import MLP
 from metarun.train import build, train
 from tests.algorithms.learning import check_learns_sinusoids
-
 
 
 def tiny_batch(tasks: int = 3, shots: int = 4, queries: int = 5):
@@ -74,7 +72,7 @@ def test_elbo_recomputed_by_hand_with_the_same_noise(deterministic):
         eps = torch.randn(3, generator=alg_generator(alg, t.index), dtype=torch.float64)
         z = mt + st * eps
 
-        def decode(z, x):
+        def decode(z, x, t=t):  # this task's context
             parts = [z]
             if deterministic:
                 pairs = torch.cat([t.support_x, t.support_y], -1)  # [K, 2]

@@ -14,7 +14,6 @@ from metarun.train import build
 from tests.algorithms.learning import episode_accuracy, meta_train
 
 
-
 def random_batch(generator: torch.Generator, tasks: int, ways: int, shots: int, queries: int,
                  side: int = 28):
     """Random images with labels 0..ways-1, support shuffled within the episode."""

@@ -15,7 +15,8 @@ from metarun.algorithms.reptile import TRAIN_ORDER, Reptile, minibatch_indices
 from metarun.datasets.sinusoid import Sinusoid
 from metarun.episodes import TEST, EpisodeSampler, collate_episodes, task_generator
 from metarun.errors import ConfigError
-from metarun.train import build, train as run_training
+from metarun.train import build
+from metarun.train import train as run_training
 from tests.algorithms.learning import assert_learns
 
 
