@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: help install install-test run test bench lint clean
+.PHONY: help install install-test run test test-quick bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ run: install ## set up and run the default experiment (MAML on sinusoids); ARGS=
 
 test: install-test ## set up and run the test suite (reads Omniglot from METARUN_DATA_DIR)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+test-quick: install-test ## the quick tier: every test not marked slow (under 3 minutes)
+	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: install ## throughput and the results tables: every algorithm on Omniglot and sinusoids (long; not part of CI)
 	bash scripts/bench.sh

@@ -33,7 +33,7 @@ RUN = [*TINY, f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}
 ATOL = 1e-6
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def state(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from tests.test_cli import assert_one_sentence
 EPISODE = ["sampler.ways=5", "sampler.shots=1", "sampler.queries=3"]
 SMALL = ["dataset=omniglot", "model.hidden=8", *EPISODE, "sampler.meta_batch_size=2"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def command(exe: str, run_dir: Path, *overrides: str) -> subprocess.Popen:

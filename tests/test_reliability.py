@@ -35,7 +35,7 @@ RUN = ["trainer.max_steps=300", "trainer.val_check_interval=40", "sampler.val_ep
        "checkpoint.every_n_steps=20", "trainer.log_every_n_steps=1"]
 EVERY_STEP_VALIDATES = ["trainer.max_steps=120", "trainer.val_check_interval=1"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def rows(run_dir: Path) -> list[dict[str, str]]:

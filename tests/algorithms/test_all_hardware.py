@@ -10,6 +10,8 @@ import pytest
 from metarun.train import train
 from tests.conftest import DDP, TINY, run_metarun
 
+pytestmark = pytest.mark.slow  # launches processes or runs every algorithm
+
 IMAGE = ["anil", "fomaml", "finetune", "lstm_optimizer", "maml", "maml_plus_plus", "matching_net",
          "meta_sgd", "protonet", "relation_net", "reptile"]
 REGRESSION = ["cnp", "maml", "np", "reptile"]

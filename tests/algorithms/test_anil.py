@@ -130,6 +130,7 @@ def test_bad_settings_name_the_key(key, kwargs):
         ANIL(tiny_mlp(), head_prefix="4.", **settings)
 
 
+@pytest.mark.slow
 def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
     """80 outer steps of 4 tasks, Conv4 with 16 channels; 100 fixed 5-way 1-shot test episodes.
 

@@ -131,6 +131,7 @@ def test_module_reports_the_log_likelihood(make_config):
     assert "mse" in results["test"]
 
 
+@pytest.mark.slow
 def test_learns_sinusoids(make_config):
     """Measured on 100 test tasks (y variance 4.32): MSE 4.48 untrained -> 0.41 after 500
     steps of Adam 3e-3, meta-batch 25; mean log-likelihood -5.08 -> -0.75."""

@@ -22,6 +22,8 @@ import torch.multiprocessing as mp
 from metarun.train import build
 from tests.conftest import TINY, compose_config, data_dir
 
+pytestmark = pytest.mark.slow  # launches processes or runs every algorithm
+
 META_BATCH = 4
 SMALL_OMNIGLOT = ["dataset=omniglot", "model.hidden=8", "sampler.ways=3", "sampler.queries=2"]
 IMAGE = ["anil", "fomaml", "finetune", "lstm_optimizer", "maml", "maml_plus_plus", "matching_net",

@@ -106,6 +106,7 @@ def test_config_errors():
 
 
 @pytest.mark.parametrize("head", ["linear", "cosine"])
+@pytest.mark.slow
 def test_learns_omniglot_5way_1shot(omniglot_available, make_config, head):
     """150 pre-training steps of 2 × 20-class batches (40 images) drawn from the first 100
     training classes (all 4112 are too many for so short a run: 44 % measured), Conv4 with

@@ -215,6 +215,7 @@ def test_head_size_fixes_the_test_ways():
         alg.check_episode_shape(5, 20)
 
 
+@pytest.mark.slow
 def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
     """Andrychowicz variant (2-layer LSTM, 20 units, preprocessing, output × 0.1) with a Conv4
     of 16 channels: 60 outer steps of 4 tasks, 2 first-order learned inner steps in

@@ -268,6 +268,7 @@ def test_bad_settings_name_the_key(key, kwargs):
         MAMLPlusPlus(tiny_mlp(), **settings)
 
 
+@pytest.mark.slow
 def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
     """80 outer steps of 4 tasks, Conv4 with 16 channels, two inner steps; epochs of 40
     steps, so the run goes through MSL annealing, first-order then second-order (DA), with

@@ -175,6 +175,7 @@ def test_bad_settings_name_the_key(kwargs, key):
 
 
 
+@pytest.mark.slow
 def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
     """100 Adam steps of 8 tasks, 5-way 1-shot: from ~48 % (untrained) to ~72 % on 100 fixed
     5-way 1-shot test episodes; asserted ≥ 60 % and ≥ 10 points above the untrained net."""

@@ -130,6 +130,7 @@ def test_head_size_fixes_the_test_ways():
         alg.check_episode_shape(5, 20)
 
 
+@pytest.mark.slow
 def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
     """80 outer steps of 4 tasks, Conv4 with 16 channels, one inner step as in Li et al.;
     100 fixed 5-way 1-shot test episodes.

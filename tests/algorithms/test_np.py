@@ -178,6 +178,7 @@ def test_module_reports_the_log_likelihood(make_config, tmp_path):
     assert {"train/elbo", "train/kl", "val/log_likelihood"} <= set(header)
 
 
+@pytest.mark.slow
 def test_learns_sinusoids(make_config):
     """Measured on 100 test tasks (y variance 4.32): MSE 4.50 untrained -> 0.36 after 600
     steps of Adam 3e-3, meta-batch 25; mean log-likelihood -4.55 -> -0.53."""

@@ -136,6 +136,7 @@ def test_any_number_of_ways_at_test():
 
 
 
+@pytest.mark.slow
 def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
     """150 Adam steps of 4 tasks, 5-way 1-shot (16 channels): from ~20 % (untrained relation
     module) to ~79 % on 100 fixed 5-way 1-shot test episodes; asserted ≥ 65 %."""

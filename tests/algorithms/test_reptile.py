@@ -207,6 +207,7 @@ def train(cfg, objects, steps: int) -> None:
         schedule.step()
 
 
+@pytest.mark.slow
 def test_learns_sinusoids(make_config):
     """Measured: post-adaptation test MSE 4.40 untrained -> 2.46 after 100 steps (10 tasks)."""
     cfg = make_config("algorithm=reptile", "trainer.max_steps=100", "sampler.meta_batch_size=10")
@@ -223,6 +224,7 @@ def test_learns_sinusoids(make_config):
     assert mse() < 0.7 * untrained
 
 
+@pytest.mark.slow
 def test_learns_omniglot(make_config, omniglot_available):
     """5-way 1-shot, the paper's inner loop (Adam, β₁ = 0, 5 steps of 10 images from a
     10-shot training task, meta-batch 5, ε = 1 annealed) but inner lr 0.003, 40 outer steps
