@@ -61,6 +61,32 @@ def run_metarun(run_dir: Path, *overrides: str) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+# Settings an algorithm needs on a kind of task beyond its config's defaults (the small
+# Omniglot episodes of the hardware tests, the sinusoid MLP). Every other algorithm config
+# in conf/algorithm/ runs as it is: a new file is covered without editing a list.
+NEEDS = {
+    ("finetune", "classification"): ["algorithm.num_train_classes=4112"],
+    ("anil", "regression"): ["algorithm.head_prefix=net.4."],  # the MLP's last layer
+    ("maml_plus_plus", "regression"): ["algorithm.per_step_bn=false"],  # the MLP has no batch norm
+}
+
+
+def algorithms(kind: str) -> list[str]:
+    """Every config in conf/algorithm/ whose algorithm solves ``kind`` tasks ("classification"
+    or "regression", the class's ``tasks``)."""
+    from hydra.utils import get_class
+
+    out = []
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        for path in sorted((Path(CONFIG_DIR) / "algorithm").glob("*.yaml")):
+            target = compose("train", overrides=[f"algorithm={path.stem}"]).algorithm._target_
+            if kind in get_class(target).tasks:
+                out.append(path.stem)
+    GlobalHydra.instance().clear()
+    return out
+
+
 def data_dir() -> Path | None:
     """The real data folder from METARUN_DATA_DIR (relative paths are from the repo root)."""
     value = os.environ.get("METARUN_DATA_DIR")

@@ -8,13 +8,12 @@ import math
 import pytest
 
 from metarun.train import train
-from tests.conftest import DDP, TINY, run_metarun
+from tests.conftest import DDP, NEEDS, TINY, algorithms, run_metarun
 
 pytestmark = pytest.mark.slow  # launches processes or runs every algorithm
 
-IMAGE = ["anil", "fomaml", "finetune", "lstm_optimizer", "maml", "maml_plus_plus", "matching_net",
-         "meta_sgd", "protonet", "relation_net", "reptile"]
-REGRESSION = ["cnp", "maml", "np", "reptile"]
+IMAGE = algorithms("classification")  # derived from conf/algorithm/
+REGRESSION = algorithms("regression")
 SMALL_OMNIGLOT = ["dataset=omniglot", "model.hidden=8", "sampler.ways=3", "sampler.queries=2",
                   "sampler.meta_batch_size=2"]
 
@@ -29,23 +28,25 @@ def check(results: dict, precision: str = "bf16-mixed", world_size: int = 1) -> 
 
 @pytest.mark.parametrize("algorithm", IMAGE)
 def test_image_algorithms_under_bf16(algorithm, make_config, omniglot_available):
-    extra = ["algorithm.num_train_classes=4112"] if algorithm == "finetune" else []
+    extra = NEEDS.get((algorithm, "classification"), [])
     check(train(make_config("hardware=bf16", f"algorithm={algorithm}", *SMALL_OMNIGLOT, *extra))[0])
 
 
 @pytest.mark.parametrize("algorithm", REGRESSION)
 def test_regression_algorithms_under_bf16(algorithm, make_config):
-    check(train(make_config("hardware=bf16", f"algorithm={algorithm}"))[0])
+    extra = NEEDS.get((algorithm, "regression"), [])
+    check(train(make_config("hardware=bf16", f"algorithm={algorithm}", *extra))[0])
 
 
 @pytest.mark.parametrize("algorithm", IMAGE)
 def test_image_algorithms_under_ddp(algorithm, tmp_path, omniglot_available):
-    extra = ["algorithm.num_train_classes=4112"] if algorithm == "finetune" else []
+    extra = NEEDS.get((algorithm, "classification"), [])
     results = run_metarun(tmp_path, *TINY, *DDP, f"algorithm={algorithm}", *SMALL_OMNIGLOT, *extra)
     check(results, precision="32-true", world_size=2)
 
 
 @pytest.mark.parametrize("algorithm", REGRESSION)
 def test_regression_algorithms_under_ddp(algorithm, tmp_path):
-    check(run_metarun(tmp_path, *TINY, *DDP, f"algorithm={algorithm}"), precision="32-true",
+    extra = NEEDS.get((algorithm, "regression"), [])
+    check(run_metarun(tmp_path, *TINY, *DDP, f"algorithm={algorithm}", *extra), precision="32-true",
           world_size=2)

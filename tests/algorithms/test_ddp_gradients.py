@@ -20,23 +20,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from metarun.train import build
-from tests.conftest import TINY, compose_config, data_dir
+from tests.conftest import NEEDS, TINY, algorithms, compose_config, data_dir
 
 pytestmark = pytest.mark.slow  # launches processes or runs every algorithm
 
 META_BATCH = 4
 SMALL_OMNIGLOT = ["dataset=omniglot", "model.hidden=8", "sampler.ways=3", "sampler.queries=2"]
-IMAGE = ["anil", "fomaml", "finetune", "lstm_optimizer", "maml", "maml_plus_plus", "matching_net",
-         "meta_sgd", "protonet", "relation_net", "reptile"]
-REGRESSION = ["cnp", "maml", "np", "reptile"]
+IMAGE = algorithms("classification")  # derived from conf/algorithm/
+REGRESSION = algorithms("regression")
 
 
 def configs(omniglot: bool) -> dict[str, list[str]]:
-    out = {f"{a}_sinusoid": [f"algorithm={a}"] for a in REGRESSION}
+    out = {f"{a}_sinusoid": [f"algorithm={a}", *NEEDS.get((a, "regression"), [])]
+           for a in REGRESSION}
     if omniglot:
         for a in IMAGE:
-            extra = ["algorithm.num_train_classes=4112"] if a == "finetune" else []
-            out[f"{a}_omniglot"] = [f"algorithm={a}", *SMALL_OMNIGLOT, *extra]
+            out[f"{a}_omniglot"] = [f"algorithm={a}", *SMALL_OMNIGLOT,
+                                    *NEEDS.get((a, "classification"), [])]
     return {name: [*TINY, *overrides, f"sampler.meta_batch_size={META_BATCH}"]
             for name, overrides in out.items()}
 
