@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import struct
 import subprocess
@@ -128,6 +129,21 @@ def test_experiment_preset_composes(tmp_path, name):
     for group in ("dataset", "sampler", "algorithm", "model", "trainer", "optimizer"):
         assert group in cfg
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_preset_runs_a_few_steps(tmp_path, name):
+    """Every preset, as written, trains 2 outer steps of 2 tasks and tests 2 episodes."""
+    cfg = compose_config([f"experiment={name}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                          "sampler.meta_batch_size=2", "sampler.val_episodes=2",
+                          "sampler.test_episodes=2", "sampler.eval_batch_size=2",
+                          "trainer.enable_progress_bar=false", "logger=none"], tmp_path)
+    if cfg.dataset._target_.endswith("Omniglot") and not Path(cfg.dataset.root).exists():
+        pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
+    results, _ = train(cfg)
+    assert results["status"] == "completed" and results["train"]["steps"] == 2
+    assert all(math.isfinite(block["mean"]) for block in results["test"].values())
 
 
 def test_protonet_on_omniglot(omniglot_available, tmp_path):
