@@ -1,8 +1,12 @@
-"""Summarise a multirun directory: one row per run, as a markdown table and a CSV file.
+"""Summarise a multirun directory: one row per run, as a markdown table and a CSV file, and
+a plot of the test metric against the swept values.
 
     python scripts/summarize.py outputs/train/multiruns/<date> [--csv out.csv]
 
-Each row: the run's overrides, the test metric mean ± 95% CI, and training tasks/s.
+Each row: the run's overrides, the test metric mean ± 95% CI, and training tasks/s. The plot
+(``summary.png`` in the sweep directory) puts the first numeric swept key on the x axis
+(e.g. ``sampler.shots``) and draws one line per value of the other swept keys (e.g. one per
+algorithm), with the 95% CI as error bars.
 """
 
 from __future__ import annotations
@@ -38,6 +42,49 @@ def rows(sweep_dir: Path) -> list[dict[str, str]]:
     return out
 
 
+def _number(value: str | None) -> bool:
+    try:
+        float(value)  # type: ignore[arg-type]
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def plot(table: list[dict[str, str]], path: Path) -> dict | None:
+    """The metric against the swept values; returns what was drawn, or None if nothing varies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [dict(o.lstrip("+").split("=", 1) for o in row["overrides"].split() if "=" in o)
+            for row in table]
+    swept = [k for k in sorted({k for r in runs for k in r}) if len({r.get(k) for r in runs}) > 1]
+    if not swept:
+        return None
+    numeric = [k for k in swept if all(_number(r.get(k)) for r in runs)]
+    x_key = numeric[0] if numeric else swept[0]
+    others = [k for k in swept if k != x_key]
+    lines: dict[str, list[tuple]] = {}
+    for run, row in zip(runs, table):
+        label = ", ".join(f"{k}={run.get(k)}" for k in others) or row["metric"]
+        x = float(run[x_key]) if numeric else str(run.get(x_key))
+        lines.setdefault(label, []).append((x, float(row["mean"]), float(row["ci95"])))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in sorted(lines.items()):
+        points.sort(key=lambda p: p[0])
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                    marker="o", capsize=3, label=label)
+    unit = " (%)" if table[0]["metric"] == "accuracy" else ""
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(f"test {table[0]['metric']}{unit}, 95% CI")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"x": x_key, "lines": sorted(lines), "path": str(path)}
+
+
 def markdown(table: list[dict[str, str]]) -> str:
     lines = ["| run | overrides | test | tasks/s |", "|---|---|---|---|"]
     for r in table:
@@ -61,6 +108,10 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(table)
     print(f"\nwrote {path}")
+    drawn = plot(table, args.sweep_dir / "summary.png")
+    if drawn:
+        print(f"wrote {drawn['path']} ({table[0]['metric']} against {drawn['x']}, "
+              f"{len(drawn['lines'])} lines)")
 
 
 if __name__ == "__main__":

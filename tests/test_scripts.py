@@ -41,6 +41,22 @@ def test_summarize_prints_a_markdown_table_and_writes_csv(tmp_path):
     assert lines[0].startswith("run,overrides,metric,mean,ci95") and len(lines) == 3
 
 
+def test_summarize_plots_the_metric_against_the_swept_values(tmp_path):
+    for num, (algorithm, shots, mean) in enumerate([("maml", 1, 0.90), ("maml", 5, 0.97),
+                                                    ("protonet", 1, 0.93), ("protonet", 5, 0.99)]):
+        fake_run(tmp_path, num, [f"algorithm={algorithm}", f"sampler.shots={shots}", "seed=0"],
+                 mean, 0.01)
+    summarize = load_script("summarize")
+    drawn = summarize.plot(summarize.rows(tmp_path), tmp_path / "summary.png")
+    assert drawn["x"] == "sampler.shots"  # the numeric swept key; seed did not vary
+    assert drawn["lines"] == ["algorithm=maml", "algorithm=protonet"]
+    png = tmp_path / "summary.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "accuracy against sampler.shots, 2 lines" in out
+
+
 def test_summarize_refuses_an_empty_folder(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(tmp_path)],
                           capture_output=True, text=True)
