@@ -34,7 +34,9 @@ from metarun.plots import plot_learning_curves, plot_regression_tasks, plot_test
 from metarun.tracking import ProgressLog, ResumableCSVLogger, RunPictures, finish, log_pictures, log_test_table
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+_PACKAGE = Path(__file__).resolve().parent
+# The config groups: inside an installed package (metarun/conf), else the repository's conf/.
+CONFIG_DIR = str(_PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf")
 
 
 class StartStep(Callback):

@@ -1,0 +1,1 @@
+"""Meta-learning algorithms: one file per algorithm, each a `MetaAlgorithm`."""

@@ -1,0 +1,57 @@
+"""Prototypical Networks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embed_episodes
+from metarun.episodes import EpisodeBatch
+from metarun.errors import ConfigError
+
+
+def prototype_logits(support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
+    """Negative squared Euclidean distances from queries to class means.
+
+    ``support [B, N*K, D]``, ``support_y [B, N*K]``, ``query [B, M, D]`` -> ``[B, M, N]``.
+    """
+    onehot = F.one_hot(support_y, ways).to(support.dtype)  # [B, N*K, N]
+    protos = onehot.transpose(1, 2) @ support / onehot.sum(1)[..., None]  # [B, N, D]
+    return -torch.cdist(query, protos).pow(2)  # [B, M, N]
+
+
+class ProtoNet(MetaAlgorithm):
+    """Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017).
+
+    Each class is represented by the mean embedding of its support images; a query is
+    classified by a softmax over negative squared Euclidean distances to the prototypes.
+    There is no inner loop, so any number of ways can be tested after training.
+
+    Args:
+        model: embedding network (no classifier head).
+    """
+
+    tasks = ("classification",)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if getattr(model, "head", None) is not None:
+            raise ConfigError("model.out_features is not allowed to be set for ProtoNet: the "
+                              "embedding network has no classifier head, so it must be null.")
+        self.model = model
+
+    def _logits(self, batch: EpisodeBatch) -> Tensor:
+        b, nk = batch.support_y.shape
+        nq = batch.query_y.shape[1]
+        ways = int(batch.support_y.max()) + 1
+        z = embed_episodes(self.model, batch).reshape(b, nk + nq, -1)  # [B, NK+NQ, D]
+        return prototype_logits(z[:, :nk], batch.support_y, z[:, nk:], ways)  # [B, NQ, N]
+
+    def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
+        logits = self._logits(batch)  # [B, NQ, N]
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        return MetaOutput(loss, logits.detach())
+
+    def predict(self, batch: EpisodeBatch) -> MetaOutput:
+        return self.meta_loss(batch)

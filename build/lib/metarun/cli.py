@@ -1,0 +1,94 @@
+"""Turning user mistakes into one clear sentence and a non-zero exit code."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+from hydra.errors import InstantiationException
+
+from metarun.errors import ConfigError, Interrupted
+
+T = TypeVar("T")
+DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
+
+
+def config_error(err: BaseException) -> ConfigError | None:
+    """The `ConfigError` behind ``err`` (Hydra wraps errors raised in constructors)."""
+    while err is not None:
+        if isinstance(err, ConfigError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"metarun: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def exit_on_config_error(fn: Callable[..., T]) -> Callable[..., T]:
+    """Print a user's `ConfigError` as ``metarun: error: ...`` and exit with code 2; an
+    `Interrupted` run prints where its state is and exits with 128 + the signal's number.
+
+    With ``HYDRA_FULL_ERROR=1`` a `ConfigError` propagates with its full traceback.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Interrupted as err:
+            print(f"metarun: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
+        except (ConfigError, InstantiationException) as err:
+            found = config_error(err)
+            if found is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            fail(str(found))
+
+    return wrapper
+
+
+def check_output_dirs(argv: Iterable[str]) -> None:
+    """Create an explicitly given ``hydra.run.dir`` / ``hydra.sweep.dir`` now and write a
+    probe file in it, so one that cannot be created or written (read-only, immutable) is
+    one sentence (exit 2) rather than a traceback from Hydra's own logging."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") not in DIR_KEYS or not value or "${" in value:
+            continue
+        folder = Path(value).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            fail(f"{key}={value} is not allowed: the directory cannot be created "
+                 f"({error.strerror or type(error).__name__}), so choose a writable path.")
+        probe = folder / f".metarun-probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            fail(f"{key}={value} is not allowed: the directory cannot be written "
+                 f"({error.strerror or type(error).__name__}), so choose a writable path.")
+
+
+def run_command(hydra_main: Callable[[], None], append_unless: tuple[str, ...] = ()) -> None:
+    """Run a ``@hydra.main`` entry point on ``sys.argv`` after the checks above.
+
+    ``append_unless``: for `metarun-eval`, whose own config does not hold the trained
+    run's groups: a plain ``sampler.shots=5`` is passed to Hydra as ``+sampler.shots=5``
+    unless its top-level key is one of these (the command's own keys).
+    """
+    argv = sys.argv[1:]
+    check_output_dirs(argv)
+    if append_unless:
+        argv = [f"+{arg}" if "=" in arg and not arg.startswith(("+", "~", "-"))
+                and arg.split("=", 1)[0].split(".", 1)[0] not in append_unless else arg
+                for arg in argv]
+        sys.argv[1:] = argv
+    hydra_main()

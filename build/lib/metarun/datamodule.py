@@ -1,0 +1,58 @@
+"""Train / validation / test episode loaders for one dataset and one sampler."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from metarun.episodes import TEST, VAL, EpisodeSampler, EvalEpisodes, TaskSource, TrainEpisodes, collate_episodes
+
+
+class SplitDataset(Protocol):
+    """A dataset built by Hydra from `conf/dataset/`: it hands out its splits."""
+
+    def split(self, name: str) -> TaskSource: ...
+
+
+class EpisodicDataModule(L.LightningDataModule):
+    """Serves endless seeded training meta-batches and the fixed evaluation lists.
+
+    Args:
+        dataset: the dataset; its splits are loaded once, in memory.
+        sampler: the episode shapes and seeds.
+    """
+
+    def __init__(self, dataset: SplitDataset, sampler: EpisodeSampler) -> None:
+        super().__init__()
+        self.dataset, self.sampler = dataset, sampler
+        self.splits: dict[str, TaskSource] = {}
+
+    def prepare(self) -> None:
+        """Load the splits and check the episode shapes (idempotent; run before training)."""
+        if not self.splits:
+            self.splits = {name: self.dataset.split(name) for name in ("train", "val", "test")}
+            self.sampler.check(self.splits["train"], self.splits["val"], self.splits["test"])
+
+    def setup(self, stage: str) -> None:
+        self.prepare()
+        if self.trainer is not None:
+            self.sampler.shard(self.trainer.world_size)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        episodes = TrainEpisodes(self.sampler, self.splits["train"], start_step=trainer.global_step,
+                                 rank=trainer.global_rank, world_size=trainer.world_size)
+        return DataLoader(episodes, batch_size=None, num_workers=0)
+
+    def _eval_loader(self, split: str, stream: int, size: int) -> DataLoader:
+        return DataLoader(EvalEpisodes(self.sampler, self.splits[split], stream, size),
+                          batch_size=self.sampler.eval_batch_size, shuffle=False,
+                          collate_fn=collate_episodes, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val", VAL, self.sampler.val_episodes)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test", TEST, self.sampler.test_episodes)

@@ -1,0 +1,1 @@
+"""Datasets: in-memory class-indexed image splits and synthetic task families."""

@@ -1,0 +1,72 @@
+"""A split of an image dataset held in memory as one uint8 tensor, indexed by class."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from metarun.episodes import Episode
+from metarun.errors import ConfigError
+
+
+class ClassImages:
+    """The images of one split, grouped by class, ready for episode sampling.
+
+    Args:
+        images: uint8 ``[N, C, H, W]``; no image file is decoded per episode.
+        labels: int64 ``[N]`` class ids in ``0..num_classes-1``.
+        name: the split's name for error messages (e.g. "omniglot/vinyals/train").
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, name: str) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        self.images, self.labels, self.name = images, labels.long(), name
+        self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        counts = torch.bincount(self.labels, minlength=self.num_classes)  # [num_classes]
+        self.counts = counts
+        self.min_count = int(counts.min()) if self.num_classes else 0
+        order = torch.argsort(self.labels, stable=True)  # image ids grouped by class
+        starts = torch.cumsum(counts, 0) - counts  # [num_classes]
+        width = int(counts.max()) if self.num_classes else 0
+        slot = torch.arange(width)  # [W]
+        # by_class[c, j] = j-th image of class c (padded with its first image)
+        pos = starts[:, None] + torch.minimum(slot[None, :], counts[:, None] - 1)  # [num_classes, W]
+        self.by_class = order[pos]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def check_episode(self, ways: int, shots: int, queries: int, prefix: str) -> None:
+        if ways > self.num_classes:
+            raise ConfigError(
+                f"{prefix}ways={ways} is not allowed: split {self.name} has only "
+                f"{self.num_classes} classes, so ways must be at most {self.num_classes}.")
+        if shots + queries > self.min_count:
+            raise ConfigError(
+                f"{prefix}shots + {prefix}queries = {shots} + {queries} = {shots + queries} is not "
+                f"allowed: split {self.name} has only {self.min_count} images in its smallest "
+                f"class, so shots + queries must be at most {self.min_count}.")
+
+    def episode(self, generator: torch.Generator, ways: int, shots: int, queries: int) -> Episode:
+        """N classes, then K support and Q query images of each, disjoint; labels 0..N-1.
+
+        ``classes [N]`` keeps the split's class id of each label.
+        """
+        classes = torch.randperm(self.num_classes, generator=generator)[:ways]  # [N]
+        width = self.by_class.shape[1]
+        keys = torch.rand(ways, width, generator=generator)  # [N, W]
+        keys[torch.arange(width)[None, :] >= self.counts[classes][:, None]] = 2.0  # padding last
+        pick = keys.argsort(dim=1)[:, : shots + queries]  # [N, K+Q] distinct slots
+        ids = self.by_class[classes[:, None], pick]  # [N, K+Q] image ids
+        x = self.images.index_select(0, ids.reshape(-1)).float().div_(255.0)  # [N*(K+Q), C, H, W]
+        x = x.view(ways, shots + queries, *x.shape[1:])  # [N, K+Q, C, H, W]
+        y = torch.arange(ways)[:, None].expand(ways, shots + queries)  # [N, K+Q]
+        c, h, w = x.shape[-3:]
+        return Episode(
+            support_x=x[:, :shots].reshape(ways * shots, c, h, w),  # [N*K, C, H, W]
+            support_y=y[:, :shots].reshape(-1),  # [N*K]
+            query_x=x[:, shots:].reshape(ways * queries, c, h, w),  # [N*Q, C, H, W]
+            query_y=y[:, shots:].reshape(-1),  # [N*Q]
+            classes=classes,  # [N]
+        )

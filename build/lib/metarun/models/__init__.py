@@ -1,0 +1,1 @@
+"""Backbones: plain nn.Modules with no meta-learning logic."""

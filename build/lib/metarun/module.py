@@ -1,0 +1,184 @@
+"""The one LightningModule: outer loop, evaluation and metrics for any `MetaAlgorithm`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.episodes import EpisodeBatch
+from metarun.errors import NonFiniteLoss
+from metarun.stats import mean_ci95
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+def per_task_metric(pred: Tensor, target: Tensor) -> Tensor:
+    """Accuracy (classification) or MSE (regression) of each task: ``[B, M, ...]`` -> ``[B]``."""
+    if target.is_floating_point():
+        return (pred.float() - target).pow(2).flatten(1).mean(1)
+    return (pred.argmax(-1) == target).float().mean(1)
+
+
+class MetaLearningModule(L.LightningModule):
+    """Runs the outer loop with manual optimisation: one meta-loss, one backward, one step.
+
+    Validation and test adapt with gradients enabled (the trainer runs with
+    ``inference_mode=False``) and report mean ± 1.96·std/√n over the fixed episodes.
+
+    Args:
+        algorithm: the meta-learner; owns every meta-parameter.
+        optimizer: partial optimiser, completed with the meta-parameters.
+        scheduler: partial LR schedule stepped once per outer step, or None.
+        grad_clip: max global norm of the meta-gradient, or None.
+        regression: report MSE instead of accuracy.
+    """
+
+    def __init__(self, algorithm: MetaAlgorithm, optimizer: OptimizerFactory,
+                 scheduler: SchedulerFactory | None = None, grad_clip: float | None = None,
+                 regression: bool = False) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.algorithm = algorithm
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.grad_clip = grad_clip
+        self.metric = "mse" if regression else "accuracy"
+        self.best: dict[str, float | int | None] = {"value": None, "step": None}
+        self._episodes: dict[str, list[Tensor]] = {}
+        self._step_started: float | None = None
+
+    def configure_optimizers(self) -> Any:
+        opt = self.optimizer_factory(params=self.algorithm.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt),
+                                                   "interval": "step"}}
+
+    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
+        started = time.perf_counter()
+        out = self.algorithm.meta_loss(batch)
+        bad = not bool(torch.isfinite(out.loss))
+        if self.trainer.world_size > 1:  # every process stops at the same step, none waits
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:  # before the update: the weights stay those of the last step
+            raise NonFiniteLoss(self.global_step, out.loss.item())
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(out.loss)
+        if self.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        tasks = len(batch) * self.trainer.world_size
+        metric = per_task_metric(out.query_logits, batch.query_y).mean()
+        extra = {f"train/{k}": v.detach().float().mean() for k, v in (out.extra or {}).items()}
+        self.log_dict({"train/loss": out.loss.detach(), f"train/{self.metric}": metric,
+                       "train/tasks_per_second": tasks / (time.perf_counter() - started)},
+                      on_step=True, prog_bar=True, batch_size=len(batch))
+        if extra:
+            self.log_dict(extra, on_step=True, batch_size=len(batch))
+        # Outer steps done; `train` reads it back under ddp_spawn, whose workers return
+        # callback_metrics to the launching process but not trainer.global_step.
+        self.log("train/steps", float(self.global_step), on_step=True, batch_size=len(batch))
+        return out.loss.detach()
+
+    # evaluation ---------------------------------------------------------------------------
+
+    def _eval_step(self, stage: str, batch: EpisodeBatch) -> None:
+        out: MetaOutput = self.algorithm.predict(batch)
+        rows = [batch.index.float(), per_task_metric(out.query_logits, batch.query_y)]
+        if out.query_logits_before is not None:
+            rows.append(per_task_metric(out.query_logits_before, batch.query_y))
+        self._episodes.setdefault(stage, []).append(torch.stack(rows, 1))  # [B, 2 or 3]
+        for name, values in (out.extra or {}).items():  # further per-task metrics, [B] each
+            self._episodes.setdefault(f"{stage}/{name}", []).append(
+                torch.stack([batch.index.float(), values.detach().float()], 1))  # [B, 2]
+
+    def _gather(self, key: str) -> Tensor:
+        """Rows ``[index, values...]`` stored under ``key`` on every rank, each episode once."""
+        local = torch.cat(self._episodes.pop(key, [torch.zeros(0, 2, device=self.device)]))
+        rows = self.all_gather(local)  # [W, E, R] or [E, R]
+        rows = rows.reshape(-1, rows.shape[-1]).cpu()
+        _, keep = _unique_first(rows[:, 0])  # DistributedSampler pads with repeats
+        return rows[keep]
+
+    def _eval_end(self, stage: str) -> dict[str, float]:
+        rows = self._gather(stage)
+        mean, ci = mean_ci95(rows[:, 1].tolist())
+        metrics = {f"{stage}/{self.metric}": mean, f"{stage}/{self.metric}_ci95": ci,
+                   f"{stage}/episodes": float(len(rows))}
+        if rows.shape[1] > 2:
+            before, before_ci = mean_ci95(rows[:, 2].tolist())
+            metrics |= {f"{stage}/{self.metric}_before_adaptation": before,
+                        f"{stage}/{self.metric}_before_adaptation_ci95": before_ci}
+        for key in sorted(k for k in self._episodes if k.startswith(f"{stage}/")):
+            extra, extra_ci = mean_ci95(self._gather(key)[:, 1].tolist())
+            metrics |= {key: extra, f"{key}_ci95": extra_ci}
+        self.log_dict(metrics, sync_dist=True)  # identical on every rank: all were gathered
+        return metrics
+
+    def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            for key in [k for k in self._episodes if k == "val" or k.startswith("val/")]:
+                self._episodes.pop(key)
+            return
+        value = self._eval_end("val")[f"val/{self.metric}"]
+        better = (self.best["value"] is None or
+                  (value < self.best["value"] if self.metric == "mse" else value > self.best["value"]))
+        if better:
+            self.best = {"value": value, "step": self.global_step}
+        self.log(f"val/best_{self.metric}", self.best["value"])
+        self.log("val/best_step", float(self.best["step"]))
+
+    def test_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["metarun_best"] = dict(self.best)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best = dict(checkpoint.get("metarun_best", self.best))
+        self._apply_changed_optimizer_settings(checkpoint)
+
+    def _apply_changed_optimizer_settings(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run uses the optimiser settings it was started with (e.g. a lower
+        ``optimizer.lr`` after a divergence), not those saved in the optimiser's state; an
+        unchanged setting keeps the saved value (a scheduled learning rate included)."""
+        stored = (checkpoint.get("metarun_config") or {}).get("optimizer") or {}
+        requested = getattr(self.optimizer_factory, "keywords", {})
+        changed = {k: v for k, v in requested.items() if k in stored and stored[k] != v}
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                group.update({k: v for k, v in changed.items() if k in group})
+                if "lr" in changed and "initial_lr" in group:
+                    group["initial_lr"] = changed["lr"]
+        if "lr" in changed:
+            for schedule in checkpoint.get("lr_schedulers", []):
+                if "base_lrs" in schedule:
+                    schedule["base_lrs"] = [changed["lr"]] * len(schedule["base_lrs"])
+
+
+def _unique_first(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Unique ids and the position of each one's first occurrence."""
+    order = torch.argsort(ids, stable=True)
+    sorted_ids = ids[order]
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    return sorted_ids[first], order[first]
+
+
+__all__ = ["MetaLearningModule", "per_task_metric"]
