@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -29,9 +30,14 @@ def run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedP
 
 
 def test_installed_package_runs_from_another_directory(tmp_path):
+    source = tmp_path / "source"  # a copy: building writes build/ next to the sources
+    for name in ("metarun", "conf"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     wheels = tmp_path / "wheels"
     run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-        "-w", str(wheels), str(ROOT), cwd=tmp_path)
+        "-w", str(wheels), str(source), cwd=tmp_path)
     venv = tmp_path / "fresh"
     run(sys.executable, "-m", "venv", "--without-pip", str(venv), cwd=tmp_path)
     python = venv / "bin" / "python"

@@ -1,1 +1,0 @@
-"""Meta-learning algorithms: one file per algorithm, each a `MetaAlgorithm`."""

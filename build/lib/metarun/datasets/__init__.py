@@ -1,1 +1,0 @@
-"""Datasets: in-memory class-indexed image splits and synthetic task families."""

@@ -1,1 +1,0 @@
-"""Backbones: plain nn.Modules with no meta-learning logic."""
