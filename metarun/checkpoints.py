@@ -101,6 +101,16 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
     return checkpoint
 
 
+def load_weights(module: torch.nn.Module, checkpoint: dict[str, Any], where: str, fix: str) -> None:
+    """The checkpoint's weights into ``module`` (built from its config, perhaps with
+    overrides); weights that do not fit become one sentence: ``where (reason), so fix.``"""
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, KeyError) as error:
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise ConfigError(f"{where} ({reason}), so {fix}.") from None
+
+
 def _first_line(text: str) -> str:
     line = text.strip().splitlines()[0] if text.strip() else "no details"
     return line[:200].rstrip(".")

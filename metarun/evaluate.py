@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from metarun.checkpoints import load_checkpoint
+from metarun.checkpoints import load_checkpoint, load_weights
 from metarun.cli import exit_on_config_error, run_command
 from metarun.errors import ConfigError
 from metarun.train import CONFIG_DIR, build, environment, report, test_block, write_results
@@ -48,14 +48,10 @@ def evaluate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     run_cfg.paths = cfg.paths
     objects = build(run_cfg)
     module = objects["module"]
-    try:
-        module.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, KeyError) as error:
-        changed = " ".join(overrides) or "none"
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not allowed with the overrides "
-                          f"({changed}): its weights do not fit the model they build "
-                          f"({str(error).strip().splitlines()[-1].strip()}), so drop the overrides "
-                          f"that change the model.") from None
+    load_weights(module, checkpoint,
+                 f"ckpt_path={cfg.ckpt_path} is not allowed with the overrides "
+                 f"({' '.join(overrides) or 'none'}): its weights do not fit the model they build",
+                 "drop the overrides that change the model")
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     tested = trainer.test(module, datamodule=objects["datamodule"], verbose=False)
     metrics = {k: float(v) for k, v in tested[0].items()}

@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from metarun.algorithms.base import MetaAlgorithm
-from metarun.checkpoints import load_checkpoint
+from metarun.checkpoints import load_checkpoint, load_weights
 from metarun.cli import exit_on_config_error, run_command
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
@@ -63,12 +63,9 @@ class Learner:
         self.config = OmegaConf.create(checkpoint["metarun_config"])
         objects = build_learner(self.config)  # the trained settings; no data is loaded
         module = objects["module"]
-        try:
-            module.load_state_dict(checkpoint["state_dict"])
-        except (RuntimeError, KeyError) as error:
-            raise ConfigError(f"ckpt_path={path} is not allowed: its weights do not fit the model "
-                              f"its config builds ({str(error).strip().splitlines()[-1].strip()}), "
-                              f"so give a checkpoint written by this metarun.") from None
+        load_weights(module, checkpoint,
+                     f"ckpt_path={path} is not allowed: its weights do not fit the model its config builds",
+                     "give a checkpoint written by this metarun")
         self.algorithm: MetaAlgorithm = module.algorithm.eval()
         self.regression: bool = objects["regression"]
         self.dataset = get_class(self.config.dataset._target_)
