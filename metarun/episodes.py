@@ -73,6 +73,14 @@ class EpisodeBatch:
     def is_regression(self) -> bool:
         return self.query_y.is_floating_point()
 
+    def tasks(self, start: int, stop: int) -> EpisodeBatch:
+        """Tasks ``start .. stop - 1`` as a batch of their own (views, no copy)."""
+        def part(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[start:stop]
+        return EpisodeBatch(self.support_x[start:stop], self.support_y[start:stop],
+                            self.query_x[start:stop], self.query_y[start:stop],
+                            part(self.task_params), self.index[start:stop], part(self.classes))
+
     def task(self, i: int) -> Episode:
         """The i-th episode of the batch (views, no copy)."""
         params = None if self.task_params is None else self.task_params[i]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,16 +39,22 @@ class MetaLearningModule(L.LightningModule):
         scheduler: partial LR schedule stepped once per outer step, or None.
         grad_clip: max global norm of the meta-gradient, or None.
         regression: report MSE instead of accuracy.
+        task_chunk: tasks per backward pass within one outer step (None: the whole
+            meta-batch of this process at once). The meta-batch is split into chunks, each
+            chunk's meta-loss, weighted by its share of the tasks, is back-propagated on
+            its own and the gradients accumulate, so peak memory is one chunk's graph; the
+            optimiser steps once, with the meta-gradient of the whole meta-batch.
     """
 
     def __init__(self, algorithm: MetaAlgorithm, optimizer: OptimizerFactory,
                  scheduler: SchedulerFactory | None = None, grad_clip: float | None = None,
-                 regression: bool = False) -> None:
+                 regression: bool = False, task_chunk: int | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.algorithm = algorithm
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.grad_clip = grad_clip
+        self.task_chunk = task_chunk
         self.metric = "mse" if regression else "accuracy"
         self.best: dict[str, float | int | None] = {"value": None, "step": None}
         self._episodes: dict[str, list[Tensor]] = {}
@@ -62,18 +69,18 @@ class MetaLearningModule(L.LightningModule):
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         started = time.perf_counter()
-        out = self.algorithm.meta_loss(batch)
+        opt = self.optimizers()
+        opt.zero_grad()
+        out = self.backward_meta_loss(batch)
         bad = not bool(torch.isfinite(out.loss))
         if self.trainer.world_size > 1:  # every process stops at the same step, none waits
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:  # before the update: the weights stay those of the last step
             raise NonFiniteLoss(self.global_step, out.loss.item())
-        opt = self.optimizers()
-        opt.zero_grad()
-        self.manual_backward(out.loss)
         if self.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
+        self.algorithm.end_outer_step()
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
@@ -89,6 +96,35 @@ class MetaLearningModule(L.LightningModule):
         # callback_metrics to the launching process but not trainer.global_step.
         self.log("train/steps", float(self.global_step), on_step=True, batch_size=len(batch))
         return out.loss.detach()
+
+    def backward_meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
+        """Back-propagate the meta-batch's meta-loss, ``task_chunk`` tasks at a time.
+
+        Each chunk's loss is weighted by its share of the tasks (every learner's meta-loss
+        is a mean over equally sized tasks), so the accumulated gradient is the whole
+        meta-batch's. Under DDP only the last chunk's backward all-reduces. Returns the
+        whole meta-batch's (detached) loss, query logits and extras.
+        """
+        size = len(batch)
+        chunk = min(self.task_chunk or size, size)
+        bounds = [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
+        parts = []
+        for start, stop in bounds:
+            out = self.algorithm.meta_loss(batch if chunk == size else batch.tasks(start, stop))
+            loss = out.loss * ((stop - start) / size)
+            last = stop == size
+            sync = contextlib.nullcontext() if last or not hasattr(
+                self.trainer.strategy, "block_backward_sync") else \
+                self.trainer.strategy.block_backward_sync()
+            with sync:
+                self.manual_backward(loss)
+            parts.append((loss.detach(), out))
+        if len(parts) == 1:
+            return MetaOutput(parts[0][1].loss.detach(), parts[0][1].query_logits,
+                              extra=parts[0][1].extra)
+        extra = {k: torch.cat([o.extra[k] for _, o in parts]) for k in (parts[0][1].extra or {})}
+        return MetaOutput(torch.stack([w for w, _ in parts]).sum(),
+                          torch.cat([o.query_logits for _, o in parts]), extra=extra or None)
 
     # evaluation ---------------------------------------------------------------------------
 

@@ -81,6 +81,10 @@ def check_settings(cfg: DictConfig) -> None:
     if lr is not None:
         positive_number("optimizer.lr", lr)
     positive_number("grad_clip", cfg.get("grad_clip"), allow_none=True)
+    chunk = cfg.get("task_chunk")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
+        raise ConfigError(f"task_chunk={chunk!r} is not allowed: it must be a positive integer "
+                          f"(tasks per backward pass) or null for the whole meta-batch.")
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
@@ -101,6 +105,7 @@ def build_learner(cfg: DictConfig) -> dict[str, Any]:
         model = instantiate_checked(cfg.model)
         algorithm = instantiate_checked(cfg.algorithm, model=model)  # and its own parameters
     algorithm.check_episode_shape(sampler.train_ways, sampler.ways)
+    algorithm.check_task_batching()
     regression = bool(getattr(get_class(cfg.dataset._target_), "is_regression", False))
     kind = "regression" if regression else "classification"
     if kind not in algorithm.tasks:
@@ -117,7 +122,8 @@ def build_learner(cfg: DictConfig) -> dict[str, Any]:
                           f"settings: {error}, so change the optimizer.* values.") from None
     module = MetaLearningModule(algorithm, optimizer=optimizer,
                                 scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
-                                grad_clip=cfg.grad_clip, regression=regression)
+                                grad_clip=cfg.grad_clip, regression=regression,
+                                task_chunk=cfg.get("task_chunk"))
     return {"sampler": sampler, "algorithm": algorithm, "module": module, "regression": regression}
 
 

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from metarun.algorithms.base import MetaOutput
 from metarun.algorithms.inner_loop import Params, TaskAdapter, adapt, adapted_meta_loss, adapted_predictions
 from metarun.algorithms.maml import MAML
-from metarun.episodes import Episode, EpisodeBatch
+from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
 
@@ -30,12 +30,14 @@ class ANIL(MAML):
         head_prefix: name prefix of the adapted parameters: ``head.`` for Conv4; for
             `metarun.models.mlp.MLP` the last Linear, ``net.<k>.`` (``net.4.`` for hidden
             [40, 40]). The empty string adapts every parameter, which is MAML.
+        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
                  test_inner_steps: int, first_order: bool = False,
-                 head_prefix: str = "head.") -> None:
-        super().__init__(model, inner_lr, inner_steps, test_inner_steps, first_order)
+                 head_prefix: str = "head.", task_batching: str = "loop") -> None:
+        super().__init__(model, inner_lr, inner_steps, test_inner_steps, first_order,
+                         task_batching)
         names = [name for name, _ in model.named_parameters()]
         self.head_names = [name for name in names if name.startswith(head_prefix)]
         if not self.head_names:
@@ -58,17 +60,17 @@ class ANIL(MAML):
         return adapt(self.model, head, x, y, steps, self.inner_lr, first_order, fixed=body)
 
     def adapt_task(self, steps: int, first_order: bool) -> TaskAdapter:
-        """(θ, task) -> θ′ with only the head adapted, for `inner_loop.adapted_meta_loss`."""
-        def run(theta: Params, task: Episode) -> Params:
+        """(θ, support_x, support_y) -> θ′ with only the head adapted."""
+        def run(theta: Params, support_x: Tensor, support_y: Tensor) -> Params:
             head, body = self.split(theta)
-            return {**body, **self.adapt_head(head, body, task.support_x, task.support_y,
-                                              steps, first_order)}
+            return {**body, **self.adapt_head(head, body, support_x, support_y, steps,
+                                              first_order)}
         return run
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        return adapted_meta_loss(self.model, batch,
+        return adapted_meta_loss(self, batch,
                                  self.adapt_task(self.inner_steps, self.first_order))
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
-        return adapted_predictions(self.model, batch,
+        return adapted_predictions(self, batch,
                                    self.adapt_task(self.test_inner_steps, first_order=True))

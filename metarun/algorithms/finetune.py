@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embed_episodes
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.tasks import support_gradients
 from metarun.algorithms.checks import check_positive_int
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
@@ -55,14 +56,15 @@ class FineTune(MetaAlgorithm):
         finetune_lr: their step size.
         cosine_scale: the cosine head's fixed scale (the authors' code: 2 up to 200 classes,
             10 above).
+        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
     tasks = ("classification",)
 
     def __init__(self, model: nn.Module, num_train_classes: int, head: str = "linear",
                  finetune_steps: int = 100, finetune_lr: float = 0.01,
-                 cosine_scale: float = 10.0) -> None:
-        super().__init__()
+                 cosine_scale: float = 10.0, task_batching: str = "loop") -> None:
+        super().__init__(task_batching)
         if getattr(model, "head", None) is not None:
             raise ConfigError("model.out_features is not allowed to be set for FineTune: the "
                               "algorithm owns its classifier heads, so it must be null.")
@@ -99,7 +101,7 @@ class FineTune(MetaAlgorithm):
                 f"least {int(batch.classes.max()) + 1}.")
         y = torch.cat([batch.support_y, batch.query_y], 1)  # [B, NK+NQ] in 0..N-1
         labels = batch.classes.gather(1, y).flatten()  # [B*(NK+NQ)] split class ids
-        z = embed_episodes(self.model, batch).flatten(0, 1)  # [B*(NK+NQ), D]
+        z = self.embed_episodes(batch).flatten(0, 1)  # [B*(NK+NQ), D]
         return head_logits(z, self.weight, self.bias, self.head, self.cosine_scale), labels
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
@@ -111,37 +113,43 @@ class FineTune(MetaAlgorithm):
         cols = batch.classes[:, None, :].expand(b, nq, batch.classes.shape[1])  # [B, NQ, N]
         return MetaOutput(loss, query.gather(2, cols))  # [B, NQ, N]
 
-    def fit_head(self, support: Tensor, support_y: Tensor, ways: int) -> tuple[Tensor, Tensor | None]:
-        """A new ``ways``-class head fitted on frozen ``support [N*K, D]`` embeddings (pure)."""
-        dim = support.shape[1]
+    def initial_head(self, dim: int, ways: int, like: Tensor) -> list[Tensor]:
+        """The test head's fixed seeded starting weights (and zero bias for "linear")."""
         g = torch.Generator().manual_seed(0)
         bound = 1 / math.sqrt(dim)
-        weight = (torch.rand(ways, dim, generator=g, dtype=support.dtype) * 2 - 1) * bound  # [N, D]
-        weight = weight.to(support.device)
-        params = [weight] if self.head == "cosine" else [weight, support.new_zeros(ways)]
-        velocity = [torch.zeros_like(p) for p in params]
+        weight = (torch.rand(ways, dim, generator=g, dtype=like.dtype) * 2 - 1) * bound  # [N, D]
+        weight = weight.to(like.device)
+        return [weight] if self.head == "cosine" else [weight, like.new_zeros(ways)]
+
+    def fit_head(self, support: Tensor, support_y: Tensor,
+                 start: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """A new head fitted from ``start`` on frozen ``support [N*K, D]`` embeddings (pure)."""
+        params = dict(zip(("weight", "bias"), start))
+        velocity = {k: torch.zeros_like(p) for k, p in params.items()}
         support = support.detach()
-        with torch.enable_grad():
-            for _ in range(self.finetune_steps):
-                params = [p.detach().requires_grad_() for p in params]
-                bias = None if self.head == "cosine" else params[1]
-                loss = F.cross_entropy(head_logits(support, params[0], bias, self.head,
-                                                   self.cosine_scale), support_y)
-                grads = torch.autograd.grad(loss, params)
-                velocity = [0.9 * v + g_ + 1e-3 * p.detach() for v, g_, p in zip(velocity, grads, params)]
-                params = [p.detach() - self.finetune_lr * v for p, v in zip(params, velocity)]
-        return params[0], (None if self.head == "cosine" else params[1])
+
+        def loss(p: dict[str, Tensor]) -> Tensor:
+            return F.cross_entropy(head_logits(support, p["weight"], p.get("bias"), self.head,
+                                               self.cosine_scale), support_y)
+
+        for _ in range(self.finetune_steps):
+            _, grads = support_gradients(loss, params, create_graph=False)
+            velocity = {k: 0.9 * velocity[k] + grads[k] + 1e-3 * p for k, p in params.items()}
+            params = {k: p - self.finetune_lr * velocity[k] for k, p in params.items()}
+        return params["weight"], params.get("bias")
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
-        b, nk = batch.support_y.shape
-        nq = batch.query_y.shape[1]
+        nk = batch.support_y.shape[1]
         ways = int(batch.support_y.max()) + 1
         with torch.no_grad():
-            z = embed_episodes(self.model, batch).view(b, nk + nq, -1)  # [B, NK+NQ, D]
-        logits = []
-        for i in range(b):
-            weight, bias = self.fit_head(z[i, :nk], batch.support_y[i], ways)
-            logits.append(head_logits(z[i, nk:], weight, bias, self.head, self.cosine_scale))  # [NQ, N]
-        logits = torch.stack(logits)  # [B, NQ, N]
+            z = self.embed_episodes(batch)  # [B, NK+NQ, D]
+        start = self.initial_head(z.shape[-1], ways, z)
+
+        def one_task(support: Tensor, support_y: Tensor, query: Tensor) -> Tensor:
+            weight, bias = self.fit_head(support, support_y, start)
+            return head_logits(query, weight, bias, self.head, self.cosine_scale)  # [NQ, N]
+
+        with torch.enable_grad():
+            logits = self.map_tasks(one_task, z[:, :nk], batch.support_y, z[:, nk:])  # [B, NQ, N]
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
-        return MetaOutput(loss, logits)
+        return MetaOutput(loss, logits.detach())

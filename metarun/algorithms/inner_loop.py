@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarun.algorithms.base import MetaOutput
-from metarun.episodes import Episode, EpisodeBatch
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.tasks import support_gradients
+from metarun.episodes import EpisodeBatch
 
 Params = dict[str, Tensor]
-TaskAdapter = Callable[[Params, Episode], Params]  # (θ, task) -> θ′ from the task's support set
+# (θ, support_x, support_y) -> θ′ adapted on the task's support set
+TaskAdapter = Callable[[Params, Tensor, Tensor], Params]
 
 
 def task_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -58,38 +60,44 @@ def adapt(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: int,
     θ ← θ − α ∇θ L(θ; x, y). With ``first_order=False`` the graph of every step is kept, so
     the result is differentiable twice (MAML); with ``first_order=True`` each gradient is a
     constant and dθ′/dθ = I (FOMAML). ``lr`` is a scalar or, per parameter, a tensor
-    broadcastable to it (Meta-SGD).
+    broadcastable to it (Meta-SGD). Runs the same inside `map_tasks`' vmap.
     """
     for _ in range(steps):
-        loss = task_loss(forward(model, params, x, fixed), y)
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=not first_order)
-        params = {name: p - (lr[name] if isinstance(lr, Mapping) else lr) * g
-                  for (name, p), g in zip(params.items(), grads)}
+        _, grads = support_gradients(lambda p: task_loss(forward(model, p, x, fixed), y),
+                                     params, create_graph=not first_order)
+        params = {name: p - (lr[name] if isinstance(lr, Mapping) else lr) * grads[name]
+                  for name, p in params.items()}
     return params
 
 
-def adapted_meta_loss(model: nn.Module, batch: EpisodeBatch, adapt_task: TaskAdapter) -> MetaOutput:
-    """Mean query loss at θ′ = ``adapt_task(θ, task)`` over the tasks, differentiable in θ."""
+def adapted_meta_loss(algorithm: MetaAlgorithm, batch: EpisodeBatch,
+                      adapt_task: TaskAdapter) -> MetaOutput:
+    """Mean query loss at θ′ = ``adapt_task(θ, support_x, support_y)`` over the tasks,
+    differentiable in θ."""
+    model = algorithm.model
     theta = dict(model.named_parameters())
-    losses, logits = [], []
-    for i in range(len(batch)):
-        task = batch.task(i)
-        pred = query_forward(model, adapt_task(theta, task), task.support_x, task.query_x)  # [N*Q, N]
-        losses.append(task_loss(pred, task.query_y))
-        logits.append(pred.detach())
-    return MetaOutput(torch.stack(losses).mean(), torch.stack(logits))
+
+    def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+        pred = query_forward(model, adapt_task(theta, sx, sy), sx, qx)  # [N*Q, N]
+        return task_loss(pred, qy), pred.detach()
+
+    losses, logits = algorithm.map_tasks(one_task, batch.support_x, batch.support_y,
+                                         batch.query_x, batch.query_y)  # [B], [B, N*Q, N]
+    return MetaOutput(losses.mean(), logits)
 
 
-def adapted_predictions(model: nn.Module, batch: EpisodeBatch, adapt_task: TaskAdapter) -> MetaOutput:
+def adapted_predictions(algorithm: MetaAlgorithm, batch: EpisodeBatch,
+                        adapt_task: TaskAdapter) -> MetaOutput:
     """Query predictions before and after adapting a detached copy of θ to each task."""
-    losses, logits, before = [], [], []
+    model = algorithm.model
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, ...]:
+        before = query_forward(model, theta, sx, qx).detach()
+        pred = query_forward(model, adapt_task(theta, sx, sy), sx, qx).detach()  # [N*Q, N]
+        return task_loss(pred, qy), pred, before
+
     with torch.enable_grad():
-        for i in range(len(batch)):
-            task = batch.task(i)
-            theta = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
-            before.append(query_forward(model, theta, task.support_x, task.query_x).detach())
-            pred = query_forward(model, adapt_task(theta, task), task.support_x,
-                                 task.query_x).detach()  # [N*Q, N]
-            losses.append(task_loss(pred, task.query_y))
-            logits.append(pred)
-    return MetaOutput(torch.stack(losses).mean(), torch.stack(logits), torch.stack(before))
+        losses, logits, before = algorithm.map_tasks(one_task, batch.support_x, batch.support_y,
+                                                     batch.query_x, batch.query_y)
+    return MetaOutput(losses.mean(), logits, before)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.checks import check_positive_int, check_same_ways
 from metarun.algorithms.inner_loop import Params, adapted_meta_loss, adapted_predictions, forward, task_loss
+from metarun.algorithms.tasks import support_gradients
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -63,12 +64,9 @@ def lstm_adapt(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: in
     """
     state = None
     for _ in range(steps):
-        loss = task_loss(forward(model, params, x), y)
-        grads = torch.autograd.grad(loss, list(params.values()),
-                                    create_graph=not first_order and keep_graph)
-        grad = flatten(list(grads))  # [P]
-        if first_order or not keep_graph:
-            loss = loss.detach()
+        loss, grads = support_gradients(lambda p: task_loss(forward(model, p, x), y), params,
+                                        create_graph=not first_order and keep_graph)
+        grad = flatten([grads[name] for name in params])  # [P]
         with torch.set_grad_enabled(keep_graph):  # evaluation: no graph through the optimiser
             theta, state = update(grad, loss, flatten(list(params.values())), state)  # [P]
         params = unflatten(theta, params)
@@ -129,13 +127,14 @@ class LSTMOptimizer(MetaAlgorithm):
         variant: "andrychowicz" or "ravi".
         first_order: do not back-propagate through the gradient inputs of the optimiser.
         seed: seeds the optimiser's initial weights (the global RNG is untouched).
+        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
     def __init__(self, model: nn.Module, inner_steps: int, test_inner_steps: int,
                  hidden: int = 20, layers: int = 2, preprocess: bool = True,
                  output_scale: float = 0.1, variant: str = "andrychowicz",
-                 first_order: bool = False, seed: int = 0) -> None:
-        super().__init__()
+                 first_order: bool = False, seed: int = 0, task_batching: str = "loop") -> None:
+        super().__init__(task_batching)
         for key, value in (("algorithm.inner_steps", inner_steps),
                            ("algorithm.test_inner_steps", test_inner_steps),
                            ("algorithm.hidden", hidden), ("algorithm.layers", layers)):
@@ -209,11 +208,10 @@ class LSTMOptimizer(MetaAlgorithm):
         return f * theta - i * grad, (lstm_state, i, f)  # [P] each
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        return adapted_meta_loss(self.model, batch, lambda theta, task: lstm_adapt(
-            self.model, theta, task.support_x, task.support_y, self.inner_steps, self.update,
-            self.first_order))
+        return adapted_meta_loss(self, batch, lambda theta, sx, sy: lstm_adapt(
+            self.model, theta, sx, sy, self.inner_steps, self.update, self.first_order))
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
-        return adapted_predictions(self.model, batch, lambda theta, task: lstm_adapt(
-            self.model, theta, task.support_x, task.support_y, self.test_inner_steps,
-            self.update, first_order=True, keep_graph=False))
+        return adapted_predictions(self, batch, lambda theta, sx, sy: lstm_adapt(
+            self.model, theta, sx, sy, self.test_inner_steps, self.update, first_order=True,
+            keep_graph=False))

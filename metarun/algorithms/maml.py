@@ -24,11 +24,13 @@ class MAML(MetaAlgorithm):
         inner_steps: inner steps during meta-training.
         test_inner_steps: inner steps at validation/test (Finn et al.: more than in training).
         first_order: drop second derivatives (FOMAML).
+        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
-                 test_inner_steps: int, first_order: bool = False) -> None:
-        super().__init__()
+                 test_inner_steps: int, first_order: bool = False,
+                 task_batching: str = "loop") -> None:
+        super().__init__(task_batching)
         check_positive("algorithm.inner_lr", inner_lr)
         for key, steps in (("algorithm.inner_steps", inner_steps),
                            ("algorithm.test_inner_steps", test_inner_steps)):
@@ -41,11 +43,9 @@ class MAML(MetaAlgorithm):
         check_same_ways(train_ways, ways)
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        return adapted_meta_loss(self.model, batch, lambda theta, task: adapt(
-            self.model, theta, task.support_x, task.support_y, self.inner_steps, self.inner_lr,
-            self.first_order))
+        return adapted_meta_loss(self, batch, lambda theta, sx, sy: adapt(
+            self.model, theta, sx, sy, self.inner_steps, self.inner_lr, self.first_order))
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
-        return adapted_predictions(self.model, batch, lambda theta, task: adapt(
-            self.model, theta, task.support_x, task.support_y, self.test_inner_steps,
-            self.inner_lr, first_order=True))
+        return adapted_predictions(self, batch, lambda theta, sx, sy: adapt(
+            self.model, theta, sx, sy, self.test_inner_steps, self.inner_lr, first_order=True))

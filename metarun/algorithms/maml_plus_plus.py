@@ -97,8 +97,9 @@ class MAMLPlusPlus(MetaAlgorithm):
     - CA, cosine annealing of the outer learning rate: a config scheduler
       (``scheduler: {_target_: torch.optim.lr_scheduler.CosineAnnealingLR, ...}``).
 
-    Epochs are counted by the ``outer_step`` buffer, advanced by each `meta_loss` call in
-    training mode (so it is saved in checkpoints and restored on resume):
+    Epochs are counted by the ``outer_step`` buffer, advanced once per outer update by
+    `end_outer_step` (so it is saved in checkpoints and restored on resume, and a meta-batch
+    split into chunks advances it once):
     epoch = outer_step // ``steps_per_epoch``. At test time steps beyond ``inner_steps`` reuse
     the last step's learning rates and batch-norm set.
 
@@ -116,13 +117,16 @@ class MAMLPlusPlus(MetaAlgorithm):
         per_step_bn: per-step batch-norm parameters and statistics (BNWB/BNRS); false shares
             the backbone's batch norm across steps and adapts its affine parameters like MAML.
         steps_per_epoch: outer steps per epoch (the authors: 500).
+        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`); per-step running
+            statistics (``model.norm=running``) refuse vmap.
     """
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
                  test_inner_steps: int, multi_step_loss_epochs: int = 10,
                  first_order_epochs: int = 0, learn_inner_lr: bool = True,
-                 per_step_bn: bool = True, steps_per_epoch: int = 500) -> None:
-        super().__init__()
+                 per_step_bn: bool = True, steps_per_epoch: int = 500,
+                 task_batching: str = "loop") -> None:
+        super().__init__(task_batching)
         check_positive("algorithm.inner_lr", inner_lr)
         _check_count("algorithm.inner_steps", inner_steps, 1)
         _check_count("algorithm.test_inner_steps", test_inner_steps, 1)
@@ -195,49 +199,48 @@ class MAMLPlusPlus(MetaAlgorithm):
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
         check_same_ways(train_ways, ways)
 
+    def end_outer_step(self) -> None:
+        self.outer_step.add_(1)
+
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         epoch = self.epoch
-        if self.training:
-            self.outer_step.add_(1)
         first_order = self.uses_first_order(epoch)
         weights = self.step_weights(epoch)
         theta = dict(self.model.named_parameters())
         start: Params = {name: theta[name] for name in self.adapted_names}
-        losses, logits = [], []
-        for i in range(len(batch)):
-            task = batch.task(i)
+
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
             params, total = start, 0.0
             for s in range(self.inner_steps):
                 norm = self.step_norm(s)
-                params = adapt(self.model, params, task.support_x, task.support_y, 1,
-                               self.step_learning_rates(s), first_order, fixed=norm)
+                params = adapt(self.model, params, sx, sy, 1, self.step_learning_rates(s),
+                               first_order, fixed=norm)
                 if weights is not None or s == self.inner_steps - 1:
-                    pred = query_forward(self.model, params, task.support_x, task.query_x,
-                                         fixed=norm)  # [N*Q, N]
-                    loss = task_loss(pred, task.query_y)
+                    pred = query_forward(self.model, params, sx, qx, fixed=norm)  # [N*Q, N]
+                    loss = task_loss(pred, qy)
                     total = total + (loss if weights is None else weights[s] * loss)
-            losses.append(total)
-            logits.append(pred.detach())
-        return MetaOutput(torch.stack(losses).mean(), torch.stack(logits))
+            return total, pred.detach()
+
+        losses, logits = self.map_tasks(one_task, batch.support_x, batch.support_y,
+                                        batch.query_x, batch.query_y)  # [B], [B, N*Q, N]
+        return MetaOutput(losses.mean(), logits)
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
-        losses, logits, before = [], [], []
+        theta = dict(self.model.named_parameters())
+        start = {name: theta[name].detach() for name in self.adapted_names}
+
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, ...]:
+            norm = {k: v.detach() for k, v in self.step_norm(0).items()}
+            before = query_forward(self.model, start, sx, qx, fixed=norm).detach()
+            params = start
+            for s in range(self.test_inner_steps):
+                norm = {k: v.detach() for k, v in self.step_norm(s).items()}
+                lrs = {k: v.detach() for k, v in self.step_learning_rates(s).items()}
+                params = adapt(self.model, params, sx, sy, 1, lrs, first_order=True, fixed=norm)
+            pred = query_forward(self.model, params, sx, qx, fixed=norm).detach()  # [N*Q, N]
+            return task_loss(pred, qy), pred, before
+
         with torch.enable_grad():
-            for i in range(len(batch)):
-                task = batch.task(i)
-                theta = dict(self.model.named_parameters())
-                params = {name: theta[name].detach().requires_grad_()
-                          for name in self.adapted_names}
-                norm = {k: v.detach() for k, v in self.step_norm(0).items()}
-                before.append(query_forward(self.model, params, task.support_x, task.query_x,
-                                            fixed=norm).detach())
-                for s in range(self.test_inner_steps):
-                    norm = {k: v.detach() for k, v in self.step_norm(s).items()}
-                    lrs = {k: v.detach() for k, v in self.step_learning_rates(s).items()}
-                    params = adapt(self.model, params, task.support_x, task.support_y, 1, lrs,
-                                   first_order=True, fixed=norm)
-                pred = query_forward(self.model, params, task.support_x, task.query_x,
-                                     fixed=norm).detach()  # [N*Q, N]
-                losses.append(task_loss(pred, task.query_y))
-                logits.append(pred)
-        return MetaOutput(torch.stack(losses).mean(), torch.stack(logits), torch.stack(before))
+            losses, logits, before = self.map_tasks(one_task, batch.support_x, batch.support_y,
+                                                    batch.query_x, batch.query_y)
+        return MetaOutput(losses.mean(), logits, before)

@@ -87,13 +87,14 @@ class MatchingNet(MetaAlgorithm):
         fce_lstm_layers: layers of the bidirectional support LSTM (FCE only).
         attention_steps: K, processing steps of the query attention LSTM (FCE only; the
             paper does not state K).
+        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
     tasks = ("classification",)
 
     def __init__(self, model: nn.Module, fce: bool = False, fce_lstm_layers: int = 1,
-                 attention_steps: int = 2) -> None:
-        super().__init__()
+                 attention_steps: int = 2, task_batching: str = "loop") -> None:
+        super().__init__(task_batching)
         if getattr(model, "head", None) is not None:
             raise ConfigError("model.out_features is not allowed to be set for MatchingNet: the "
                               "embedding network has no classifier head, so it must be null.")
@@ -109,9 +110,10 @@ class MatchingNet(MetaAlgorithm):
                                   f"embedding_dim, such as Conv4.")
             self.fce = FullContextEmbedding(dim, fce_lstm_layers, attention_steps)
 
-    def _task_log_probs(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+    def _task_log_probs(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                        ways: int) -> Tensor:
         """One episode (its own batch-norm batch) -> ``[N*Q, N]`` log-probabilities."""
-        nk, ways = support_y.shape[0], int(support_y.max()) + 1
+        nk = support_y.shape[0]
         z = self.model(torch.cat([support_x, query_x]))  # [NK+NQ, D]
         z = z.flatten(1)  # [NK+NQ, D]
         g, f = z[:nk], z[nk:]  # [NK, D], [NQ, D]
@@ -121,9 +123,10 @@ class MatchingNet(MetaAlgorithm):
         return cosine_attention_log_probs(g, support_y, f, ways)  # [NQ, N]
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        log_probs = torch.stack([  # [B, NQ, N]
-            self._task_log_probs(batch.support_x[i], batch.support_y[i], batch.query_x[i])
-            for i in range(len(batch))])
+        ways = int(batch.support_y.max()) + 1
+        log_probs = self.map_tasks(  # [B, NQ, N]
+            lambda sx, sy, qx: self._task_log_probs(sx, sy, qx, ways),
+            batch.support_x, batch.support_y, batch.query_x)
         loss = F.nll_loss(log_probs.flatten(0, 1), batch.query_y.flatten())
         return MetaOutput(loss, log_probs.detach())
 

@@ -36,11 +36,13 @@ class MetaSGD(MetaAlgorithm):
         test_inner_steps: inner steps at validation/test (Li et al.: one).
         first_order: drop second derivatives; α still gets its gradient, which is exact
             for one step (∂θ′/∂α = −∇L_support(θ) needs no Hessian).
+        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
     def __init__(self, model: nn.Module, init_inner_lr: float, inner_steps: int,
-                 test_inner_steps: int, first_order: bool = False) -> None:
-        super().__init__()
+                 test_inner_steps: int, first_order: bool = False,
+                 task_batching: str = "loop") -> None:
+        super().__init__(task_batching)
         check_positive("algorithm.init_inner_lr", init_inner_lr)
         for key, steps in (("algorithm.inner_steps", inner_steps),
                            ("algorithm.test_inner_steps", test_inner_steps)):
@@ -66,12 +68,10 @@ class MetaSGD(MetaAlgorithm):
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         lrs = self.learning_rates()
-        return adapted_meta_loss(self.model, batch, lambda theta, task: adapt(
-            self.model, theta, task.support_x, task.support_y, self.inner_steps, lrs,
-            self.first_order))
+        return adapted_meta_loss(self, batch, lambda theta, sx, sy: adapt(
+            self.model, theta, sx, sy, self.inner_steps, lrs, self.first_order))
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
         lrs = {name: lr.detach() for name, lr in self.learning_rates().items()}
-        return adapted_predictions(self.model, batch, lambda theta, task: adapt(
-            self.model, theta, task.support_x, task.support_y, self.test_inner_steps, lrs,
-            first_order=True))
+        return adapted_predictions(self, batch, lambda theta, sx, sy: adapt(
+            self.model, theta, sx, sy, self.test_inner_steps, lrs, first_order=True))

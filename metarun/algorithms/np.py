@@ -66,14 +66,17 @@ class NeuralProcess(MetaAlgorithm):
         min_std: lower bound of the decoder's std (0.1, as in the CNP).
         test_samples: S, latent samples per task at validation/test.
         seed: seeds the latent noise.
+        task_batching: accepted like every learner's (see `MetaAlgorithm`), but this
+            learner already computes all tasks as one batched tensor computation.
     """
 
     tasks = ("regression",)
 
     def __init__(self, model: nn.Module, latent_encoder: nn.Module, latent_dim: int,
                  deterministic_encoder: nn.Module | None = None, x_dim: int = 1, y_dim: int = 1,
-                 min_std: float = 0.1, test_samples: int = 32, seed: int = 0) -> None:
-        super().__init__()
+                 min_std: float = 0.1, test_samples: int = 32, seed: int = 0,
+                 task_batching: str = "loop") -> None:
+        super().__init__(task_batching)
         for key, value in (("algorithm.latent_dim", latent_dim), ("algorithm.x_dim", x_dim),
                            ("algorithm.y_dim", y_dim), ("algorithm.test_samples", test_samples)):
             check_positive_int(key, value)
@@ -99,6 +102,9 @@ class NeuralProcess(MetaAlgorithm):
         # outer updates so far: with the task index it seeds the training noise, and it is
         # saved in checkpoints, so a resumed run draws what an uninterrupted one would
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def end_outer_step(self) -> None:
+        self.updates += 1
 
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
         check_regression("NeuralProcess", train_ways, ways)
@@ -135,7 +141,6 @@ class NeuralProcess(MetaAlgorithm):
         with torch.no_grad():  # the metric's prediction sees the context only: z = E[q(z|C)]
             pred, _ = decode(self.model, self.representation(batch, prior_mean), batch.query_x,
                              self.min_std)  # [B, Q, Dy]
-        self.updates += 1
         return MetaOutput(-elbo.mean(), pred, extra={"elbo": elbo.detach(), "kl": kl.detach()})
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embed_episodes
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -30,12 +30,13 @@ class ProtoNet(MetaAlgorithm):
 
     Args:
         model: embedding network (no classifier head).
+        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
     tasks = ("classification",)
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
+    def __init__(self, model: nn.Module, task_batching: str = "loop") -> None:
+        super().__init__(task_batching)
         if getattr(model, "head", None) is not None:
             raise ConfigError("model.out_features is not allowed to be set for ProtoNet: the "
                               "embedding network has no classifier head, so it must be null.")
@@ -45,7 +46,7 @@ class ProtoNet(MetaAlgorithm):
         b, nk = batch.support_y.shape
         nq = batch.query_y.shape[1]
         ways = int(batch.support_y.max()) + 1
-        z = embed_episodes(self.model, batch).reshape(b, nk + nq, -1)  # [B, NK+NQ, D]
+        z = self.embed_episodes(batch).reshape(b, nk + nq, -1)  # [B, NK+NQ, D]
         return prototype_logits(z[:, :nk], batch.support_y, z[:, nk:], ways)  # [B, NQ, N]
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:

@@ -60,13 +60,14 @@ class RelationNet(MetaAlgorithm):
             paper's pools only in its first 2 blocks: ``model.pooled_blocks=2``).
         relation_hidden: units of the relation module's hidden FC layer (8 in the paper).
         norm: batch-norm mode of the relation module (the configs use ``${model.norm}``).
+        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
     tasks = ("classification",)
 
     def __init__(self, model: nn.Module, relation_hidden: int = 8,
-                 norm: str = "transductive") -> None:
-        super().__init__()
+                 norm: str = "transductive", task_batching: str = "loop") -> None:
+        super().__init__(task_batching)
         if getattr(model, "head", None) is not None:
             raise ConfigError("model.out_features is not allowed to be set for RelationNet: the "
                               "embedding network has no classifier head, so it must be null.")
@@ -85,9 +86,10 @@ class RelationNet(MetaAlgorithm):
         self.model = model
         self.relation = RelationModule(tuple(shape), relation_hidden, norm)
 
-    def relation_scores(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+    def relation_scores(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                        ways: int) -> Tensor:
         """One episode (its own batch-norm batch) -> relation scores ``[N*Q, N]`` in [0, 1]."""
-        nk, ways = support_y.shape[0], int(support_y.max()) + 1
+        nk = support_y.shape[0]
         maps = self.model.features(torch.cat([support_x, query_x]))  # [NK+NQ, C, h, w]
         support, query = maps[:nk], maps[nk:]  # [NK, C, h, w], [NQ, C, h, w]
         onehot = F.one_hot(support_y, ways).to(maps.dtype)  # [NK, N]
@@ -99,9 +101,10 @@ class RelationNet(MetaAlgorithm):
         return self.relation(pairs.flatten(0, 1)).view(m, ways)  # [NQ*N] -> [NQ, N]
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        scores = torch.stack([  # [B, NQ, N]
-            self.relation_scores(batch.support_x[i], batch.support_y[i], batch.query_x[i])
-            for i in range(len(batch))])
+        ways = int(batch.support_y.max()) + 1
+        scores = self.map_tasks(  # [B, NQ, N]
+            lambda sx, sy, qx: self.relation_scores(sx, sy, qx, ways),
+            batch.support_x, batch.support_y, batch.query_x)
         target = F.one_hot(batch.query_y, scores.shape[-1]).to(scores.dtype)  # [B, NQ, N]
         return MetaOutput(F.mse_loss(scores, target), scores.detach())
 

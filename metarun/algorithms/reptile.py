@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +11,8 @@ from torch import Tensor, nn
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.checks import check_same_ways
 from metarun.algorithms.inner_loop import Params, forward, query_forward, task_loss
-from metarun.episodes import Episode, EpisodeBatch, task_generator
+from metarun.algorithms.tasks import support_gradients
+from metarun.episodes import EpisodeBatch, task_generator
 from metarun.errors import ConfigError
 
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -41,37 +43,38 @@ def minibatch_indices(size: int, batch_size: int | None, steps: int,
 
 
 def inner_train(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: int, lr: float,
-                optimizer: str, batches: Sequence[Tensor | None],
+                optimizer: str, batches: Tensor | None,
                 betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8) -> Params:
     """``steps`` first-order steps of SGD or Adam on the support loss, from ``params``.
 
     Pure: takes and returns a ``dict[str, Tensor]``; the result is detached (Reptile never
-    differentiates through the inner loop). Adam is written functionally with a fresh state
-    per task: m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², θ ← θ − lr·m̂/(√v̂ + ε) with the usual
-    bias corrections m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ).
+    differentiates through the inner loop). ``batches [steps, b]``: the support examples of
+    each step (None: all of them). Adam is written functionally with a fresh state per
+    task: m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², θ ← θ − lr·m̂/(√v̂ + ε) with the usual
+    bias corrections m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ). Runs the same inside `map_tasks`' vmap.
     """
-    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    params = {k: v.detach() for k, v in params.items()}
     m = {k: torch.zeros_like(v) for k, v in params.items()}
     v2 = {k: torch.zeros_like(v) for k, v in params.items()}
     b1, b2 = betas
-    with torch.enable_grad():
-        for t, idx in zip(range(1, steps + 1), batches):
-            xb, yb = (x, y) if idx is None else (x[idx], y[idx])  # [b, ...]
-            loss = task_loss(forward(model, params, xb), yb)
-            grads = torch.autograd.grad(loss, list(params.values()))
-            new: Params = {}
-            for (name, p), g in zip(params.items(), grads):
-                if optimizer == "sgd":
-                    step = lr * g
-                else:
-                    m[name] = b1 * m[name] + (1 - b1) * g
-                    v2[name] = b2 * v2[name] + (1 - b2) * g * g
-                    m_hat = m[name] / (1 - b1 ** t)
-                    v_hat = v2[name] / (1 - b2 ** t)
-                    step = lr * m_hat / (v_hat.sqrt() + eps)
-                new[name] = (p - step).detach().requires_grad_()
-            params = new
-    return {k: v.detach() for k, v in params.items()}
+    for t in range(1, steps + 1):
+        xb, yb = (x, y) if batches is None else (x[batches[t - 1]], y[batches[t - 1]])  # [b, ...]
+        _, grads = support_gradients(lambda p: task_loss(forward(model, p, xb), yb), params,
+                                     create_graph=False)
+        new: Params = {}
+        for name, p in params.items():
+            g = grads[name]
+            if optimizer == "sgd":
+                step = lr * g
+            else:
+                m[name] = b1 * m[name] + (1 - b1) * g
+                v2[name] = b2 * v2[name] + (1 - b2) * g * g
+                m_hat = m[name] / (1 - b1 ** t)
+                v_hat = v2[name] / (1 - b2 ** t)
+                step = lr * m_hat / (v_hat.sqrt() + eps)
+            new[name] = (p - step).detach()
+        params = new
+    return params
 
 
 class Reptile(MetaAlgorithm):
@@ -98,14 +101,15 @@ class Reptile(MetaAlgorithm):
         inner_betas: Adam's (β₁, β₂) for ``inner_optimizer="adam"``.
         inner_eps: Adam's ε.
         seed: seeds the minibatch order, from (seed, update count, task index).
+        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
     def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int, test_inner_steps: int,
                  inner_optimizer: str = "sgd", inner_batch_size: int | None = None,
                  test_inner_batch_size: int | None = None,
                  inner_betas: Sequence[float] = (0.0, 0.999), inner_eps: float = 1e-8,
-                 seed: int = 0) -> None:
-        super().__init__()
+                 seed: int = 0, task_batching: str = "loop") -> None:
+        super().__init__(task_batching)
         if isinstance(inner_lr, bool) or not inner_lr > 0:
             raise ConfigError(f"algorithm.inner_lr={inner_lr!r} is not allowed: it must be positive.")
         _positive_int("algorithm.inner_steps", inner_steps)
@@ -136,41 +140,57 @@ class Reptile(MetaAlgorithm):
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
         check_same_ways(train_ways, ways)
 
-    def adapt(self, task: Episode, steps: int, batch_size: int | None,
-              generator: torch.Generator) -> Params:
-        """θ′: the inner optimiser run on the task's support set from the current weights."""
-        theta = {k: v.detach() for k, v in self.model.named_parameters()}
-        batches = minibatch_indices(task.support_x.shape[0], batch_size, steps, generator)
-        batches = [None if b is None else b.to(task.support_x.device) for b in batches]
-        return inner_train(self.model, theta, task.support_x, task.support_y, steps,
-                           self.inner_lr, self.inner_optimizer, batches, self.inner_betas,
-                           self.inner_eps)
+    def end_outer_step(self) -> None:
+        self.updates += 1
+
+    def minibatches(self, batch: EpisodeBatch, stream: int, update: int, steps: int,
+                    batch_size: int | None) -> Tensor | None:
+        """Each task's support examples per inner step, ``[B, steps, b]``, drawn from the
+        task's own generator (seed, stream, update, task index); None: the whole support set."""
+        size = batch.support_x.shape[1]
+        if batch_size is None or batch_size >= size:
+            return None
+        return torch.stack([  # [B, steps, b]
+            torch.stack(minibatch_indices(size, batch_size, steps,
+                                          task_generator(self.seed, stream, update, int(i))))
+            for i in batch.index]).to(batch.support_x.device)
+
+    def adapt_tasks(self, batch: EpisodeBatch, steps: int, batches: Tensor | None,
+                    score: Callable[[Params, Params, Tensor, Tensor, Tensor], Any]) -> Any:
+        """Run the inner optimiser on every task's support set from the current weights
+        and return ``score(θ, θ′, support_x, query_x, query_y)`` per task, stacked."""
+        theta = dict(self.model.named_parameters())
+
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, *idx: Tensor) -> Any:
+            adapted = inner_train(self.model, theta, sx, sy, steps, self.inner_lr,
+                                  self.inner_optimizer, idx[0] if idx else None,
+                                  self.inner_betas, self.inner_eps)
+            return score(theta, adapted, sx, qx, qy)
+
+        tensors = [batch.support_x, batch.support_y, batch.query_x, batch.query_y]
+        return self.map_tasks(one_task, *tensors, *([] if batches is None else [batches]))
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        theta = dict(self.model.named_parameters())
-        losses, logits = [], []
-        for i in range(len(batch)):
-            task = batch.task(i)
-            g = task_generator(self.seed, TRAIN_ORDER, int(self.updates), task.index)
-            adapted = self.adapt(task, self.inner_steps, self.inner_batch_size, g)
+        def score(theta: Params, adapted: Params, sx: Tensor, qx: Tensor,
+                  qy: Tensor) -> tuple[Tensor, Tensor]:
             # ½‖θ − stopgrad(θ′)‖²: its gradient w.r.t. θ is θ − θ′
-            losses.append(sum(0.5 * (theta[k] - adapted[k]).pow(2).sum() for k in theta))
-            with torch.no_grad():
-                logits.append(query_forward(self.model, adapted, task.support_x,
-                                            task.query_x))  # [N*Q, N]
-        self.updates += 1
-        return MetaOutput(torch.stack(losses).mean(), torch.stack(logits))
+            surrogate = sum(0.5 * (theta[k] - adapted[k]).pow(2).sum() for k in theta)
+            return surrogate, query_forward(self.model, adapted, sx, qx).detach()  # [N*Q, N]
+
+        batches = self.minibatches(batch, TRAIN_ORDER, int(self.updates), self.inner_steps,
+                                   self.inner_batch_size)
+        losses, logits = self.adapt_tasks(batch, self.inner_steps, batches, score)
+        return MetaOutput(losses.mean(), logits)
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
-        losses, logits, before = [], [], []
-        for i in range(len(batch)):
-            task = batch.task(i)
-            g = task_generator(self.seed, EVAL_ORDER, 0, task.index)
-            adapted = self.adapt(task, self.test_inner_steps, self.test_inner_batch_size, g)
-            with torch.no_grad():
-                theta = dict(self.model.named_parameters())
-                before.append(query_forward(self.model, theta, task.support_x, task.query_x))
-                pred = query_forward(self.model, adapted, task.support_x, task.query_x)  # [N*Q, N]
-            losses.append(task_loss(pred, task.query_y))
-            logits.append(pred)
-        return MetaOutput(torch.stack(losses).mean(), torch.stack(logits), torch.stack(before))
+        def score(theta: Params, adapted: Params, sx: Tensor, qx: Tensor,
+                  qy: Tensor) -> tuple[Tensor, ...]:
+            before = query_forward(self.model, theta, sx, qx).detach()
+            pred = query_forward(self.model, adapted, sx, qx).detach()  # [N*Q, N]
+            return task_loss(pred, qy), pred, before
+
+        batches = self.minibatches(batch, EVAL_ORDER, 0, self.test_inner_steps,
+                                   self.test_inner_batch_size)
+        with torch.enable_grad():
+            losses, logits, before = self.adapt_tasks(batch, self.test_inner_steps, batches, score)
+        return MetaOutput(losses.mean(), logits, before)

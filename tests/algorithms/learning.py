@@ -24,6 +24,7 @@ def meta_train(algorithm: MetaAlgorithm, sampler: EpisodeSampler, source: TaskSo
         opt.zero_grad()
         loss.backward()
         opt.step()
+        algorithm.end_outer_step()
 
 
 def episode_accuracy(algorithm: MetaAlgorithm, sampler: EpisodeSampler, source: TaskSource,
@@ -106,6 +107,7 @@ def check_learns_sinusoids(cfg, steps: int, lr: float = 3e-3) -> None:
         opt.zero_grad()
         alg.meta_loss(sampler.train_batch(splits["train"], step)).loss.backward()
         opt.step()
+        alg.end_outer_step()
     after = alg.predict(test)
     mse = (after.query_logits - test.query_y).pow(2).mean().item()
     assert mse < 0.3 * test.query_y.var().item()

@@ -73,7 +73,7 @@ def test_fitted_head_separates_the_support_and_leaves_the_embedding_alone(head):
     model = Conv4(hidden=4)  # unused by fit_head, only to build the algorithm
     alg = FineTune(model, num_train_classes=10, head=head, finetune_steps=100, finetune_lr=0.1)
     before = [p.detach().clone() for p in alg.parameters()]
-    weight, bias = alg.fit_head(support, y, 4)
+    weight, bias = alg.fit_head(support, y, alg.initial_head(4, 4, support))
     logits = (10.0 * F.normalize(support, dim=-1) @ F.normalize(weight, dim=-1).T
               if head == "cosine" else support @ weight.T + bias)
     assert torch.equal(logits.argmax(-1), y)

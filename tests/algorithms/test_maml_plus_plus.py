@@ -131,15 +131,17 @@ def test_first_order_during_the_first_epochs_then_second_order():
         reference = fomaml if step < 2 else maml
         torch.testing.assert_close(backward_grads(alg, batch), backward_grads(reference, batch),
                                    rtol=1e-12, atol=1e-14)
+        alg.end_outer_step()
     assert int(alg.outer_step) == 3
 
 
-def test_the_step_counter_advances_in_training_only_and_is_checkpointed():
+def test_the_step_counter_advances_once_per_outer_update_and_is_checkpointed():
     batch = tiny_batch()
     alg = as_maml(tiny_mlp(), 1, steps_per_epoch=2)
     alg.train()
     for _ in range(5):
         alg.meta_loss(batch)
+        alg.end_outer_step()
     alg.eval()
     alg.meta_loss(batch)
     alg.predict(batch)

@@ -105,8 +105,10 @@ def test_noise_is_seeded_per_task_and_update():
     torch.testing.assert_close(whole[1:], half)  # a task's noise does not depend on its rank
     assert not torch.allclose(whole, task_noise(alg.seed, TRAIN_NOISE, 6, batch.index, (3,), like))
     first = alg.meta_loss(batch).loss
+    alg.end_outer_step()  # the module's call after each optimiser step
     assert int(alg.updates) == 1
     assert first.item() != alg.meta_loss(batch).loss.item()  # a new draw each update
+    alg.end_outer_step()
     alg.updates.zero_()
     assert alg.meta_loss(batch).loss.item() == first.item()  # ... and reproducible
 

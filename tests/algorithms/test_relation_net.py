@@ -80,7 +80,7 @@ def test_pairs_concatenate_the_class_sum_of_shots_then_the_query():
     query = torch.randn(ways * queries, *shape, generator=g, dtype=torch.float64)
     alg = RelationNet(MapModel(shape))
     alg.relation = Recorder()
-    scores = alg.relation_scores(support, support_y, query)  # [NQ, N]
+    scores = alg.relation_scores(support, support_y, query, ways)  # [NQ, N]
     pairs = alg.relation.pairs.view(ways * queries, ways, 2 * shape[0], *shape[1:])
     for q in range(ways * queries):
         for c in range(ways):
@@ -111,7 +111,8 @@ def test_relation_module_follows_the_paper_on_its_map():
 def test_conv4_pooled_blocks_keeps_the_default_backbone():
     default = Conv4(hidden=8)
     assert default.feature_shape == (8, 1, 1) and default.embedding_dim == 8
-    assert [type(m).__name__ for m in default.features][:4] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    assert [type(m).__name__ for m in default.features][:4] == ["Conv2d", "BatchStatNorm2d", "ReLU", "MaxPool2d"]
+    assert isinstance(default.features[1], nn.BatchNorm2d)
     assert [k for k in default.state_dict() if k.endswith("weight")][:3] == [
         "features.0.weight", "features.1.weight", "features.4.weight"]  # checkpoint keys unchanged
     two = Conv4(hidden=8, pooled_blocks=2)

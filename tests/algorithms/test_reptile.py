@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from metarun.algorithms.inner_loop import task_loss
-from metarun.algorithms.reptile import TRAIN_ORDER, Reptile, minibatch_indices
+from metarun.algorithms.reptile import TRAIN_ORDER, Reptile, inner_train, minibatch_indices
 from metarun.datasets.sinusoid import Sinusoid
 from metarun.episodes import TEST, EpisodeSampler, collate_episodes, task_generator
 from metarun.errors import ConfigError
@@ -55,11 +55,21 @@ def manual_inner_loop(alg: Reptile, task, steps: int, batches=None) -> list[torc
     return [p.detach() for p in model.parameters()]
 
 
+def adapt(alg: Reptile, task, steps: int, batch_size, generator) -> dict:
+    """θ′ of one task: Reptile's inner optimiser from the current weights, with the
+    minibatches ``generator`` draws."""
+    theta = {k: v.detach() for k, v in alg.model.named_parameters()}
+    batches = minibatch_indices(task.support_x.shape[0], batch_size, steps, generator)
+    return inner_train(alg.model, theta, task.support_x, task.support_y, steps, alg.inner_lr,
+                       alg.inner_optimizer, None if batches[0] is None else torch.stack(batches),
+                       alg.inner_betas, alg.inner_eps)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_adapted_weights_are_k_steps_of_the_inner_optimiser(optimizer):
     alg = reptile(optimizer, steps=4)
     task = tiny_batch().task(0)
-    adapted = alg.adapt(task, 4, None, torch.Generator().manual_seed(0))
+    adapted = adapt(alg, task, 4, None, torch.Generator().manual_seed(0))
     expected = manual_inner_loop(alg, task, 4)
     for got, want in zip(adapted.values(), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -68,7 +78,7 @@ def test_adapted_weights_are_k_steps_of_the_inner_optimiser(optimizer):
 def test_minibatches_follow_the_shuffled_support_set():
     alg = reptile("adam", batch_size=4, steps=5)
     task = tiny_batch().task(1)
-    adapted = alg.adapt(task, 5, 4, torch.Generator().manual_seed(3))
+    adapted = adapt(alg, task, 5, 4, torch.Generator().manual_seed(3))
     batches = minibatch_indices(6, 4, 5, torch.Generator().manual_seed(3))
     order = torch.cat(batches)  # 5 steps × 4 = 20 indices: three shuffles of 6, cut at 4
     for epoch in range(3):
@@ -86,7 +96,7 @@ def adapted_weights(alg: Reptile, batch) -> list[list[torch.Tensor]]:
     for i in range(len(batch)):
         task = batch.task(i)
         g = task_generator(alg.seed, TRAIN_ORDER, int(alg.updates), task.index)
-        out.append(list(alg.adapt(task, alg.inner_steps, alg.inner_batch_size, g).values()))
+        out.append(list(adapt(alg, task, alg.inner_steps, alg.inner_batch_size, g).values()))
     return out
 
 
@@ -204,6 +214,7 @@ def train(cfg, objects, steps: int) -> None:
         opt.zero_grad()
         alg.meta_loss(sampler.train_batch(splits["train"], step)).loss.backward()
         opt.step()
+        alg.end_outer_step()
         schedule.step()
 
 
