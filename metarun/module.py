@@ -98,33 +98,11 @@ class MetaLearningModule(L.LightningModule):
         return out.loss.detach()
 
     def backward_meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        """Back-propagate the meta-batch's meta-loss, ``task_chunk`` tasks at a time.
-
-        Each chunk's loss is weighted by its share of the tasks (every learner's meta-loss
-        is a mean over equally sized tasks), so the accumulated gradient is the whole
-        meta-batch's. Under DDP only the last chunk's backward all-reduces. Returns the
-        whole meta-batch's (detached) loss, query logits and extras.
-        """
-        size = len(batch)
-        chunk = min(self.task_chunk or size, size)
-        bounds = [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
-        parts = []
-        for start, stop in bounds:
-            out = self.algorithm.meta_loss(batch if chunk == size else batch.tasks(start, stop))
-            loss = out.loss * ((stop - start) / size)
-            last = stop == size
-            sync = contextlib.nullcontext() if last or not hasattr(
-                self.trainer.strategy, "block_backward_sync") else \
-                self.trainer.strategy.block_backward_sync()
-            with sync:
-                self.manual_backward(loss)
-            parts.append((loss.detach(), out))
-        if len(parts) == 1:
-            return MetaOutput(parts[0][1].loss.detach(), parts[0][1].query_logits,
-                              extra=parts[0][1].extra)
-        extra = {k: torch.cat([o.extra[k] for _, o in parts]) for k in (parts[0][1].extra or {})}
-        return MetaOutput(torch.stack([w for w, _ in parts]).sum(),
-                          torch.cat([o.query_logits for _, o in parts]), extra=extra or None)
+        """`backward_in_chunks` with Lightning's backward; under DDP only the last chunk's
+        backward all-reduces (the others run under ``no_sync``)."""
+        hold = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
+        return backward_in_chunks(self.algorithm, batch, self.task_chunk, self.manual_backward,
+                                  hold)
 
     # evaluation ---------------------------------------------------------------------------
 
@@ -208,6 +186,36 @@ class MetaLearningModule(L.LightningModule):
                     schedule["base_lrs"] = [changed["lr"]] * len(schedule["base_lrs"])
 
 
+def backward_in_chunks(algorithm: MetaAlgorithm, batch: EpisodeBatch, chunk: int | None,
+                       backward: Callable[[Tensor], Any],
+                       hold_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                       ) -> MetaOutput:
+    """Back-propagate the meta-batch's meta-loss, ``chunk`` tasks at a time (None: all).
+
+    Each chunk's loss is weighted by its share of the tasks (every learner's meta-loss is
+    a mean over equally sized tasks), so the gradients accumulated over the chunks are the
+    whole meta-batch's; peak memory is one chunk's graph. ``hold_sync`` wraps every
+    backward but the last (DDP's ``no_sync``). Returns the whole meta-batch's loss
+    (detached), query logits and extras, as one `meta_loss` call would.
+    """
+    size = len(batch)
+    chunk = min(chunk or size, size)
+    outputs, losses = [], []
+    for start in range(0, size, chunk):
+        stop = min(start + chunk, size)
+        out = algorithm.meta_loss(batch if chunk == size else batch.tasks(start, stop))
+        loss = out.loss * ((stop - start) / size)
+        with hold_sync() if stop < size else contextlib.nullcontext():
+            backward(loss)
+        outputs.append(out)
+        losses.append(loss.detach())
+    if len(outputs) == 1:
+        return MetaOutput(losses[0], outputs[0].query_logits, extra=outputs[0].extra)
+    extra = {k: torch.cat([o.extra[k] for o in outputs]) for k in (outputs[0].extra or {})}
+    return MetaOutput(torch.stack(losses).sum(), torch.cat([o.query_logits for o in outputs]),
+                      extra=extra or None)
+
+
 def _unique_first(ids: Tensor) -> tuple[Tensor, Tensor]:
     """Unique ids and the position of each one's first occurrence."""
     order = torch.argsort(ids, stable=True)
@@ -217,4 +225,4 @@ def _unique_first(ids: Tensor) -> tuple[Tensor, Tensor]:
     return sorted_ids[first], order[first]
 
 
-__all__ = ["MetaLearningModule", "per_task_metric"]
+__all__ = ["MetaLearningModule", "backward_in_chunks", "per_task_metric"]

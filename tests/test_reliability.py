@@ -356,6 +356,10 @@ BAD_SETTINGS = {
     "checkpoint.every_n_steps=0": ("checkpoint.every_n_steps=0 is not allowed: it must be a "
                                    "positive integer or null."),
     "grad_clip=-1": "grad_clip=-1 is not allowed: it must be a positive number or null.",
+    "task_chunk=0": ("task_chunk=0 is not allowed: it must be a positive integer (tasks per "
+                     "backward pass) or null for the whole meta-batch."),
+    "algorithm.task_batching=batched": ("algorithm.task_batching='batched' is not allowed: "
+                                        "choose one of loop, vmap, auto."),
 }
 
 
@@ -365,6 +369,9 @@ def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
     empty.mkdir()
     procs["norm"] = launch(tmp_path / "norm", "dataset=omniglot", "model.norm=bogus",
                             f"paths.data_dir={empty}", f"paths.cache_dir={tmp_path / 'cache'}")
+    procs["vmap"] = launch(tmp_path / "vmap", "dataset=omniglot", "algorithm=protonet",
+                           "model.norm=running", "algorithm.task_batching=vmap",
+                           f"paths.data_dir={empty}", f"paths.cache_dir={tmp_path / 'cache'}")
     parent = tmp_path / "a_file"
     parent.write_text("")
     procs["run_dir"] = launch(parent / "run")
@@ -372,6 +379,10 @@ def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
                 # the model is checked before any data is looked for or decoded
                 "norm": ("model.norm='bogus' is not allowed: choose one of transductive, running, "
                          "tasknorm, support, none."),
+                "vmap": ("algorithm.task_batching=vmap is not allowed for ProtoNet: its batch norm "
+                         "features.1 keeps running statistics (model.norm=running), which are "
+                         "updated in place and cannot be carried per task under vmap, so use "
+                         "task_batching=loop or another model.norm."),
                 "run_dir": (f"hydra.run.dir={parent / 'run'} is not allowed: the directory cannot "
                             f"be created (Not a directory), so choose a writable path.")}
     for key, proc in procs.items():

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.checks import check_positive_int, check_same_ways
 from metarun.algorithms.inner_loop import Params, adapted_meta_loss, adapted_predictions, forward, task_loss
-from metarun.algorithms.tasks import support_gradients
+from metarun.algorithms.tasks import in_transform, support_gradients
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -71,9 +71,21 @@ def lstm_adapt(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: in
             theta, state = update(grad, loss, flatten(list(params.values())), state)  # [P]
         params = unflatten(theta, params)
         if not keep_graph:
-            params = {k: v.detach().requires_grad_() for k, v in params.items()}
+            params = {k: v.detach() for k, v in params.items()}
             state = None if state is None else _detach(state)
     return params
+
+
+def lstm_cell(cell: nn.LSTMCell, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``cell(x, (h, c))``; inside vmap (which has no rule for PyTorch's fused LSTM cell) the
+    same equations in plain operations: i, f, g, o = W_ih x + b_ih + W_hh h + b_hh,
+    c′ = σ(f) c + σ(i) tanh(g), h′ = σ(o) tanh(c′)."""
+    if not in_transform():
+        return cell(x, (h, c))
+    gates = x @ cell.weight_ih.T + cell.bias_ih + h @ cell.weight_hh.T + cell.bias_hh  # [P, 4H]
+    i, f, g, o = gates.chunk(4, -1)  # [P, H] each
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 def _detach(state: Any) -> Any:
@@ -185,7 +197,7 @@ class LSTMOptimizer(MetaAlgorithm):
             state = tuple((zeros, zeros) for _ in self.cells)
         new_state = []
         for cell, (h_prev, c_prev) in zip(self.cells, state):
-            h, c = cell(h, (h_prev, c_prev))  # [P, hidden] each
+            h, c = lstm_cell(cell, h, h_prev, c_prev)  # [P, hidden] each
             new_state.append((h, c))
         return h, tuple(new_state)
 

@@ -110,6 +110,12 @@ class MatchingNet(MetaAlgorithm):
                                   f"embedding_dim, such as Conv4.")
             self.fce = FullContextEmbedding(dim, fce_lstm_layers, attention_steps)
 
+    def vmap_refusal(self) -> str | None:
+        if self.fce is not None:
+            return ("the full context embeddings run PyTorch's LSTM, which vmap cannot batch, "
+                    "so use task_batching=loop or algorithm.fce=false")
+        return super().vmap_refusal()
+
     def _task_log_probs(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                         ways: int) -> Tensor:
         """One episode (its own batch-norm batch) -> ``[N*Q, N]`` log-probabilities."""

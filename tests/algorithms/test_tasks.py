@@ -1,0 +1,129 @@
+"""map_tasks: the loop and vmap give the same meta-learning, and chunks the same gradient.
+
+For every algorithm config (derived from conf/algorithm/), on small Omniglot episodes and on
+sinusoids, in float64: the meta-loss, the meta-gradient and the predictions are the same
+whether the tasks run in the Python loop or under `torch.func.vmap`, and the meta-gradient
+accumulated over chunks of the meta-batch (`module.backward_in_chunks`) equals the
+unchunked one. Learners that cannot run under vmap refuse it with one sentence.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from metarun.algorithms.tasks import map_tasks
+from metarun.episodes import EpisodeBatch
+from metarun.errors import ConfigError
+from metarun.module import backward_in_chunks
+from metarun.train import build
+from tests.conftest import NEEDS, TINY, algorithms, compose_config, data_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+META_BATCH = 4
+# transductive batch norm: the norm every learner can run under vmap
+SMALL_OMNIGLOT = ["dataset=omniglot", "model.hidden=8", "sampler.ways=3", "sampler.queries=2",
+                  "model.norm=transductive"]
+
+
+def configs() -> dict[str, list[str]]:
+    out = {f"{a}_sinusoid": [f"algorithm={a}", *NEEDS.get((a, "regression"), [])]
+           for a in algorithms("regression")}
+    for a in algorithms("classification"):
+        out[f"{a}_omniglot"] = [f"algorithm={a}", *SMALL_OMNIGLOT,
+                                *NEEDS.get((a, "classification"), [])]
+    return {name: [*TINY, *overrides, f"sampler.meta_batch_size={META_BATCH}"]
+            for name, overrides in out.items()}
+
+
+def float64_setup(name: str, tmp_path: Path) -> tuple:
+    """The algorithm of config ``name`` in float64 and its training meta-batch of step 0."""
+    if name.endswith("_omniglot") and data_dir() is None:
+        pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
+    objects = build(compose_config(configs()[name], tmp_path))
+    algorithm = objects["algorithm"].double()
+    batch = objects["sampler"].train_batch(objects["datamodule"].splits["train"], 0)
+    fields = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+              for k, v in vars(batch).items()}
+    return algorithm, EpisodeBatch(**fields)
+
+
+def loss_and_gradient(algorithm, batch: EpisodeBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    algorithm.train()
+    params = [p for p in algorithm.parameters() if p.requires_grad]
+    loss = algorithm.meta_loss(batch).loss
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@pytest.mark.parametrize("name", sorted(configs()))
+def test_loop_and_vmap_give_the_same_meta_loss_gradient_and_predictions(name, tmp_path):
+    algorithm, batch = float64_setup(name, tmp_path)
+    state = {k: v.clone() for k, v in algorithm.state_dict().items()}
+    algorithm.task_batching = "loop"
+    loss, grads = loss_and_gradient(algorithm, batch)
+    algorithm.eval()
+    predicted = algorithm.predict(batch)
+    algorithm.task_batching = "vmap"
+    why = algorithm.vmap_refusal()
+    if why is not None:
+        with pytest.raises(ConfigError, match="algorithm.task_batching=vmap is not allowed"):
+            algorithm.check_task_batching()
+        pytest.skip(f"refuses vmap: {why}")
+    vloss, vgrads = loss_and_gradient(algorithm, batch)
+    torch.testing.assert_close(vloss, loss, rtol=1e-10, atol=1e-12)
+    assert any(g.abs().sum() > 0 for g in grads)
+    for g, v in zip(grads, vgrads):
+        torch.testing.assert_close(v, g, rtol=1e-8, atol=1e-10)
+    algorithm.eval()
+    vpredicted = algorithm.predict(batch)
+    torch.testing.assert_close(vpredicted.query_logits, predicted.query_logits, rtol=1e-8, atol=1e-10)
+    # meta_loss keeps no state: per-step counters move in end_outer_step only
+    for k, v in algorithm.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("name", sorted(configs()))
+def test_chunked_meta_gradient_equals_the_whole_meta_batch(name, tmp_path):
+    algorithm, batch = float64_setup(name, tmp_path)
+    algorithm.train()
+    params = [p for p in algorithm.parameters() if p.requires_grad]
+    whole = None
+    for chunk in (None, 1, 3):  # 3: chunks of 3 and 1 tasks, weighted by their share
+        algorithm.zero_grad()
+        out = backward_in_chunks(algorithm, batch, chunk, lambda loss: loss.backward())
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        if whole is None:
+            whole = (out.loss, out.query_logits, grads)
+            continue
+        torch.testing.assert_close(out.loss, whole[0], rtol=1e-12, atol=1e-12)
+        assert out.query_logits.shape == whole[1].shape
+        for a, b in zip(grads, whole[2]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_map_tasks_stacks_tuples_and_matches_vmap():
+    x = torch.randn(3, 4, 2, dtype=torch.float64)
+    w = torch.randn(2, dtype=torch.float64)
+
+    def fn(xi):
+        return xi @ w, (xi ** 2).sum()
+
+    loop = map_tasks(fn, x)
+    vmapped = map_tasks(fn, x, vmap=True)
+    assert loop[0].shape == (3, 4) and loop[1].shape == (3,)
+    for a, b in zip(loop, vmapped):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_per_task_loop_is_written_once():
+    """Only algorithms/tasks.py loops over the tasks of a batch; everything else maps."""
+    root = Path(__file__).resolve().parents[2] / "metarun"
+    loop = re.compile(r"for \w+ in range\((len\(batch\)|b|B)\)|batch\.task\(|\(\w+\) for \w+ in images\]")
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p.name != "tasks.py" and loop.search(p.read_text())]
+    assert offenders == []
