@@ -44,10 +44,11 @@ def state(ckpt: Path) -> dict[str, torch.Tensor]:
 def runs(tmp_path_factory):
     """The same seeded run on 2 processes (the `metarun` command) and on 1 process."""
     out = {}
-    for name, hardware in (("ddp", DDP), ("single", ["hardware=cpu"])):
+    for name, hardware in (("ddp", DDP), ("single", ["hardware=cpu"]),
+                           ("ddp_chunked", [*DDP, "task_chunk=1"])):
         directory = tmp_path_factory.mktemp(name)
         cfg = compose_config([*RUN, *hardware], directory)
-        results = run_metarun(directory, *RUN, *hardware) if name == "ddp" else train(cfg)[0]
+        results = train(cfg)[0] if name == "single" else run_metarun(directory, *RUN, *hardware)
         out[name] = {"results": results, "dir": directory, "cfg": cfg}
     return out
 
@@ -80,6 +81,16 @@ def test_two_processes_give_the_one_process_update(runs):
     assert moved > 1000 * ATOL  # the comparison below is not trivially satisfied
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=0, atol=ATOL, msg=name)
+
+
+def test_chunked_backward_under_ddp_gives_the_one_process_update(runs):
+    """task_chunk=1 on 2 processes: each rank backpropagates its 2 tasks one at a time
+    (only the last backward all-reduces) and the update is still the 1-process one."""
+    chunked = state(runs["ddp_chunked"]["dir"] / "checkpoints" / "last.ckpt")
+    single = state(runs["single"]["dir"] / "checkpoints" / "last.ckpt")
+    assert chunked.keys() == single.keys()
+    for name in single:
+        torch.testing.assert_close(chunked[name], single[name], rtol=0, atol=ATOL, msg=name)
 
 
 def test_ddp_results_json_counts_every_test_episode_once(runs):
