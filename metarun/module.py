@@ -77,9 +77,7 @@ class MetaLearningModule(L.LightningModule):
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:  # before the update: the weights stay those of the last step
             raise NonFiniteLoss(self.global_step, out.loss.item())
-        if self.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
+        opt.step()  # clips in on_before_optimizer_step
         self.algorithm.end_outer_step()
         sched = self.lr_schedulers()
         if sched is not None:
@@ -96,6 +94,17 @@ class MetaLearningModule(L.LightningModule):
         # callback_metrics to the launching process but not trainer.global_step.
         self.log("train/steps", float(self.global_step), on_step=True, batch_size=len(batch))
         return out.loss.detach()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the meta-gradient to ``grad_clip`` (global norm) just before the update.
+
+        Here, not in `training_step`: with ``hardware=fp16`` Lightning unscales the
+        gradients inside ``opt.step()``, right before this hook, so clipping earlier would
+        clip the loss-scaled gradients (and the update would shrink by the scale).
+        """
+        if self.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip,
+                                gradient_clip_algorithm="norm")
 
     def backward_meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         """`backward_in_chunks` with Lightning's backward; under DDP only the last chunk's

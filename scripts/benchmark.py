@@ -1,31 +1,132 @@
-"""Throughput of the real training step of a composed config, as one JSON line.
+"""The real training step of a composed config against a plain-PyTorch reference, as JSON.
 
-    python scripts/benchmark.py experiment=maml_omniglot_5w1s [overrides...]
+    python scripts/benchmark.py experiment=maml_omniglot_5w1s [overrides...] [bench.steps=10]
 
-Builds the run exactly as `metarun` does, then times ``steps`` outer steps (meta-loss,
-backward, optimiser step) after ``warmup`` steps, on the configured accelerator.
-``peak_memory_mb`` is the peak CUDA allocation on a GPU, else the process's peak RSS.
+Builds the run exactly as `metarun` does and times ``bench.steps`` outer steps after
+``bench.warmup`` of the real Lightning training step (`MetaLearningModule.training_step`:
+meta-loss, chunked backward, clipping, optimiser and schedule, precision plugin), on the
+configured accelerator. In the same process it then times a plain-PyTorch reference that
+computes the same meta-gradient with no framework (a dozen lines below: the same Conv4,
+`functional_call`, `torch.autograd.grad`, the same optimiser) on the same meta-batches, and
+prints both, their ratio (metarun / reference: below 1 is faster) and the largest
+difference between the two meta-gradients on the first meta-batch (float32). The reference
+exists for MAML/FOMAML and ProtoNet; other learners are timed alone.
+
+``peak_memory_mb``: the peak CUDA allocation of the metarun steps on a GPU, else the growth
+of the process's peak RSS over the metarun steps (run one config per process to compare).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import resource
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import open_dict
+from torch import Tensor
+from torch.func import functional_call
+from torch.utils.data import DataLoader
 
+from metarun.algorithms.maml import MAML
+from metarun.algorithms.protonet import ProtoNet
+from metarun.episodes import EpisodeBatch
 from metarun.train import CONFIG_DIR, build
 
 ROOT = Path(__file__).resolve().parents[1]
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def rss_mb() -> float:
+    """The process's resident memory now (Linux)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------- the plain-PyTorch reference
+
+def maml_reference_loss(model: torch.nn.Module, batch: EpisodeBatch, inner_lr: float,
+                        steps: int, first_order: bool) -> Tensor:
+    """MAML's meta-loss written out: a loop over tasks, SGD steps on the support set."""
+    theta = dict(model.named_parameters())
+    losses = []
+    for sx, sy, qx, qy in zip(batch.support_x, batch.support_y, batch.query_x, batch.query_y):
+        params = theta
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(model, params, (sx,)), sy)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=not first_order)
+            params = {k: p - inner_lr * g for (k, p), g in zip(params.items(), grads)}
+        losses.append(F.cross_entropy(functional_call(model, params, (qx,)), qy))
+    return torch.stack(losses).mean()
+
+
+def protonet_reference_loss(model: torch.nn.Module, batch: EpisodeBatch) -> Tensor:
+    """Prototypical Networks' loss written out: class means, squared distances, softmax."""
+    losses = []
+    ways = int(batch.support_y.max()) + 1
+    for sx, sy, qx, qy in zip(batch.support_x, batch.support_y, batch.query_x, batch.query_y):
+        z = model(torch.cat([sx, qx]))  # [NK+NQ, D]
+        support, query = z[:len(sx)], z[len(sx):]
+        protos = torch.stack([support[sy == c].mean(0) for c in range(ways)])  # [N, D]
+        losses.append(F.cross_entropy(-torch.cdist(query, protos).pow(2), qy))
+    return torch.stack(losses).mean()
+
+
+def reference_loss(algorithm: torch.nn.Module) -> Callable[[EpisodeBatch], Tensor] | None:
+    """The reference meta-loss of ``algorithm``'s computation, or None where there is none."""
+    if type(algorithm) is MAML:
+        return lambda batch: maml_reference_loss(algorithm.model, batch, algorithm.inner_lr,
+                                                 algorithm.inner_steps, algorithm.first_order)
+    if type(algorithm) is ProtoNet:
+        return lambda batch: protonet_reference_loss(algorithm.model, batch)
+    return None
+
+
+# ----------------------------------------------------------------- timing
+
+class StepTimer(L.Callback):
+    """Wall time of every training step (synchronised on CUDA); peak memory after warm-up."""
+
+    def __init__(self, warmup: int, cuda: bool) -> None:
+        self.warmup, self.cuda = warmup, cuda
+        self.times: list[float] = []
+        self.rss_before = 0.0
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync()
+        if batch_idx == self.warmup and self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync()
+        self.times.append(time.perf_counter() - self._started)
+
+
+def to_device(batch: EpisodeBatch, device: torch.device) -> EpisodeBatch:
+    return EpisodeBatch(**{k: (v.to(device) if torch.is_tensor(v) else v)
+                           for k, v in vars(batch).items()})
 
 
 def main(argv: list[str]) -> dict:
-    extra = [a for a in argv if not a.startswith(("bench.steps=", "bench.warmup="))]
+    extra = [a for a in argv if not a.startswith("bench.")]
     opts = dict(a.split("=", 1) for a in argv if a.startswith("bench."))
     steps, warmup = int(opts.get("bench.steps", 5)), int(opts.get("bench.warmup", 1))
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
@@ -35,45 +136,85 @@ def main(argv: list[str]) -> dict:
         cfg.paths.output_dir = str(ROOT / "outputs" / "benchmark")
     objects = build(cfg)
     module, sampler = objects["module"], objects["sampler"]
-    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda")
-                          or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    algorithm = module.algorithm.to(device)
-    optimizer = module.optimizer_factory(params=algorithm.parameters())
-    source = objects["datamodule"].splits["train"]
+    algorithm = module.algorithm
+    cuda = cfg.trainer.accelerator in ("gpu", "cuda") or (
+        cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
     precision = str(cfg.trainer.precision)
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    source = objects["datamodule"].splits["train"]
+    batches = [sampler.train_batch(source, i) for i in range(warmup + steps)]
+    initial = copy.deepcopy(algorithm.state_dict())
 
-    def step(i: int) -> None:
-        batch = sampler.train_batch(source, i)
-        batch = type(batch)(**{k: (v.to(device) if torch.is_tensor(v) else v)
-                               for k, v in vars(batch).items()})
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = algorithm.meta_loss(batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    for i in range(warmup):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    result = {"overrides": extra, "device": str(device), "precision": precision,
-              "threads": torch.get_num_threads(), "meta_batch_size": sampler.meta_batch_size,
-              "steps": steps, "seconds_per_step": seconds / steps,
-              "tasks_per_second": steps * sampler.meta_batch_size / seconds,
+    # metarun: the real Lightning training step
+    timer = StepTimer(warmup, cuda)
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[timer], enable_checkpointing=False,
+                          enable_progress_bar=False, limit_val_batches=0, max_time=None,
+                          max_steps=warmup + steps, val_check_interval=None,
+                          check_val_every_n_epoch=None)
+    rss_before = rss_mb()
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None,
+                                                     collate_fn=lambda batch: batch))
+    seconds = statistics.median(timer.times[warmup:])
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+            else max(peak_rss_mb() - rss_before, 0.0))
+    result = {"overrides": extra, "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "precision": precision, "threads": torch.get_num_threads(),
+              "algorithm": type(algorithm).__name__,
+              "task_batching": "vmap" if algorithm.uses_vmap(device) else "loop",
+              "task_chunk": module.task_chunk, "meta_batch_size": sampler.meta_batch_size,
+              "steps": steps, "seconds_per_step": seconds,
+              "tasks_per_second": sampler.meta_batch_size / seconds,
               "peak_memory_mb": round(peak, 1)}
+
+    reference = reference_loss(algorithm)
+    if reference is not None:
+        result |= run_reference(algorithm, reference, initial, batches, module, cfg, device,
+                                precision, warmup)
+        result["ratio"] = seconds / result["reference_seconds_per_step"]
     print(json.dumps(result))
     return result
+
+
+def run_reference(algorithm: torch.nn.Module, reference: Callable[[EpisodeBatch], Tensor],
+                  initial: dict, batches: list[EpisodeBatch], module, cfg, device: torch.device,
+                  precision: str, warmup: int) -> dict:
+    """Time the reference on the same meta-batches from the same initial weights, and
+    compare its meta-gradient with metarun's on the first meta-batch."""
+    algorithm.load_state_dict(initial)
+    algorithm.to(device).train()
+    params = [p for p in algorithm.parameters() if p.requires_grad]
+    first = to_device(batches[0], device)
+    mine = torch.autograd.grad(algorithm.meta_loss(first).loss, params)
+    theirs = torch.autograd.grad(reference(first), params)
+    difference = max((a - b).abs().max().item() for a, b in zip(mine, theirs))
+
+    optimizer = module.optimizer_factory(params=params)
+    dtype = AUTOCAST.get(precision)
+    cuda = device.type == "cuda"
+    times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i, batch in enumerate(batches):
+        batch = to_device(batch, device)
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = reference(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    out = {"reference_seconds_per_step": statistics.median(times),
+           "reference_max_grad_difference": difference}
+    if cuda:
+        out["reference_peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
 
 
 if __name__ == "__main__":
