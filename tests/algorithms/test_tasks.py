@@ -5,10 +5,13 @@ sinusoids, in float64: the meta-loss, the meta-gradient and the predictions are 
 whether the tasks run in the Python loop or under `torch.func.vmap`, and the meta-gradient
 accumulated over chunks of the meta-batch (`module.backward_in_chunks`) equals the
 unchunked one. Learners that cannot run under vmap refuse it with one sentence.
+
+``METARUN_TEST_DEVICE=cuda`` runs the same comparisons on a GPU (scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -45,10 +48,12 @@ def float64_setup(name: str, tmp_path: Path) -> tuple:
     if name.endswith("_omniglot") and data_dir() is None:
         pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
     objects = build(compose_config(configs()[name], tmp_path))
-    algorithm = objects["algorithm"].double()
+    device = torch.device(os.environ.get("METARUN_TEST_DEVICE", "cpu"))
+    algorithm = objects["algorithm"].double().to(device)
     batch = objects["sampler"].train_batch(objects["datamodule"].splits["train"], 0)
     fields = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
               for k, v in vars(batch).items()}
+    fields = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in fields.items()}
     return algorithm, EpisodeBatch(**fields)
 
 
