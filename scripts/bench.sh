@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmarks behind the README's results tables (long; never part of CI).
 #   bash scripts/bench.sh                # or: make bench — throughput, then both grids, then the tables
-#   bash scripts/bench.sh omniglot       # one part: throughput | omniglot | sinusoid | table | reference
+#   bash scripts/bench.sh omniglot       # one part: throughput | performance | omniglot | sinusoid | table | reference | gpu
 # Environment:
 #   BENCH_TIME      training budget per grid cell, DD:HH:MM:SS (default 00:00:01:30)
 #   BENCH_EPISODES  fixed test episodes per grid cell (default 100)
@@ -20,6 +20,26 @@ mkdir -p "$OUT"
 throughput() {  # the real training step, MAML 5-way 1-shot Omniglot, meta-batch 32
     $PY scripts/benchmark.py experiment=maml_omniglot_5w1s bench.steps=5 | tee "$OUT/throughput.jsonl"
 }
+performance() {  # README "Performance": metarun against plain PyTorch, the fast CPU path, memory
+    local P="$OUT/performance.jsonl" B=scripts/benchmark.py
+    : > "$P"
+    $PY $B experiment=maml_omniglot_5w1s algorithm.task_batching=loop \
+        -- experiment=maml_omniglot_5w1s algorithm.task_batching=vmap bench.steps=10 bench.warmup=2 | tee -a "$P"
+    # today's fp32 step first, then the presets' fast path (bf16 autocast + channels_last)
+    $PY $B experiment=protonet_omniglot_20w1s hardware=cpu model.channels_last=false \
+        -- experiment=protonet_omniglot_20w1s bench.steps=30 bench.warmup=5 | tee -a "$P"
+    for size in 1 8 32; do  # one process each: peak RSS growth of second-order MAML, chunks of 1
+        $PY $B experiment=maml_omniglot_5w1s sampler.meta_batch_size=$size task_chunk=1 bench.steps=3 | tee -a "$P"
+    done
+    $PY $B experiment=maml_omniglot_5w1s task_chunk=null bench.steps=3 | tee -a "$P"
+    # the LSTM optimiser, 5-way 5-shot, meta-batch 32, second order: 4 outer steps, validation and test
+    /usr/bin/time -v $PY -m metarun.train experiment=lstm_optimizer_omniglot_5w1s sampler.shots=5 \
+        task_chunk=1 trainer.max_steps=4 trainer.val_check_interval=4 sampler.val_episodes=32 \
+        sampler.test_episodes=64 trainer.enable_progress_bar=false logger=none \
+        hydra.run.dir="$OUT/lstm_optimizer_5w5s_chunk1" 2> "$OUT/lstm_optimizer_5w5s_chunk1.time"
+    grep -E "Maximum resident|Elapsed" "$OUT/lstm_optimizer_5w5s_chunk1.time"
+}
+gpu() { $PY scripts/gpu_check.py "$OUT/gpu"; }  # needs a CUDA GPU (README: Performance)
 omniglot() { $PY scripts/bench_grid.py omniglot "${GRID[@]}"; }
 sinusoid() { $PY scripts/bench_grid.py sinusoid "${GRID[@]}"; }
 table() { $PY scripts/bench_grid.py table --out "$OUT" | tee "$OUT/tables.md"; }
@@ -34,8 +54,8 @@ reference() {  # two longer runs with validation, best checkpoint tested on 600 
 }
 
 case "${1:-all}" in
-    all) throughput; omniglot; sinusoid; table ;;
-    throughput|omniglot|sinusoid|table|reference) "$1" ;;
-    *) echo "bench.sh: error: unknown part '$1'; choose all, throughput, omniglot, sinusoid, table or reference" >&2
+    all) throughput; performance; omniglot; sinusoid; table ;;
+    throughput|performance|omniglot|sinusoid|table|reference|gpu) "$1" ;;
+    *) echo "bench.sh: error: unknown part '$1'; choose all, throughput, performance, omniglot, sinusoid, table, reference or gpu" >&2
        exit 2 ;;
 esac

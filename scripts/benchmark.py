@@ -1,6 +1,7 @@
 """The real training step of a composed config against a plain-PyTorch reference, as JSON.
 
     python scripts/benchmark.py experiment=maml_omniglot_5w1s [overrides...] [bench.steps=10]
+    python scripts/benchmark.py A-overrides... -- B-overrides...   # side by side, one process
 
 Builds the run exactly as `metarun` does and times ``bench.steps`` outer steps after
 ``bench.warmup`` of the real Lightning training step (`MetaLearningModule.training_step`:
@@ -11,6 +12,10 @@ computes the same meta-gradient with no framework (a dozen lines below: the same
 prints both, their ratio (metarun / reference: below 1 is faster) and the relative
 difference ‖g − g_ref‖ / ‖g_ref‖ of the two meta-gradients on the first meta-batch. The reference
 exists for MAML/FOMAML and ProtoNet; other learners are timed alone.
+
+With configs separated by ``--`` each is measured in turn in the same process (``bench.*``
+settings apply to all), and a last line gives ``speedup``: the first config's seconds per
+step over each other's (the fast CPU path: the fp32 config first, then the fast one).
 
 ``peak_memory_mb``: the peak CUDA allocation of the metarun steps on a GPU, else the growth
 of the process's peak RSS over the metarun steps (run one config per process to compare).
@@ -218,5 +223,28 @@ def run_reference(algorithm: torch.nn.Module, reference: Callable[[EpisodeBatch]
     return out
 
 
+def main_many(argv: list[str]) -> list[dict]:
+    """`main` for each ``--``-separated config, then their speed-ups over the first."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    shared = [a for a in argv if a.startswith("bench.")]
+    groups, current = [], []
+    for arg in [a for a in argv if not a.startswith("bench.")] + ["--"]:
+        if arg == "--":
+            groups.append(current)
+            current = []
+        else:
+            current.append(arg)
+    results = []
+    for overrides in groups:
+        GlobalHydra.instance().clear()
+        results.append(main([*overrides, *shared]))
+    if len(results) > 1:
+        first = results[0]["seconds_per_step"]
+        print(json.dumps({"speedup": [first / r["seconds_per_step"] for r in results[1:]],
+                          "configs": groups}))
+    return results
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main_many(sys.argv[1:])

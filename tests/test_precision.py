@@ -31,7 +31,6 @@ import math
 from pathlib import Path
 
 import lightning as L
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
-from metarun.algorithms.tasks import support_gradients
 from metarun.algorithms.checks import check_positive_int
+from metarun.algorithms.tasks import support_gradients
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 

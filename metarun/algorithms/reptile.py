@@ -59,8 +59,8 @@ def inner_train(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: i
     b1, b2 = betas
     for t in range(1, steps + 1):
         xb, yb = (x, y) if batches is None else (x[batches[t - 1]], y[batches[t - 1]])  # [b, ...]
-        _, grads = support_gradients(lambda p: task_loss(forward(model, p, xb), yb), params,
-                                     create_graph=False)
+        _, grads = support_gradients(lambda p, xb=xb, yb=yb: task_loss(forward(model, p, xb), yb),
+                                     params, create_graph=False)
         new: Params = {}
         for name, p in params.items():
             g = grads[name]

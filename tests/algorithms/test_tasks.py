@@ -22,7 +22,7 @@ from metarun.algorithms.tasks import map_tasks
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 from metarun.module import backward_in_chunks
-from metarun.train import build
+from metarun.train import build, train
 from tests.conftest import NEEDS, TINY, algorithms, compose_config, data_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,3 +132,16 @@ def test_the_per_task_loop_is_written_once():
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
                  if p.name != "tasks.py" and loop.search(p.read_text())]
     assert offenders == []
+
+
+@pytest.mark.parametrize("algorithm, counter", [("maml_plus_plus", "outer_step"),
+                                                 ("reptile", "updates"), ("np", "updates")])
+def test_per_step_state_advances_once_per_outer_step_however_many_chunks(algorithm, counter,
+                                                                         tmp_path):
+    """Three outer steps of the real module with chunks of one task: the counter reads 3."""
+    overrides = [*TINY, f"algorithm={algorithm}", *NEEDS.get((algorithm, "regression"), []),
+                 "sampler.meta_batch_size=4", "task_chunk=1"]
+    train(compose_config(overrides, tmp_path))
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=False)["state_dict"]
+    assert int(state[f"algorithm.{counter}"]) == 3
