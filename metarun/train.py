@@ -81,6 +81,10 @@ def check_settings(cfg: DictConfig) -> None:
     if lr is not None:
         positive_number("optimizer.lr", lr)
     positive_number("grad_clip", cfg.get("grad_clip"), allow_none=True)
+    direction = cfg.get("objective_direction", "maximize")
+    if direction not in ("maximize", "minimize"):
+        raise ConfigError(f"objective_direction={direction!r} is not allowed: choose maximize or "
+                          f"minimize (the direction a sweeper optimises the validation metric in).")
     chunk = cfg.get("task_chunk")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
         raise ConfigError(f"task_chunk={chunk!r} is not allowed: it must be a positive integer "
@@ -359,10 +363,18 @@ def report(results: dict[str, Any], metric: str) -> None:
     print(f"results: {results['config']['paths']['output_dir']}/results.json")
 
 
+def objective(results: dict[str, Any]) -> float:
+    """What a run returns to a sweeper: its best validation metric (accuracy or MSE), or
+    the test metric when it never validated."""
+    metric = "mse" if "mse" in results["test"] else "accuracy"
+    best = results["val"].get(f"best_{metric}")
+    return float(best if best is not None else results["test"][metric]["mean"])
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exit_on_config_error
-def hydra_main(cfg: DictConfig) -> None:
-    train(cfg)
+def hydra_main(cfg: DictConfig) -> float:
+    return objective(train(cfg)[0])
 
 
 def main() -> None:

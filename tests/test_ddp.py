@@ -9,6 +9,9 @@ parameters after a few steps must equal a 1-process run over the whole meta-batc
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,7 @@ from metarun.errors import ConfigError
 from metarun.module import per_task_metric
 from metarun.stats import mean_ci95
 from metarun.train import build, train
-from tests.conftest import DDP, TINY, compose_config, run_metarun
+from tests.conftest import COMMAND_ENV, DDP, ROOT, TINY, compose_config, data_dir, finish, run_metarun
 
 STEPS, META_BATCH, TEST_EPISODES = 3, 4, 5  # 5 test episodes: DistributedSampler pads rank 1
 RUN = [*TINY, f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
@@ -36,6 +39,29 @@ ATOL = 1e-6
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
+TWO_NODES = ["hardware=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2"]
+
+
+def run_two_nodes(run_dir: Path, *overrides: str) -> dict:
+    """`python -m metarun.train` under two `torchrun --nnodes 2 --node-rank r` launchers on
+    localhost; node 0's results.json."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if data_dir() is not None:
+        overrides = (f"paths.data_dir={data_dir()}", *overrides)
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "-m", "metarun.train", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, env=COMMAND_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)]
+    for proc in procs:
+        done = finish(proc)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((run_dir / "results.json").read_text())
+
+
 def state(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
@@ -45,12 +71,28 @@ def runs(tmp_path_factory):
     """The same seeded run on 2 processes (the `metarun` command) and on 1 process."""
     out = {}
     for name, hardware in (("ddp", DDP), ("single", ["hardware=cpu"]),
-                           ("ddp_chunked", [*DDP, "task_chunk=1"])):
+                           ("ddp_chunked", [*DDP, "task_chunk=1"]), ("two_nodes", TWO_NODES)):
         directory = tmp_path_factory.mktemp(name)
         cfg = compose_config([*RUN, *hardware], directory)
-        results = train(cfg)[0] if name == "single" else run_metarun(directory, *RUN, *hardware)
+        if name == "single":
+            results = train(cfg)[0]
+        elif name == "two_nodes":
+            results = run_two_nodes(directory, *RUN, *hardware)
+        else:
+            results = run_metarun(directory, *RUN, *hardware)
         out[name] = {"results": results, "dir": directory, "cfg": cfg}
     return out
+
+
+def test_two_nodes_on_localhost_give_the_one_process_update(runs):
+    """trainer.num_nodes=2: two `torchrun --nnodes 2` launches (one per "node", gloo), as
+    srun starts one per node on a cluster; the update equals one process's."""
+    nodes = state(runs["two_nodes"]["dir"] / "checkpoints" / "last.ckpt")
+    single = state(runs["single"]["dir"] / "checkpoints" / "last.ckpt")
+    assert nodes.keys() == single.keys()
+    for name in single:
+        torch.testing.assert_close(nodes[name], single[name], rtol=0, atol=ATOL, msg=name)
+    assert runs["two_nodes"]["results"]["environment"]["world_size"] == 2
 
 
 def test_ranks_draw_disjoint_slices_of_the_one_process_meta_batch(runs):
