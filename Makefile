@@ -36,8 +36,10 @@ test-quick: install-test ## the quick tier: every test not marked slow (under 3 
 bench: install ## throughput and the results tables: every algorithm on Omniglot and sinusoids (long; not part of CI)
 	bash scripts/bench.sh
 
-lint: install-test ## ruff (pyflakes, pycodestyle, bugbear, pyupgrade, import order; pyproject.toml) and byte-compile
+lint: install-test ## ruff lint and format check, mypy on the plain-Python modules (pyproject.toml), byte-compile
 	$(VENV)/bin/ruff check metarun scripts tests
+	$(VENV)/bin/ruff format --check metarun scripts tests
+	$(VENV)/bin/mypy
 	$(PY) -m compileall -q metarun scripts tests
 
 clean: ## remove caches (keeps .venv and outputs/)

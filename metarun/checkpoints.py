@@ -45,8 +45,18 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Settings that make a run what it is: `ckpt_path=last` takes another directory's checkpoint
 # only when all of them agree. (Step limits, validation cadence, logging, paths and hardware
 # other than precision may differ, so a run can be extended or moved to other machines.)
-RUN_KEYS = ("dataset", "sampler", "algorithm", "model", "transform", "optimizer", "scheduler",
-            "grad_clip", "seed", "trainer.precision")
+RUN_KEYS = (
+    "dataset",
+    "sampler",
+    "algorithm",
+    "model",
+    "transform",
+    "optimizer",
+    "scheduler",
+    "grad_clip",
+    "seed",
+    "trainer.precision",
+)
 # Settings that shape the saved state: resuming this run's own checkpoint (or a named file)
 # needs them to agree; other changes (a lower optimizer.lr after a divergence) are allowed
 # and logged.
@@ -54,6 +64,7 @@ STATE_KEYS = ("dataset._target_", "algorithm._target_", "model")
 
 
 # ------------------------------------------------------------------ reading a checkpoint
+
 
 def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
     """The checkpoint at ``path``, loaded without executing code (``weights_only=True``).
@@ -64,40 +75,54 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
     p = Path(path)
     where = f"{key}={path} is not allowed"
     if p.is_dir():
-        raise ConfigError(f"{where}: it is a directory, so give a .ckpt file written by metarun "
-                          f"(such as <run dir>/checkpoints/{LAST}).")
+        raise ConfigError(
+            f"{where}: it is a directory, so give a .ckpt file written by metarun "
+            f"(such as <run dir>/checkpoints/{LAST})."
+        )
     if not p.is_file():
-        raise ConfigError(f"{where}: no such file, so give an existing .ckpt file written by "
-                          f"metarun.")
+        raise ConfigError(f"{where}: no such file, so give an existing .ckpt file written by metarun.")
     if p.stat().st_size == 0:
-        raise ConfigError(f"{where}: the file is empty, so give a complete .ckpt file written "
-                          f"by metarun.")
+        raise ConfigError(f"{where}: the file is empty, so give a complete .ckpt file written by metarun.")
     with open(p, "rb") as f:
         header = f.read(4)
     if header[:2] != b"PK" and header[:1] != b"\x80":  # torch.save: a zip, or a legacy pickle
-        raise ConfigError(f"{where}: it is not a PyTorch checkpoint (it starts with {header!r}, "
-                          f"not a zip or pickle header), so give a .ckpt file written by metarun.")
+        raise ConfigError(
+            f"{where}: it is not a PyTorch checkpoint (it starts with {header!r}, "
+            f"not a zip or pickle header), so give a .ckpt file written by metarun."
+        )
     try:
         checkpoint = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         text = str(error)
         if "Weights only load failed" in text:
-            raise ConfigError(f"{where}: it holds Python objects that a safe load refuses "
-                              f"(metarun never runs code from a checkpoint), so it is not a "
-                              f"metarun checkpoint.") from None
-        raise ConfigError(f"{where}: it is truncated or corrupt "
-                          f"({_first_line(text)}).") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError,
-            AttributeError, IndexError, TypeError) as error:
-        raise ConfigError(f"{where}: it is truncated or corrupt "
-                          f"({type(error).__name__}: {_first_line(str(error))}).") from None
+            raise ConfigError(
+                f"{where}: it holds Python objects that a safe load refuses "
+                f"(metarun never runs code from a checkpoint), so it is not a "
+                f"metarun checkpoint."
+            ) from None
+        raise ConfigError(f"{where}: it is truncated or corrupt ({_first_line(text)}).") from None
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        KeyError,
+        AttributeError,
+        IndexError,
+        TypeError,
+    ) as error:
+        raise ConfigError(
+            f"{where}: it is truncated or corrupt ({type(error).__name__}: {_first_line(str(error))})."
+        ) from None
     if not isinstance(checkpoint, dict) or "metarun_config" not in checkpoint:
-        raise ConfigError(f"{where}: it holds no metarun config, so it was not written by "
-                          f"metarun training.")
+        raise ConfigError(f"{where}: it holds no metarun config, so it was not written by metarun training.")
     found = checkpoint.get("metarun_format", 1)
     if not isinstance(found, int) or found > FORMAT:
-        raise ConfigError(f"{where}: it was written by a newer metarun (checkpoint format "
-                          f"{found}; this version reads up to {FORMAT}), so upgrade metarun.")
+        raise ConfigError(
+            f"{where}: it was written by a newer metarun (checkpoint format "
+            f"{found}; this version reads up to {FORMAT}), so upgrade metarun."
+        )
     return checkpoint
 
 
@@ -118,6 +143,7 @@ def _first_line(text: str) -> str:
 
 # ------------------------------------------------------------------ which run it belongs to
 
+
 def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     if isinstance(node, dict):
         for key, value in node.items():
@@ -135,8 +161,9 @@ def _select(config: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def config_differences(stored: dict[str, Any], requested: dict[str, Any],
-                       requested_raw: dict[str, Any], keys: tuple[str, ...] = RUN_KEYS) -> list[str]:
+def config_differences(
+    stored: dict[str, Any], requested: dict[str, Any], requested_raw: dict[str, Any], keys: tuple[str, ...] = RUN_KEYS
+) -> list[str]:
     """``key=<stored> there, not <requested>`` for every setting under ``keys`` that differs.
 
     ``requested_raw`` is the requested config before interpolation: a value taken from
@@ -164,9 +191,9 @@ def _own_checkpoints(output_dir: Path) -> list[Path]:
     return sorted((p for p in found if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def resolve_resume(ckpt_path: str | None, output_dir: Path, log_dir: Path,
-                   requested: dict[str, Any], requested_raw: dict[str, Any]
-                   ) -> tuple[str | None, dict[str, Any] | None]:
+def resolve_resume(
+    ckpt_path: str | None, output_dir: Path, log_dir: Path, requested: dict[str, Any], requested_raw: dict[str, Any]
+) -> tuple[str | None, dict[str, Any] | None]:
     """(checkpoint file to resume from, its contents), or (None, None) for a fresh start.
 
     - ``last``: this run directory's newest checkpoint; else the newest ``last.ckpt`` under
@@ -178,7 +205,7 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path, log_dir: Path,
     This directory's checkpoint and a named file must agree on `STATE_KEYS` (the dataset,
     the algorithm, the model); other changed settings are logged.
     """
-    if ckpt_path in (None, ""):
+    if not ckpt_path:  # None or ""
         return None, None
     if ckpt_path in ("last", "auto"):
         own = _own_checkpoints(output_dir)
@@ -201,14 +228,18 @@ def resolve_resume(ckpt_path: str | None, output_dir: Path, log_dir: Path,
                 return str(path), checkpoint
             closest = closest or (path, diff)
         if closest is None:
-            raise ConfigError(f"ckpt_path=last is not allowed here: the run directory {output_dir} "
-                              f"has no checkpoints/{LAST} and none exists under {log_dir}, so give "
-                              f"the run's directory as hydra.run.dir or the checkpoint's path.")
+            raise ConfigError(
+                f"ckpt_path=last is not allowed here: the run directory {output_dir} "
+                f"has no checkpoints/{LAST} and none exists under {log_dir}, so give "
+                f"the run's directory as hydra.run.dir or the checkpoint's path."
+            )
         path, diff = closest
-        raise ConfigError(f"ckpt_path=last is not allowed here: the run directory {output_dir} has "
-                          f"no checkpoints/{LAST}, and the newest one under {log_dir} ({path}) is "
-                          f"another run's ({_listed(diff)}), so give this run's directory as "
-                          f"hydra.run.dir or the checkpoint's path.")
+        raise ConfigError(
+            f"ckpt_path=last is not allowed here: the run directory {output_dir} has "
+            f"no checkpoints/{LAST}, and the newest one under {log_dir} ({path}) is "
+            f"another run's ({_listed(diff)}), so give this run's directory as "
+            f"hydra.run.dir or the checkpoint's path."
+        )
     checkpoint = load_checkpoint(ckpt_path, "ckpt_path")
     _check_matches(ckpt_path, checkpoint, requested, requested_raw)
     return ckpt_path, checkpoint
@@ -219,20 +250,24 @@ def _listed(diff: list[str]) -> str:
     return "; ".join(diff[:2]) + more
 
 
-def _check_matches(path: str, checkpoint: dict[str, Any], requested: dict[str, Any],
-                   requested_raw: dict[str, Any]) -> None:
+def _check_matches(
+    path: str, checkpoint: dict[str, Any], requested: dict[str, Any], requested_raw: dict[str, Any]
+) -> None:
     stored = checkpoint["metarun_config"]
     diff = config_differences(stored, requested, requested_raw, STATE_KEYS)
     if diff:
-        raise ConfigError(f"ckpt_path={path} is not allowed: it holds another dataset, algorithm "
-                          f"or model ({_listed(diff)}), so resume it with its own settings or "
-                          f"start a new run.")
+        raise ConfigError(
+            f"ckpt_path={path} is not allowed: it holds another dataset, algorithm "
+            f"or model ({_listed(diff)}), so resume it with its own settings or "
+            f"start a new run."
+        )
     changed = config_differences(stored, requested, requested_raw)
     if changed:
         log.warning("Resuming %s with changed settings: %s.", path, "; ".join(changed))
 
 
 # ------------------------------------------------------------------ the run directory
+
 
 class RunDirectory:
     """Holds a run directory for one metarun process (an advisory ``flock`` on ``.metarun.lock``).
@@ -256,27 +291,32 @@ class RunDirectory:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._lock = open(self.output_dir / LOCK, "a+")
         except OSError as error:
-            raise ConfigError(f"{where} is not allowed: it cannot be written "
-                              f"({_os_reason(error)}), so choose a writable hydra.run.dir.") from None
+            raise ConfigError(
+                f"{where} is not allowed: it cannot be written "
+                f"({_os_reason(error)}), so choose a writable hydra.run.dir."
+            ) from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock.seek(0)
             holder = self._lock.read().strip() or "unknown"
             self._lock.close()
-            raise ConfigError(f"{where} is not allowed: another metarun process (pid {holder}) is "
-                              f"running there, so wait for it or choose another "
-                              f"hydra.run.dir.") from None
+            raise ConfigError(
+                f"{where} is not allowed: another metarun process (pid {holder}) is "
+                f"running there, so wait for it or choose another "
+                f"hydra.run.dir."
+            ) from None
         self._lock.seek(0)
         self._lock.truncate()
         self._lock.write(str(os.getpid()))
         self._lock.flush()
-        held = [name for name in ("results.json", f"checkpoints/{LAST}")
-                if (self.output_dir / name).exists()]
+        held = [name for name in ("results.json", f"checkpoints/{LAST}") if (self.output_dir / name).exists()]
         if held and not self.resuming:
             self.__exit__()
-            raise ConfigError(f"{where} is not allowed: it already holds a run ({held[0]}), so "
-                              f"resume it with ckpt_path=last or choose another hydra.run.dir.")
+            raise ConfigError(
+                f"{where} is not allowed: it already holds a run ({held[0]}), so "
+                f"resume it with ckpt_path=last or choose another hydra.run.dir."
+            )
         self.check_writable()
         return self
 
@@ -293,9 +333,11 @@ class RunDirectory:
                 os.fsync(f.fileno())
         except OSError as error:
             self.__exit__()
-            raise ConfigError(f"the checkpoint folder {folder} is not allowed: it cannot be "
-                              f"written ({_os_reason(error)}), so free space there or choose a "
-                              f"writable hydra.run.dir.") from None
+            raise ConfigError(
+                f"the checkpoint folder {folder} is not allowed: it cannot be "
+                f"written ({_os_reason(error)}), so free space there or choose a "
+                f"writable hydra.run.dir."
+            ) from None
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink()
@@ -313,6 +355,7 @@ def _os_reason(error: OSError) -> str:
 
 # ------------------------------------------------------------------ signals
 
+
 class SignalFlag:
     """Records SIGTERM and SIGINT instead of dying, while installed (main thread only).
 
@@ -325,8 +368,7 @@ class SignalFlag:
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:
-            log.warning("Received %s: saving the run state at the end of this step.",
-                        signal.Signals(signum).name)
+            log.warning("Received %s: saving the run state at the end of this step.", signal.Signals(signum).name)
             self.signum = signum
 
     def take(self) -> None:
@@ -354,6 +396,7 @@ class SignalFlag:
 
 # ------------------------------------------------------------------ writing checkpoints
 
+
 class RunCheckpoints(Callback):
     """Writes the resumable state to ``dirpath/last.ckpt``: every ``every_n_steps`` outer
     steps or ``every_minutes`` minutes (whichever comes first; null turns one off), when
@@ -378,8 +421,14 @@ class RunCheckpoints(Callback):
         signals: the run's `SignalFlag`.
     """
 
-    def __init__(self, dirpath: Path, every_n_steps: int | None, every_minutes: float | None,
-                 config: dict[str, Any], signals: SignalFlag) -> None:
+    def __init__(
+        self,
+        dirpath: Path,
+        every_n_steps: int | None,
+        every_minutes: float | None,
+        config: dict[str, Any],
+        signals: SignalFlag,
+    ) -> None:
         self.dirpath, self.config, self.signals = dirpath, config, signals
         self.every_n_steps, self.every_minutes = every_n_steps, every_minutes
         self.saved_step = 0
@@ -397,8 +446,7 @@ class RunCheckpoints(Callback):
         back over it (by the process that owns the files, ``restore``); None when neither is
         from before that step."""
         for path in (self.path, self.dirpath / PREVIOUS):
-            if path.is_file() and torch.load(path, map_location="cpu",
-                                             weights_only=True)["global_step"] < diverged_at:
+            if path.is_file() and torch.load(path, map_location="cpu", weights_only=True)["global_step"] < diverged_at:
                 if path != self.path and restore:
                     os.replace(path, self.path)
                 return self.path
@@ -418,10 +466,13 @@ class RunCheckpoints(Callback):
         """(stop, due) at this step, the same on every process (any rank's signal, rank 0's clock)."""
         step = trainer.global_step
         stop = self.signals.signum is not None
-        due = self.pending or (self.saved_step != step and (
-            (self.every_n_steps is not None and step - self.saved_step >= self.every_n_steps)
-            or (self.every_minutes is not None
-                and time.monotonic() - self.saved_at >= 60 * self.every_minutes)))
+        due = self.pending or (
+            self.saved_step != step
+            and (
+                (self.every_n_steps is not None and step - self.saved_step >= self.every_n_steps)
+                or (self.every_minutes is not None and time.monotonic() - self.saved_at >= 60 * self.every_minutes)
+            )
+        )
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
             due = trainer.strategy.broadcast(due)
@@ -465,8 +516,7 @@ class RunCheckpoints(Callback):
     def on_test_start(self, trainer, pl_module) -> None:
         self.signals.take()
 
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int,
-                            dataloader_idx: int = 0) -> None:
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.signals.signum is not None:  # training is over and saved: stop testing
             raise Interrupted(self.signals.signum, trainer.global_step, str(self.path))
 
@@ -493,8 +543,10 @@ class RunCheckpoints(Callback):
             with contextlib.suppress(OSError):
                 tmp.unlink()
             last = f"the last good one is {self.path}" if self.path.exists() else "none was written"
-            raise ConfigError(f"the checkpoint folder {self.dirpath} is not allowed: writing step "
-                              f"{trainer.global_step} failed ({_os_reason(error)}) and {last}, so "
-                              f"free space there and resume with ckpt_path=last.") from None
+            raise ConfigError(
+                f"the checkpoint folder {self.dirpath} is not allowed: writing step "
+                f"{trainer.global_step} failed ({_os_reason(error)}) and {last}, so "
+                f"free space there and resume with ckpt_path=last."
+            ) from None
         trainer.strategy.barrier("metarun.last_checkpoint")
         self.saved_step, self.saved_at = trainer.global_step, time.monotonic()

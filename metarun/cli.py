@@ -19,10 +19,11 @@ DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
 
 def config_error(err: BaseException) -> ConfigError | None:
     """The `ConfigError` behind ``err`` (Hydra wraps errors raised in constructors)."""
-    while err is not None:
-        if isinstance(err, ConfigError):
-            return err
-        err = err.__cause__ or err.__context__
+    current: BaseException | None = err
+    while current is not None:
+        if isinstance(current, ConfigError):
+            return current
+        current = current.__cause__ or current.__context__
     return None
 
 
@@ -66,15 +67,19 @@ def check_output_dirs(argv: Iterable[str]) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            fail(f"{key}={value} is not allowed: the directory cannot be created "
-                 f"({error.strerror or type(error).__name__}), so choose a writable path.")
+            fail(
+                f"{key}={value} is not allowed: the directory cannot be created "
+                f"({error.strerror or type(error).__name__}), so choose a writable path."
+            )
         probe = folder / f".metarun-probe-{os.getpid()}"
         try:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as error:
-            fail(f"{key}={value} is not allowed: the directory cannot be written "
-                 f"({error.strerror or type(error).__name__}), so choose a writable path.")
+            fail(
+                f"{key}={value} is not allowed: the directory cannot be written "
+                f"({error.strerror or type(error).__name__}), so choose a writable path."
+            )
 
 
 def run_command(hydra_main: Callable[[], None], append_unless: tuple[str, ...] = ()) -> None:
@@ -87,8 +92,13 @@ def run_command(hydra_main: Callable[[], None], append_unless: tuple[str, ...] =
     argv = sys.argv[1:]
     check_output_dirs(argv)
     if append_unless:
-        argv = [f"+{arg}" if "=" in arg and not arg.startswith(("+", "~", "-"))
-                and arg.split("=", 1)[0].split(".", 1)[0] not in append_unless else arg
-                for arg in argv]
+        argv = [
+            f"+{arg}"
+            if "=" in arg
+            and not arg.startswith(("+", "~", "-"))
+            and arg.split("=", 1)[0].split(".", 1)[0] not in append_unless
+            else arg
+            for arg in argv
+        ]
         sys.argv[1:] = argv
     hydra_main()

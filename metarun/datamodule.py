@@ -42,14 +42,23 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        episodes = TrainEpisodes(self.sampler, self.splits["train"], start_step=trainer.global_step,
-                                 rank=trainer.global_rank, world_size=trainer.world_size)
+        episodes = TrainEpisodes(
+            self.sampler,
+            self.splits["train"],
+            start_step=trainer.global_step,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )
         return DataLoader(episodes, batch_size=None, num_workers=0)
 
     def _eval_loader(self, split: str, stream: int, size: int) -> DataLoader:
-        return DataLoader(EvalEpisodes(self.sampler, self.splits[split], stream, size),
-                          batch_size=self.sampler.eval_batch_size, shuffle=False,
-                          collate_fn=collate_episodes, num_workers=0)
+        return DataLoader(
+            EvalEpisodes(self.sampler, self.splits[split], stream, size),
+            batch_size=self.sampler.eval_batch_size,
+            shuffle=False,
+            collate_fn=collate_episodes,
+            num_workers=0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val", VAL, self.sampler.val_episodes)

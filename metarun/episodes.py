@@ -75,18 +75,27 @@ class EpisodeBatch:
 
     def tasks(self, start: int, stop: int) -> EpisodeBatch:
         """Tasks ``start .. stop - 1`` as a batch of their own (views, no copy)."""
+
         def part(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[start:stop]
-        return EpisodeBatch(self.support_x[start:stop], self.support_y[start:stop],
-                            self.query_x[start:stop], self.query_y[start:stop],
-                            part(self.task_params), self.index[start:stop], part(self.classes))
+
+        return EpisodeBatch(
+            self.support_x[start:stop],
+            self.support_y[start:stop],
+            self.query_x[start:stop],
+            self.query_y[start:stop],
+            part(self.task_params),
+            self.index[start:stop],
+            part(self.classes),
+        )
 
     def task(self, i: int) -> Episode:
         """The i-th episode of the batch (views, no copy)."""
         params = None if self.task_params is None else self.task_params[i]
         classes = None if self.classes is None else self.classes[i]
-        return Episode(self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i],
-                       params, int(self.index[i]), classes)
+        return Episode(
+            self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i], params, int(self.index[i]), classes
+        )
 
 
 def collate_episodes(episodes: list[Episode]) -> EpisodeBatch:
@@ -98,9 +107,13 @@ def collate_episodes(episodes: list[Episode]) -> EpisodeBatch:
         support_y=torch.stack([e.support_y for e in episodes]),  # [B, N*K, ...]
         query_x=torch.stack([e.query_x for e in episodes]),  # [B, N*Q, ...]
         query_y=torch.stack([e.query_y for e in episodes]),  # [B, N*Q, ...]
-        task_params=None if params[0] is None else torch.stack(params),  # [B, P]
+        task_params=None
+        if any(p is None for p in params)
+        else torch.stack([p for p in params if p is not None]),  # [B, P]
         index=torch.tensor([e.index for e in episodes], dtype=torch.long),  # [B]
-        classes=None if any(c is None for c in classes) else torch.stack(classes),  # [B, N]
+        classes=None
+        if any(c is None for c in classes)
+        else torch.stack([c for c in classes if c is not None]),  # [B, N]
     )
 
 
@@ -132,19 +145,28 @@ class EpisodeSampler:
             every algorithm and training seed is scored on the same episodes.
     """
 
-    def __init__(self, ways: int, shots: int, queries: int, meta_batch_size: int,
-                 train_ways: int | None = None, train_shots: int | None = None,
-                 train_queries: int | None = None, val_episodes: int = 100,
-                 test_episodes: int = 600, eval_batch_size: int = 1, seed: int = 0,
-                 eval_seed: int = 0) -> None:
+    def __init__(
+        self,
+        ways: int,
+        shots: int,
+        queries: int,
+        meta_batch_size: int,
+        train_ways: int | None = None,
+        train_shots: int | None = None,
+        train_queries: int | None = None,
+        val_episodes: int = 100,
+        test_episodes: int = 600,
+        eval_batch_size: int = 1,
+        seed: int = 0,
+        eval_seed: int = 0,
+    ) -> None:
         self.ways = _positive("sampler.ways", ways)
         self.shots = _positive("sampler.shots", shots)
         self.queries = _positive("sampler.queries", queries)
         self.meta_batch_size = _positive("sampler.meta_batch_size", meta_batch_size)
         self.train_ways = _positive("sampler.train_ways", ways if train_ways is None else train_ways)
         self.train_shots = _positive("sampler.train_shots", shots if train_shots is None else train_shots)
-        self.train_queries = _positive("sampler.train_queries",
-                                       queries if train_queries is None else train_queries)
+        self.train_queries = _positive("sampler.train_queries", queries if train_queries is None else train_queries)
         self.val_episodes = _positive("sampler.val_episodes", val_episodes)
         self.test_episodes = _positive("sampler.test_episodes", test_episodes)
         self.eval_batch_size = _positive("sampler.eval_batch_size", eval_batch_size)
@@ -166,22 +188,21 @@ class EpisodeSampler:
         if self.meta_batch_size % world_size:
             raise ConfigError(
                 f"sampler.meta_batch_size={self.meta_batch_size} is not allowed with "
-                f"{world_size} processes: it must be divisible by the number of processes.")
+                f"{world_size} processes: it must be divisible by the number of processes."
+            )
         return self.meta_batch_size // world_size
 
-    def train_batch(self, source: TaskSource, step: int, rank: int = 0,
-                    world_size: int = 1) -> EpisodeBatch:
+    def train_batch(self, source: TaskSource, step: int, rank: int = 0, world_size: int = 1) -> EpisodeBatch:
         """This rank's slice of the meta-batch of training step `step`."""
         per_rank = self.shard(world_size)
         tasks = range(rank * per_rank, (rank + 1) * per_rank)
-        return collate_episodes([
-            self._draw(source, task_generator(self.seed, TRAIN, step, t), t, train=True)
-            for t in tasks])
+        return collate_episodes(
+            [self._draw(source, task_generator(self.seed, TRAIN, step, t), t, train=True) for t in tasks]
+        )
 
     def eval_episode(self, source: TaskSource, stream: int, index: int) -> Episode:
         """Episode `index` of the fixed validation (stream 1) or test (stream 2) list."""
-        return self._draw(source, task_generator(self.eval_seed, stream, 0, index), index,
-                          train=False)
+        return self._draw(source, task_generator(self.eval_seed, stream, 0, index), index, train=False)
 
     def _draw(self, source: TaskSource, g: torch.Generator, index: int, train: bool) -> Episode:
         if train:
@@ -195,8 +216,9 @@ class EpisodeSampler:
 class TrainEpisodes(IterableDataset):
     """Endless training meta-batches starting at `start_step` (set on resume)."""
 
-    def __init__(self, sampler: EpisodeSampler, source: TaskSource, start_step: int,
-                 rank: int, world_size: int) -> None:
+    def __init__(
+        self, sampler: EpisodeSampler, source: TaskSource, start_step: int, rank: int, world_size: int
+    ) -> None:
         self.sampler, self.source = sampler, source
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
 
@@ -221,5 +243,13 @@ class EvalEpisodes(Dataset):
 
 
 __all__ = [
-    "Episode", "EpisodeBatch", "EpisodeSampler", "TrainEpisodes", "EvalEpisodes",
-    "collate_episodes", "task_generator", "TaskSource", "STREAMS"]
+    "Episode",
+    "EpisodeBatch",
+    "EpisodeSampler",
+    "TrainEpisodes",
+    "EvalEpisodes",
+    "collate_episodes",
+    "task_generator",
+    "TaskSource",
+    "STREAMS",
+]

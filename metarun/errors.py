@@ -29,9 +29,11 @@ class Interrupted(Exception):
         self.signum, self.step, self.checkpoint = int(signum), step, checkpoint
         self.exit_code = 128 + int(signum)
         name = signal.Signals(signum).name
-        super().__init__(f"interrupted by {name} after step {step}; the run state is saved in "
-                         f"{checkpoint}, so continue it with ckpt_path=last and the same "
-                         f"hydra.run.dir.")
+        super().__init__(
+            f"interrupted by {name} after step {step}; the run state is saved in "
+            f"{checkpoint}, so continue it with ckpt_path=last and the same "
+            f"hydra.run.dir."
+        )
 
 
 class NonFiniteLoss(FloatingPointError):

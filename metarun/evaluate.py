@@ -34,9 +34,11 @@ def checkpoint_config(ckpt_path: str, overrides: list[str]) -> tuple[DictConfig,
     for item in overrides:
         key = item.lstrip("+").split("=", 1)[0]
         if "=" not in item or "." not in key:
-            raise ConfigError(f"override {item.lstrip('+')!r} is not allowed for metarun-eval: it "
-                              f"tests the checkpoint's own algorithm and model, so give key=value "
-                              f"overrides of the trained config, such as sampler.ways=5.")
+            raise ConfigError(
+                f"override {item.lstrip('+')!r} is not allowed for metarun-eval: it "
+                f"tests the checkpoint's own algorithm and model, so give key=value "
+                f"overrides of the trained config, such as sampler.ways=5."
+            )
         value = OmegaConf.select(OmegaConf.from_dotlist([item.lstrip("+")]), key)
         OmegaConf.update(cfg, key, value, merge=True)
     return cfg, checkpoint
@@ -48,20 +50,28 @@ def evaluate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     run_cfg.paths = cfg.paths
     objects = build(run_cfg)
     module = objects["module"]
-    load_weights(module, checkpoint,
-                 f"ckpt_path={cfg.ckpt_path} is not allowed with the overrides "
-                 f"({' '.join(overrides) or 'none'}): its weights do not fit the model they build",
-                 "drop the overrides that change the model")
+    load_weights(
+        module,
+        checkpoint,
+        f"ckpt_path={cfg.ckpt_path} is not allowed with the overrides "
+        f"({' '.join(overrides) or 'none'}): its weights do not fit the model they build",
+        "drop the overrides that change the model",
+    )
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     tested = trainer.test(module, datamodule=objects["datamodule"], verbose=False)
     metrics = {k: float(v) for k, v in tested[0].items()}
     sampler = objects["sampler"]
     results = {
-        "experiment": {"algorithm": run_cfg.algorithm._target_.rsplit(".", 1)[-1],
-                       "dataset": run_cfg.dataset._target_.rsplit(".", 1)[-1],
-                       "ways": sampler.ways, "shots": sampler.shots, "queries": sampler.queries,
-                       "seed": run_cfg.seed, "checkpoint": str(cfg.ckpt_path),
-                       "trained_steps": checkpoint.get("global_step")},
+        "experiment": {
+            "algorithm": run_cfg.algorithm._target_.rsplit(".", 1)[-1],
+            "dataset": run_cfg.dataset._target_.rsplit(".", 1)[-1],
+            "ways": sampler.ways,
+            "shots": sampler.shots,
+            "queries": sampler.queries,
+            "seed": run_cfg.seed,
+            "checkpoint": str(cfg.ckpt_path),
+            "trained_steps": checkpoint.get("global_step"),
+        },
         "test": test_block(metrics, module.metric),
         "environment": environment(trainer),
         "config": OmegaConf.to_container(run_cfg, resolve=True),
@@ -77,8 +87,9 @@ def evaluate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 @exit_on_config_error
 def hydra_main(cfg: DictConfig) -> None:
-    overrides = [o for o in HydraConfig.get().overrides.task
-                 if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in OWN_KEYS]
+    overrides = [
+        o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in OWN_KEYS
+    ]
     evaluate(cfg, overrides)
 
 

@@ -46,9 +46,15 @@ class MetaLearningModule(L.LightningModule):
             optimiser steps once, with the meta-gradient of the whole meta-batch.
     """
 
-    def __init__(self, algorithm: MetaAlgorithm, optimizer: OptimizerFactory,
-                 scheduler: SchedulerFactory | None = None, grad_clip: float | None = None,
-                 regression: bool = False, task_chunk: int | None = None) -> None:
+    def __init__(
+        self,
+        algorithm: MetaAlgorithm,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        grad_clip: float | None = None,
+        regression: bool = False,
+        task_chunk: int | None = None,
+    ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.algorithm = algorithm
@@ -64,8 +70,10 @@ class MetaLearningModule(L.LightningModule):
         opt = self.optimizer_factory(params=self.algorithm.parameters())
         if self.scheduler_factory is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt),
-                                                   "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt), "interval": "step"},
+        }
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         started = time.perf_counter()
@@ -85,9 +93,16 @@ class MetaLearningModule(L.LightningModule):
         tasks = len(batch) * self.trainer.world_size
         metric = per_task_metric(out.query_logits, batch.query_y).mean()
         extra = {f"train/{k}": v.detach().float().mean() for k, v in (out.extra or {}).items()}
-        self.log_dict({"train/loss": out.loss.detach(), f"train/{self.metric}": metric,
-                       "train/tasks_per_second": tasks / (time.perf_counter() - started)},
-                      on_step=True, prog_bar=True, batch_size=len(batch))
+        self.log_dict(
+            {
+                "train/loss": out.loss.detach(),
+                f"train/{self.metric}": metric,
+                "train/tasks_per_second": tasks / (time.perf_counter() - started),
+            },
+            on_step=True,
+            prog_bar=True,
+            batch_size=len(batch),
+        )
         if extra:
             self.log_dict(extra, on_step=True, batch_size=len(batch))
         # Outer steps done; `train` reads it back under ddp_spawn, whose workers return
@@ -103,15 +118,13 @@ class MetaLearningModule(L.LightningModule):
         clip the loss-scaled gradients (and the update would shrink by the scale).
         """
         if self.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip,
-                                gradient_clip_algorithm="norm")
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
     def backward_meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         """`backward_in_chunks` with Lightning's backward; under DDP only the last chunk's
         backward all-reduces (the others run under ``no_sync``)."""
         hold = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
-        return backward_in_chunks(self.algorithm, batch, self.task_chunk, self.manual_backward,
-                                  hold)
+        return backward_in_chunks(self.algorithm, batch, self.task_chunk, self.manual_backward, hold)
 
     # evaluation ---------------------------------------------------------------------------
 
@@ -123,7 +136,8 @@ class MetaLearningModule(L.LightningModule):
         self._episodes.setdefault(stage, []).append(torch.stack(rows, 1))  # [B, 2 or 3]
         for name, values in (out.extra or {}).items():  # further per-task metrics, [B] each
             self._episodes.setdefault(f"{stage}/{name}", []).append(
-                torch.stack([batch.index.float(), values.detach().float()], 1))  # [B, 2]
+                torch.stack([batch.index.float(), values.detach().float()], 1)
+            )  # [B, 2]
 
     def _gather(self, key: str) -> Tensor:
         """Rows ``[index, values...]`` stored under ``key`` on every rank, each episode once."""
@@ -136,12 +150,17 @@ class MetaLearningModule(L.LightningModule):
     def _eval_end(self, stage: str) -> dict[str, float]:
         rows = self._gather(stage)
         mean, ci = mean_ci95(rows[:, 1].tolist())
-        metrics = {f"{stage}/{self.metric}": mean, f"{stage}/{self.metric}_ci95": ci,
-                   f"{stage}/episodes": float(len(rows))}
+        metrics = {
+            f"{stage}/{self.metric}": mean,
+            f"{stage}/{self.metric}_ci95": ci,
+            f"{stage}/episodes": float(len(rows)),
+        }
         if rows.shape[1] > 2:
             before, before_ci = mean_ci95(rows[:, 2].tolist())
-            metrics |= {f"{stage}/{self.metric}_before_adaptation": before,
-                        f"{stage}/{self.metric}_before_adaptation_ci95": before_ci}
+            metrics |= {
+                f"{stage}/{self.metric}_before_adaptation": before,
+                f"{stage}/{self.metric}_before_adaptation_ci95": before_ci,
+            }
         for key in sorted(k for k in self._episodes if k.startswith(f"{stage}/")):
             extra, extra_ci = mean_ci95(self._gather(key)[:, 1].tolist())
             metrics |= {key: extra, f"{key}_ci95": extra_ci}
@@ -157,8 +176,9 @@ class MetaLearningModule(L.LightningModule):
                 self._episodes.pop(key)
             return
         value = self._eval_end("val")[f"val/{self.metric}"]
-        better = (self.best["value"] is None or
-                  (value < self.best["value"] if self.metric == "mse" else value > self.best["value"]))
+        better = self.best["value"] is None or (
+            value < self.best["value"] if self.metric == "mse" else value > self.best["value"]
+        )
         if better:
             self.best = {"value": value, "step": self.global_step}
         self.log(f"val/best_{self.metric}", self.best["value"])
@@ -195,10 +215,13 @@ class MetaLearningModule(L.LightningModule):
                     schedule["base_lrs"] = [changed["lr"]] * len(schedule["base_lrs"])
 
 
-def backward_in_chunks(algorithm: MetaAlgorithm, batch: EpisodeBatch, chunk: int | None,
-                       backward: Callable[[Tensor], Any],
-                       hold_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                       ) -> MetaOutput:
+def backward_in_chunks(
+    algorithm: MetaAlgorithm,
+    batch: EpisodeBatch,
+    chunk: int | None,
+    backward: Callable[[Tensor], Any],
+    hold_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> MetaOutput:
     """Back-propagate the meta-batch's meta-loss, ``chunk`` tasks at a time (None: all).
 
     Each chunk's loss is weighted by its share of the tasks (every learner's meta-loss is
@@ -221,8 +244,7 @@ def backward_in_chunks(algorithm: MetaAlgorithm, batch: EpisodeBatch, chunk: int
     if len(outputs) == 1:
         return MetaOutput(losses[0], outputs[0].query_logits, extra=outputs[0].extra)
     extra = {k: torch.cat([o.extra[k] for o in outputs]) for k in (outputs[0].extra or {})}
-    return MetaOutput(torch.stack(losses).sum(), torch.cat([o.query_logits for o in outputs]),
-                      extra=extra or None)
+    return MetaOutput(torch.stack(losses).sum(), torch.cat([o.query_logits for o in outputs]), extra=extra or None)
 
 
 def _unique_first(ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,8 +14,9 @@ from metarun.algorithms.base import MetaAlgorithm  # noqa: E402
 from metarun.episodes import EvalEpisodes, collate_episodes  # noqa: E402
 
 
-def plot_regression_tasks(algorithm: MetaAlgorithm, episodes: EvalEpisodes, path: Path,
-                          tasks: int = 4, points: int = 200) -> Path:
+def plot_regression_tasks(
+    algorithm: MetaAlgorithm, episodes: EvalEpisodes, path: Path, tasks: int = 4, points: int = 200
+) -> Path:
     """True curve, support points and the prediction before and after adaptation."""
     source = episodes.source
     lo, hi = source.x_range
@@ -26,8 +27,7 @@ def plot_regression_tasks(algorithm: MetaAlgorithm, episodes: EvalEpisodes, path
         ep.query_x, ep.query_y = grid, source.curve(ep.task_params, grid)
         batch = collate_episodes([ep])
         device = next(algorithm.parameters()).device
-        batch = type(batch)(**{k: (v.to(device) if torch.is_tensor(v) else v)
-                               for k, v in vars(batch).items()})
+        batch = type(batch)(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(batch).items()})
         out = algorithm.predict(batch)
         ax.plot(grid, ep.query_y, "k-", label="true")
         if out.query_logits_before is not None:
@@ -52,9 +52,16 @@ def _show(ax, image: torch.Tensor) -> None:
     ax.set_yticks([])
 
 
-def plot_predictions(support: dict, queries: list, labels: list, probabilities: torch.Tensor,
-                     truth: list | None, path: Path, max_queries: int = 24,
-                     max_shots: int = 5) -> Path:
+def plot_predictions(
+    support: dict,
+    queries: list,
+    labels: list,
+    probabilities: torch.Tensor,
+    truth: list | None,
+    path: Path,
+    max_queries: int = 24,
+    max_shots: int = 5,
+) -> Path:
     """The support images by class (one row each, up to ``max_shots``), then the first
     ``max_queries`` queries, each titled with its predicted class and probability (green
     when it matches the true class of a labelled query, red when not)."""
@@ -62,9 +69,9 @@ def plot_predictions(support: dict, queries: list, labels: list, probabilities: 
     shown = min(len(queries), max_queries)
     columns = max(max_shots, 6)
     query_rows = -(-shown // columns)
-    fig, axes = plt.subplots(len(classes) + query_rows, columns,
-                             figsize=(1.6 * columns, 1.7 * (len(classes) + query_rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(classes) + query_rows, columns, figsize=(1.6 * columns, 1.7 * (len(classes) + query_rows)), squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     for row, name in enumerate(classes):
@@ -109,8 +116,7 @@ def plot_points(support_x, support_y, query_x, mean, std, path: Path) -> Path:
 def plot_learning_curves(train: list, val: list, metric: str, path: Path) -> Path:
     """Training loss and the validation metric against outer steps (``[(step, value)]``)."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, points, title in ((axes[0], train, "training loss"),
-                              (axes[1], val, f"validation {metric}")):
+    for ax, points, title in ((axes[0], train, "training loss"), (axes[1], val, f"validation {metric}")):
         if points:
             steps, values = zip(*points)
             ax.plot(steps, values, "C0.-" if len(points) < 30 else "C0-")
@@ -130,8 +136,7 @@ def plot_test_episode(algorithm, episode, path: Path, max_queries: int = 24) -> 
     probability (green when right, red when wrong)."""
     batch = collate_episodes([episode])
     device = next(algorithm.parameters()).device
-    batch = type(batch)(**{k: (v.to(device) if torch.is_tensor(v) else v)
-                           for k, v in vars(batch).items()})
+    batch = type(batch)(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(batch).items()})
     was_training = algorithm.training
     algorithm.eval()
     with torch.no_grad():
@@ -144,8 +149,11 @@ def plot_test_episode(algorithm, episode, path: Path, max_queries: int = 24) -> 
     support = dict(sorted(support.items()))
     ways = len(support)
     per_class = max(1, max_queries // ways)
-    shown = [i for c in range(ways)  # the first few queries of every class
-             for i in (episode.query_y == c).nonzero().flatten().tolist()[:per_class]]
+    shown = [
+        i
+        for c in range(ways)  # the first few queries of every class
+        for i in (episode.query_y == c).nonzero().flatten().tolist()[:per_class]
+    ]
     queries = [(None, episode.query_x[i].float()) for i in shown]
     labels = [f"class {i}" for i in probabilities[shown].argmax(-1).tolist()]
     truth = [f"class {episode.query_y[i]}" for i in shown]

@@ -38,8 +38,7 @@ from metarun.stats import mean_ci95
 from metarun.train import CONFIG_DIR, build_learner, write_results
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                  ".pgm", ".pbm"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 FIXED_HEAD_FREE = "protonet, matching_net, relation_net or finetune"
 
@@ -63,9 +62,12 @@ class Learner:
         self.config = OmegaConf.create(checkpoint["metarun_config"])
         objects = build_learner(self.config)  # the trained settings; no data is loaded
         module = objects["module"]
-        load_weights(module, checkpoint,
-                     f"ckpt_path={path} is not allowed: its weights do not fit the model its config builds",
-                     "give a checkpoint written by this metarun")
+        load_weights(
+            module,
+            checkpoint,
+            f"ckpt_path={path} is not allowed: its weights do not fit the model its config builds",
+            "give a checkpoint written by this metarun",
+        )
         self.algorithm: MetaAlgorithm = module.algorithm.eval()
         self.regression: bool = objects["regression"]
         self.dataset = get_class(self.config.dataset._target_)
@@ -82,8 +84,10 @@ class Learner:
             return item.float()
         prepare = getattr(self.dataset, "prepare_image", None)
         if prepare is None:
-            raise ConfigError(f"ckpt_path={self.path} is not allowed with images: it was trained "
-                              f"on {self.dataset.__name__}, which takes no image files.")
+            raise ConfigError(
+                f"ckpt_path={self.path} is not allowed with images: it was trained "
+                f"on {self.dataset.__name__}, which takes no image files."
+            )
         if isinstance(item, Image.Image):
             return self._prepared(item, prepare)
         with Image.open(item) as opened:
@@ -106,8 +110,10 @@ class Learner:
     def adapt(self, examples: Sequence[Any], labels: Sequence[Any]) -> Learner:
         """Keep ``examples`` with their ``labels`` as the support set; returns self."""
         if len(examples) != len(labels) or not len(examples):
-            raise ConfigError(f"support is not allowed: it has {len(examples)} examples and "
-                              f"{len(labels)} labels, so give one label per example (at least one).")
+            raise ConfigError(
+                f"support is not allowed: it has {len(examples)} examples and "
+                f"{len(labels)} labels, so give one label per example (at least one)."
+            )
         x = self._stack(examples)
         if self.regression:
             y = torch.as_tensor(np.asarray(labels, dtype=np.float32))
@@ -115,15 +121,18 @@ class Learner:
             return self
         self.classes = list(dict.fromkeys(labels))
         if len(self.classes) < 2:
-            raise ConfigError(f"support is not allowed: it holds {len(self.classes)} class "
-                              f"({self.classes[0]!r}), so give examples of at least 2 classes.")
+            raise ConfigError(
+                f"support is not allowed: it holds {len(self.classes)} class "
+                f"({self.classes[0]!r}), so give examples of at least 2 classes."
+            )
         heads = self.config.model.get("out_features") if "model" in self.config else None
         if heads is not None and heads != len(self.classes) and not self.regression:
             raise ConfigError(
                 f"support is not allowed with this {self.name} checkpoint: it holds "
                 f"{len(self.classes)} classes but the model's classifier head has {heads} "
                 f"outputs, so give {heads} classes or train an algorithm without a fixed head "
-                f"({FIXED_HEAD_FREE}).")
+                f"({FIXED_HEAD_FREE})."
+            )
         index = {c: i for i, c in enumerate(self.classes)}
         self._support = (x, torch.tensor([index[c] for c in labels]))  # [S, ...], [S]
         return self
@@ -136,8 +145,14 @@ class Learner:
         x, y = self._support
         shape = (1, len(query), y.shape[-1]) if self.regression else (1, len(query))
         dummy = torch.zeros(shape, dtype=y.dtype)
-        return EpisodeBatch(support_x=x[None], support_y=y[None], query_x=query[None],
-                            query_y=dummy, task_params=None, index=torch.zeros(1, dtype=torch.long))
+        return EpisodeBatch(
+            support_x=x[None],
+            support_y=y[None],
+            query_x=query[None],
+            query_y=dummy,
+            task_params=None,
+            index=torch.zeros(1, dtype=torch.long),
+        )
 
     def predict(self, examples: Sequence[Any]) -> tuple[Any, Tensor | None]:
         """Labels and probabilities ``[M, N]`` of ``examples`` (regression: mean, std)."""
@@ -157,6 +172,7 @@ def load(ckpt_path: str | Path) -> Learner:
 
 
 # ------------------------------------------------------------------ files a user points at
+
 
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
@@ -178,28 +194,33 @@ def read_support(learner: Learner, folder: str, skipped: list[str]) -> dict[str,
     root = Path(folder)
     key = f"support={folder}"
     if not root.is_dir():
-        raise ConfigError(f"{key} is not allowed: it is not a folder, so give a folder with one "
-                          f"subfolder of images per class.")
+        raise ConfigError(
+            f"{key} is not allowed: it is not a folder, so give a folder with one subfolder of images per class."
+        )
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         names = ", ".join(p.name for p in classes) or "none"
-        raise ConfigError(f"{key} is not allowed: it holds {len(classes)} class folder ({names}), "
-                          f"so give at least 2 class folders of images.")
+        raise ConfigError(
+            f"{key} is not allowed: it holds {len(classes)} class folder ({names}), "
+            f"so give at least 2 class folders of images."
+        )
     out = {}
     for folder_of_class in classes:
         files = sorted(p for p in folder_of_class.rglob("*") if p.is_file())
         images = _readable(learner, [p for p in files if _is_image(p)], skipped)
-        skipped.extend(f"{p} (not an image)" for p in files if not _is_image(p)
-                       and not p.name.startswith("."))
+        skipped.extend(f"{p} (not an image)" for p in files if not _is_image(p) and not p.name.startswith("."))
         if not images:
-            raise ConfigError(f"{key} is not allowed: its class folder {folder_of_class.name!r} "
-                              f"holds no readable images, so add images to it or remove it.")
+            raise ConfigError(
+                f"{key} is not allowed: its class folder {folder_of_class.name!r} "
+                f"holds no readable images, so add images to it or remove it."
+            )
         out[folder_of_class.name] = images
     return out
 
 
-def read_queries(learner: Learner, query: str, classes: list[str],
-                 skipped: list[str]) -> tuple[list[tuple[Path, Tensor]], list[str] | None]:
+def read_queries(
+    learner: Learner, query: str, classes: list[str], skipped: list[str]
+) -> tuple[list[tuple[Path, Tensor]], list[str] | None]:
     """The query images and, when ``query`` has one subfolder per class, their labels."""
     source = Path(query)
     key = f"query={query}"
@@ -216,10 +237,12 @@ def read_queries(learner: Learner, query: str, classes: list[str],
         if subfolders and not loose:  # labelled queries: one subfolder per class
             unknown = [p.name for p in subfolders if p.name not in classes]
             if unknown:
-                raise ConfigError(f"{key} is not allowed: its class folder {unknown[0]!r} is not "
-                                  f"one of the support classes ({', '.join(classes)}), so name "
-                                  f"query subfolders after support classes or give unlabelled "
-                                  f"images.")
+                raise ConfigError(
+                    f"{key} is not allowed: its class folder {unknown[0]!r} is not "
+                    f"one of the support classes ({', '.join(classes)}), so name "
+                    f"query subfolders after support classes or give unlabelled "
+                    f"images."
+                )
             images, labels = [], []
             for sub in subfolders:
                 found = _readable(learner, sorted(p for p in sub.rglob("*") if _is_image(p)), skipped)
@@ -228,11 +251,14 @@ def read_queries(learner: Learner, query: str, classes: list[str],
         else:
             images = _readable(learner, sorted(p for p in source.rglob("*") if _is_image(p)), skipped)
     else:
-        raise ConfigError(f"{key} is not allowed: no such file or folder, so give a folder of "
-                          f"images or a text file of image paths.")
+        raise ConfigError(
+            f"{key} is not allowed: no such file or folder, so give a folder of images or a text file of image paths."
+        )
     if not images:
-        raise ConfigError(f"{key} is not allowed: it holds no readable images, so give a folder "
-                          f"of images (searched recursively) or a text file of image paths.")
+        raise ConfigError(
+            f"{key} is not allowed: it holds no readable images, so give a folder "
+            f"of images (searched recursively) or a text file of image paths."
+        )
     return images, labels
 
 
@@ -240,8 +266,7 @@ def read_points(path: str, key: str, need_y: bool) -> tuple[np.ndarray, np.ndarr
     """``x [M, Dx]`` and ``y [M, Dy]`` (or None) from a CSV with columns ``x…`` and ``y…``."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"{key}={path} is not allowed: no such file, so give a CSV file with "
-                          f"columns x (and y).")
+        raise ConfigError(f"{key}={path} is not allowed: no such file, so give a CSV file with columns x (and y).")
     with open(file, newline="") as f:
         rows = list(csv.DictReader(f))
     columns = list(rows[0].keys()) if rows else []
@@ -249,26 +274,32 @@ def read_points(path: str, key: str, need_y: bool) -> tuple[np.ndarray, np.ndarr
     ys = [c for c in columns if c and c.strip().lower().startswith("y")]
     if not rows or not xs or (need_y and not ys):
         want = "x… and y…" if need_y else "x…"
-        raise ConfigError(f"{key}={path} is not allowed: it has no rows with columns {want} "
-                          f"(found {', '.join(columns) or 'none'}), so give a CSV file with a "
-                          f"header such as x,y.")
+        raise ConfigError(
+            f"{key}={path} is not allowed: it has no rows with columns {want} "
+            f"(found {', '.join(columns) or 'none'}), so give a CSV file with a "
+            f"header such as x,y."
+        )
     try:
         x = np.array([[float(r[c]) for c in xs] for r in rows], dtype=np.float32)
         y = np.array([[float(r[c]) for c in ys] for r in rows], dtype=np.float32) if ys else None
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"{key}={path} is not allowed: a value is not a number ({error}), so "
-                          f"give numbers only.") from None
+        raise ConfigError(
+            f"{key}={path} is not allowed: a value is not a number ({error}), so give numbers only."
+        ) from None
     return x, y
 
 
 # ------------------------------------------------------------------ the command
 
+
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run `metarun-predict`: adapt, label, and write predictions.csv, predict.json and a picture."""
     for key in ("ckpt_path", "support", "query"):
         if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
-            raise ConfigError(f"{key} is not set: metarun-predict needs ckpt_path=<.ckpt>, "
-                              f"support=<folder or .csv> and query=<folder, file list or .csv>.")
+            raise ConfigError(
+                f"{key} is not set: metarun-predict needs ckpt_path=<.ckpt>, "
+                f"support=<folder or .csv> and query=<folder, file list or .csv>."
+            )
     started = time.perf_counter()
     learner = load(cfg.ckpt_path)
     out = Path(cfg.paths.output_dir)
@@ -287,29 +318,42 @@ def predict_images(learner: Learner, cfg: DictConfig, out: Path) -> dict[str, An
     skipped: list[str] = []
     support = read_support(learner, cfg.support, skipped)
     classes = list(support)
-    learner.adapt([t for images in support.values() for _, t in images],
-                  [c for c, images in support.items() for _ in images])
+    learner.adapt(
+        [t for images in support.values() for _, t in images], [c for c, images in support.items() for _ in images]
+    )
     queries, truth = read_queries(learner, cfg.query, classes, skipped)
     labels, probabilities = learner.predict([t for _, t in queries])
     if skipped:
-        log.warning("Skipped %d files that are not readable images: %s%s", len(skipped),
-                    "; ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
+        log.warning(
+            "Skipped %d files that are not readable images: %s%s",
+            len(skipped),
+            "; ".join(skipped[:5]),
+            " ..." if len(skipped) > 5 else "",
+        )
     if learner.converted:
         mode = "grey" if getattr(learner.dataset, "channels", 1) == 1 else "RGB"
-        log.warning("Converted %d images to %s, as the checkpoint's model was trained on %s "
-                    "images.", learner.converted, mode, mode)
+        log.warning(
+            "Converted %d images to %s, as the checkpoint's model was trained on %s images.",
+            learner.converted,
+            mode,
+            mode,
+        )
     with open(out / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "predicted", *[f"p({c})" for c in classes],
-                         *(["true"] if truth else [])])
+        writer.writerow(["path", "predicted", *[f"p({c})" for c in classes], *(["true"] if truth else [])])
         for i, ((path, _), label) in enumerate(zip(queries, labels)):
             row = [str(path), label, *[f"{p:.6f}" for p in probabilities[i].tolist()]]
             writer.writerow(row + ([truth[i]] if truth else []))
     report: dict[str, Any] = {
-        "checkpoint": str(cfg.ckpt_path), "algorithm": learner.name,
+        "checkpoint": str(cfg.ckpt_path),
+        "algorithm": learner.name,
         "support": {c: len(images) for c, images in support.items()},
-        "queries": len(queries), "skipped": skipped, "converted": learner.converted,
-        "predictions": "predictions.csv", "picture": "predictions.png"}
+        "queries": len(queries),
+        "skipped": skipped,
+        "converted": learner.converted,
+        "predictions": "predictions.csv",
+        "picture": "predictions.png",
+    }
     if truth:
         correct = [float(p == t) for p, t in zip(labels, truth)]
         _, ci = mean_ci95(correct)  # over the queries
@@ -317,8 +361,8 @@ def predict_images(learner: Learner, cfg: DictConfig, out: Path) -> dict[str, An
         report["accuracy"] = {"mean": mean, "ci95": ci, "queries": len(correct)}
         print(f"accuracy: {100 * mean:.4g}% ± {100 * ci:.2g}% (95% CI, {len(correct)} labelled queries)")
     from metarun.plots import plot_predictions
-    plot_predictions(support, queries, labels, probabilities, truth, out / "predictions.png",
-                     int(cfg.picture_queries))
+
+    plot_predictions(support, queries, labels, probabilities, truth, out / "predictions.png", int(cfg.picture_queries))
     return report
 
 
@@ -330,22 +374,32 @@ def predict_points(learner: Learner, cfg: DictConfig, out: Path) -> dict[str, An
     with open(out / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
         dims = mean.shape[1]
-        writer.writerow([*[f"x{i}" for i in range(qx.shape[1])], *[f"y{i}" for i in range(dims)],
-                         *([f"std{i}" for i in range(dims)] if std is not None else [])])
+        writer.writerow(
+            [
+                *[f"x{i}" for i in range(qx.shape[1])],
+                *[f"y{i}" for i in range(dims)],
+                *([f"std{i}" for i in range(dims)] if std is not None else []),
+            ]
+        )
         for i in range(len(qx)):
             values = [*qx[i].tolist(), *mean[i].tolist(), *(std[i].tolist() if std is not None else [])]
             writer.writerow([f"{v:.7g}" for v in values])
-    report: dict[str, Any] = {"checkpoint": str(cfg.ckpt_path), "algorithm": learner.name,
-                              "support": {"points": len(sx)}, "queries": len(qx),
-                              "predictions": "predictions.csv", "picture": "predictions.png"}
+    report: dict[str, Any] = {
+        "checkpoint": str(cfg.ckpt_path),
+        "algorithm": learner.name,
+        "support": {"points": len(sx)},
+        "queries": len(qx),
+        "predictions": "predictions.csv",
+        "picture": "predictions.png",
+    }
     if qy is not None:
         mse = ((mean.numpy() - qy) ** 2).mean(1)
         m, ci = mean_ci95(mse.tolist())
         report["mse"] = {"mean": m, "ci95": ci, "queries": len(qy)}
         print(f"mse: {m:.4g} ± {ci:.2g} (95% CI, {len(qy)} labelled queries)")
     from metarun.plots import plot_points
-    plot_points(sx, sy, qx, mean.numpy(), None if std is None else std.numpy(),
-                out / "predictions.png")
+
+    plot_points(sx, sy, qx, mean.numpy(), None if std is None else std.numpy(), out / "predictions.png")
     return report
 
 

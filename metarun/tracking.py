@@ -81,8 +81,14 @@ def _wandb_reachable(timeout: float = REACH_TIMEOUT_S) -> bool:
         return False
 
 
-def wandb_logger(project: str, save_dir: str, mode: str = "auto", entity: str | None = None,
-                 name: str | None = None, tags: list[str] | None = None) -> Logger:
+def wandb_logger(
+    project: str,
+    save_dir: str,
+    mode: str = "auto",
+    entity: str | None = None,
+    name: str | None = None,
+    tags: list[str] | None = None,
+) -> Logger:
     """A Weights & Biases logger (Lightning's `WandbLogger`), offline when it must be.
 
     ``mode="auto"`` logs online only when ``WANDB_API_KEY`` is set and the W&B server
@@ -103,8 +109,12 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", entity: str | 
         mode = "online" if os.environ.get("WANDB_API_KEY") and _wandb_reachable() else "offline"
     elif mode == "online" and not _wandb_reachable():
         host, port = wandb_endpoint()
-        log.warning("W&B server %s:%d does not answer; logging offline into %s/wandb instead "
-                    "(upload later with `wandb sync`).", host, port, save_dir)
+        log.warning(
+            "W&B server %s:%d does not answer; logging offline into %s/wandb instead (upload later with `wandb sync`).",
+            host,
+            port,
+            save_dir,
+        )
         mode = "offline"
     try:
         import wandb
@@ -113,8 +123,7 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", entity: str | 
             wandb.finish()  # would otherwise be reused by WandbLogger and get this run's logs
         # mode goes to wandb.init: WandbLogger(offline=True) would set os.environ["WANDB_MODE"]
         # for the whole process, so a later run in the same process could not go online.
-        logger = WandbLogger(project=project, entity=entity, name=name, tags=tags,
-                             save_dir=save_dir, mode=mode)
+        logger = WandbLogger(project=project, entity=entity, name=name, tags=tags, save_dir=save_dir, mode=mode)
         _ = logger.experiment  # start the run now, so a failure falls back here
         return logger
     except Exception as err:  # tracking must never stop training
@@ -122,15 +131,13 @@ def wandb_logger(project: str, save_dir: str, mode: str = "auto", entity: str | 
         return CSVLogger(save_dir=save_dir, name="csv")
 
 
-def log_test_table(logger: Logger | bool | None, test: dict[str, dict[str, Any]],
-                   step: int | None = None) -> None:
+def log_test_table(logger: Logger | bool | None, test: dict[str, dict[str, Any]], step: int | None = None) -> None:
     """Log the ``test`` block of results.json as a table: a W&B table, or TensorBoard text
     (a no-op for other loggers)."""
     rows = [[k, v["mean"], v["ci95"], v["episodes"]] for k, v in test.items()]
     try:
         if isinstance(logger, WandbLogger):
-            logger.log_table(key="test", columns=["metric", "mean", "ci95", "episodes"],
-                             data=rows, step=step)
+            logger.log_table(key="test", columns=["metric", "mean", "ci95", "episodes"], data=rows, step=step)
         elif isinstance(logger, TensorBoardLogger):
             table = ["| metric | mean | ci95 | episodes |", "|---|---|---|---|"]
             table += [f"| {m} | {mean:.6g} | {ci:.3g} | {n} |" for m, mean, ci, n in rows]
@@ -139,8 +146,7 @@ def log_test_table(logger: Logger | bool | None, test: dict[str, dict[str, Any]]
         log.warning("The logger could not record the test table (%s).", err)
 
 
-def log_pictures(logger: Logger | bool | None, pictures: dict[str, Any],
-                 step: int | None = None) -> None:
+def log_pictures(logger: Logger | bool | None, pictures: dict[str, Any], step: int | None = None) -> None:
     """Send the run's pictures (name -> PNG path) to W&B or TensorBoard, as images."""
     if not isinstance(logger, (WandbLogger, TensorBoardLogger)) or not pictures:
         return
@@ -188,20 +194,25 @@ class ProgressLog(Callback):
         if step % self.every_n_steps and step != trainer.max_steps:
             return
         metrics = trainer.callback_metrics
-        parts = [f"{k} {float(metrics[k]):.4g}" for k in sorted(metrics)
-                 if k.startswith("train/") and k not in ("train/steps", "train/tasks_per_second")]
+        parts = [
+            f"{k} {float(metrics[k]):.4g}"
+            for k in sorted(metrics)
+            if k.startswith("train/") and k not in ("train/steps", "train/tasks_per_second")
+        ]
         if "train/tasks_per_second" in metrics:
             parts.append(f"{float(metrics['train/tasks_per_second']):.4g} tasks/s")
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else "?"
-        log.info("step %d/%s | %s | %.0f s", step, total, " | ".join(parts),
-                 time.monotonic() - self.started)
+        log.info("step %d/%s | %s | %.0f s", step, total, " | ".join(parts), time.monotonic() - self.started)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
-        parts = [f"{k} {float(metrics[k]):.4g}" for k in sorted(metrics)
-                 if k.startswith("val/") and not k.endswith(("_ci95", "episodes", "best_step"))]
+        parts = [
+            f"{k} {float(metrics[k]):.4g}"
+            for k in sorted(metrics)
+            if k.startswith("val/") and not k.endswith(("_ci95", "episodes", "best_step"))
+        ]
         log.info("validation at step %d | %s", trainer.global_step, " | ".join(parts))
 
 

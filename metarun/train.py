@@ -83,12 +83,16 @@ def check_settings(cfg: DictConfig) -> None:
     positive_number("grad_clip", cfg.get("grad_clip"), allow_none=True)
     direction = cfg.get("objective_direction", "maximize")
     if direction not in ("maximize", "minimize"):
-        raise ConfigError(f"objective_direction={direction!r} is not allowed: choose maximize or "
-                          f"minimize (the direction a sweeper optimises the validation metric in).")
+        raise ConfigError(
+            f"objective_direction={direction!r} is not allowed: choose maximize or "
+            f"minimize (the direction a sweeper optimises the validation metric in)."
+        )
     chunk = cfg.get("task_chunk")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
-        raise ConfigError(f"task_chunk={chunk!r} is not allowed: it must be a positive integer "
-                          f"(tasks per backward pass) or null for the whole meta-batch.")
+        raise ConfigError(
+            f"task_chunk={chunk!r} is not allowed: it must be a positive integer "
+            f"(tasks per backward pass) or null for the whole meta-batch."
+        )
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
@@ -117,17 +121,24 @@ def build_learner(cfg: DictConfig) -> dict[str, Any]:
             f"algorithm={type(algorithm).__name__} is not allowed with "
             f"dataset={cfg.dataset._target_.rsplit('.', 1)[-1]}: it solves "
             f"{' and '.join(algorithm.tasks)} tasks only, so choose a {algorithm.tasks[0]} "
-            f"dataset or another algorithm.")
+            f"dataset or another algorithm."
+        )
     optimizer = instantiate(cfg.optimizer)
     try:  # the optimiser's own checks (e.g. Adam's betas), on a throwaway instance
         optimizer(params=algorithm.parameters())
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"optimizer={cfg.optimizer._target_} is not allowed with these "
-                          f"settings: {error}, so change the optimizer.* values.") from None
-    module = MetaLearningModule(algorithm, optimizer=optimizer,
-                                scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
-                                grad_clip=cfg.grad_clip, regression=regression,
-                                task_chunk=cfg.get("task_chunk"))
+        raise ConfigError(
+            f"optimizer={cfg.optimizer._target_} is not allowed with these "
+            f"settings: {error}, so change the optimizer.* values."
+        ) from None
+    module = MetaLearningModule(
+        algorithm,
+        optimizer=optimizer,
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        grad_clip=cfg.grad_clip,
+        regression=regression,
+        task_chunk=cfg.get("task_chunk"),
+    )
     return {"sampler": sampler, "algorithm": algorithm, "module": module, "regression": regression}
 
 
@@ -149,22 +160,31 @@ def check_hardware(trainer_cfg: DictConfig) -> None:
     accelerator = str(trainer_cfg.get("accelerator"))
     cuda = torch.cuda.is_available()
     if precision in ("16-mixed", "16") and (accelerator == "cpu" or not cuda):
-        where = ("trainer.accelerator=cpu" if accelerator == "cpu"
-                 else "this machine, where torch.cuda.is_available() is False")
+        where = (
+            "trainer.accelerator=cpu"
+            if accelerator == "cpu"
+            else "this machine, where torch.cuda.is_available() is False"
+        )
         raise ConfigError(
             f"trainer.precision={precision} (hardware=fp16) is not allowed on {where}: float16 "
-            f"mixed precision needs a CUDA GPU, so use hardware=bf16 or hardware=cpu instead.")
+            f"mixed precision needs a CUDA GPU, so use hardware=bf16 or hardware=cpu instead."
+        )
     if accelerator in ("gpu", "cuda") and not (cuda or torch.backends.mps.is_available()):
         raise ConfigError(
             f"trainer.accelerator={accelerator} (hardware=gpu) is not allowed on this machine: no "
             f"GPU is visible (torch.cuda.is_available() is False), so use hardware=cpu or "
-            f"hardware=bf16 instead.")
+            f"hardware=bf16 instead."
+        )
 
 
 def environment(trainer: L.Trainer) -> dict[str, Any]:
-    return {"torch": torch.__version__, "device": str(trainer.strategy.root_device),
-            "accelerator": type(trainer.accelerator).__name__, "world_size": trainer.world_size,
-            "precision": str(trainer.precision)}
+    return {
+        "torch": torch.__version__,
+        "device": str(trainer.strategy.root_device),
+        "accelerator": type(trainer.accelerator).__name__,
+        "world_size": trainer.world_size,
+        "precision": str(trainer.precision),
+    }
 
 
 def test_block(metrics: dict[str, float], metric: str) -> dict[str, Any]:
@@ -174,25 +194,29 @@ def test_block(metrics: dict[str, float], metric: str) -> dict[str, Any]:
     (e.g. a Neural Process's ``log_likelihood``), each as ``{mean, ci95, episodes}``.
     """
     episodes = int(metrics["test/episodes"])
-    names = [metric] + sorted(k[len("test/"):-len("_ci95")] for k in metrics
-                              if k.startswith("test/") and k.endswith("_ci95")
-                              and k != f"test/{metric}_ci95")
-    return {name: {"mean": metrics[f"test/{name}"], "ci95": metrics[f"test/{name}_ci95"],
-                   "episodes": episodes} for name in names}
+    names = [metric] + sorted(
+        k[len("test/") : -len("_ci95")]
+        for k in metrics
+        if k.startswith("test/") and k.endswith("_ci95") and k != f"test/{metric}_ci95"
+    )
+    return {
+        name: {"mean": metrics[f"test/{name}"], "ci95": metrics[f"test/{name}_ci95"], "episodes": episodes}
+        for name in names
+    }
 
 
 def check_run_settings(cfg: DictConfig) -> None:
     """The trainer's step limit and the checkpoint cadence (before anything is built)."""
     steps = OmegaConf.select(cfg, "trainer.max_steps")
     if isinstance(steps, bool) or not isinstance(steps, int) or not (steps > 0 or steps == -1):
-        raise ConfigError(f"trainer.max_steps={steps!r} is not allowed: it must be a positive "
-                          f"integer (or -1 for no limit, with trainer.max_time set).")
+        raise ConfigError(
+            f"trainer.max_steps={steps!r} is not allowed: it must be a positive "
+            f"integer (or -1 for no limit, with trainer.max_time set)."
+        )
     every = OmegaConf.select(cfg, "checkpoint.every_n_steps")
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ConfigError(f"checkpoint.every_n_steps={every!r} is not allowed: it must be a "
-                          f"positive integer or null.")
-    positive_number("checkpoint.every_minutes", OmegaConf.select(cfg, "checkpoint.every_minutes"),
-                    allow_none=True)
+        raise ConfigError(f"checkpoint.every_n_steps={every!r} is not allowed: it must be a positive integer or null.")
+    positive_number("checkpoint.every_minutes", OmegaConf.select(cfg, "checkpoint.every_minutes"), allow_none=True)
 
 
 def launching_rank() -> bool:
@@ -227,26 +251,44 @@ def write_results(output_dir: Path, results: dict[str, Any], name: str = "result
     os.replace(tmp, output_dir / name)
 
 
-def diverged(cfg: DictConfig, error: NonFiniteLoss, checkpoints: RunCheckpoints, output_dir: Path,
-             experiment: dict[str, Any], resolved: dict[str, Any], owner: bool) -> ConfigError:
+def diverged(
+    cfg: DictConfig,
+    error: NonFiniteLoss,
+    checkpoints: RunCheckpoints,
+    output_dir: Path,
+    experiment: dict[str, Any],
+    resolved: dict[str, Any],
+    owner: bool,
+) -> ConfigError:
     """results.json with ``status: diverged`` (written by the ``owner`` of the run's files,
     rank 0), and the sentence that names what to change."""
     found = checkpoints.good_checkpoint(error.step, restore=owner)
     good = None if found is None else str(found)
     if owner:
-        write_results(output_dir, {"status": "diverged", "experiment": experiment,
-                                   "train": {"diverged_at_step": error.step,
-                                             "meta_loss": str(error.value),
-                                             "last_good_checkpoint": good},
-                                   "config": resolved})
-    rates = [f"{key} (now {OmegaConf.select(cfg, key)})"
-             for key in ("optimizer.lr", "algorithm.inner_lr", "algorithm.init_inner_lr")
-             if OmegaConf.select(cfg, key) is not None]
-    where = (f"the last good checkpoint is {good} (resume it with ckpt_path=last after the change)"
-             if good else "no checkpoint was written before it")
-    return ConfigError(f"training diverged: {error}, so lower {' or '.join(rates)} or set "
-                       f"grad_clip (now {cfg.get('grad_clip') or 'null'}) to a maximum meta-gradient norm "
-                       f"such as 10; {where}.")
+        write_results(
+            output_dir,
+            {
+                "status": "diverged",
+                "experiment": experiment,
+                "train": {"diverged_at_step": error.step, "meta_loss": str(error.value), "last_good_checkpoint": good},
+                "config": resolved,
+            },
+        )
+    rates = [
+        f"{key} (now {OmegaConf.select(cfg, key)})"
+        for key in ("optimizer.lr", "algorithm.inner_lr", "algorithm.init_inner_lr")
+        if OmegaConf.select(cfg, key) is not None
+    ]
+    where = (
+        f"the last good checkpoint is {good} (resume it with ckpt_path=last after the change)"
+        if good
+        else "no checkpoint was written before it"
+    )
+    return ConfigError(
+        f"training diverged: {error}, so lower {' or '.join(rates)} or set "
+        f"grad_clip (now {cfg.get('grad_clip') or 'null'}) to a maximum meta-gradient norm "
+        f"such as 10; {where}."
+    )
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -260,26 +302,39 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_run_settings(cfg)
     learner = build_learner(cfg)  # every setting checked before the disk is touched
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    ckpt_path, _ = resolve_resume(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir),
-                                  resolved, OmegaConf.to_container(cfg, resolve=False))
+    ckpt_path, _ = resolve_resume(
+        cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir), resolved, OmegaConf.to_container(cfg, resolve=False)
+    )
     if ckpt_path:
         log.info("Resuming from %s", ckpt_path)
-    directory = (RunDirectory(output_dir, resuming=ckpt_path is not None) if launching_rank()
-                 else contextlib.nullcontext())
+    directory = (
+        RunDirectory(output_dir, resuming=ckpt_path is not None) if launching_rank() else contextlib.nullcontext()
+    )
     with SignalFlag() as signals, directory, restored_environment("MASTER_PORT"):
         return _train(cfg, build_data(cfg, learner), output_dir, resolved, ckpt_path, signals)
 
 
-def _train(cfg: DictConfig, objects: dict[str, Any], output_dir: Path, resolved: dict[str, Any],
-           ckpt_path: str | None, signals: SignalFlag) -> tuple[dict[str, Any], dict[str, Any]]:
+def _train(
+    cfg: DictConfig,
+    objects: dict[str, Any],
+    output_dir: Path,
+    resolved: dict[str, Any],
+    ckpt_path: str | None,
+    signals: SignalFlag,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     module: MetaLearningModule = objects["module"]
     sampler = objects["sampler"]
     metric = module.metric
-    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="step_{step:06d}",
-                                 auto_insert_metric_name=False, monitor=f"val/{metric}",
-                                 mode="min" if metric == "mse" else "max")
-    last = RunCheckpoints(output_dir / "checkpoints", cfg.checkpoint.every_n_steps,
-                          cfg.checkpoint.every_minutes, resolved, signals)
+    checkpoint = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename="step_{step:06d}",
+        auto_insert_metric_name=False,
+        monitor=f"val/{metric}",
+        mode="min" if metric == "mse" else "max",
+    )
+    last = RunCheckpoints(
+        output_dir / "checkpoints", cfg.checkpoint.every_n_steps, cfg.checkpoint.every_minutes, resolved, signals
+    )
     logger = instantiate_checked(cfg.logger) if cfg.get("logger") else False
     start = StartStep()
     history = RunPictures(metric, cfg.trainer.get("log_every_n_steps") or 50)
@@ -289,31 +344,32 @@ def _train(cfg: DictConfig, objects: dict[str, Any], output_dir: Path, resolved:
     bar = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stdout.isatty()
     if cfg.trainer.get("enable_progress_bar", True) and not bar:
         callbacks.append(ProgressLog(cfg.trainer.get("log_every_n_steps") or 50))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks,
-                                     enable_progress_bar=bar)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, enable_progress_bar=bar)
     # Before any process is launched: under ddp_spawn a ConfigError raised in the workers'
     # datamodule.setup would reach the user as a traceback from torch.multiprocessing.
     sampler.shard(trainer.world_size)
     if logger:
         logger.log_hyperparams(resolved)
-    experiment = {"algorithm": cfg.algorithm._target_.rsplit(".", 1)[-1],
-                  "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
-                  "ways": sampler.ways, "shots": sampler.shots, "queries": sampler.queries,
-                  "train_ways": sampler.train_ways, "train_shots": sampler.train_shots,
-                  "seed": cfg.seed}
+    experiment = {
+        "algorithm": cfg.algorithm._target_.rsplit(".", 1)[-1],
+        "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
+        "ways": sampler.ways,
+        "shots": sampler.shots,
+        "queries": sampler.queries,
+        "train_ways": sampler.train_ways,
+        "train_shots": sampler.train_shots,
+        "seed": cfg.seed,
+    }
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=ckpt_path,
-                    weights_only=True)
+        trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=ckpt_path, weights_only=True)
     except NonFiniteLoss as error:
         finish(logger)
-        raise diverged(cfg, error, last, output_dir, experiment, resolved,
-                       owner=trainer.is_global_zero) from None
+        raise diverged(cfg, error, last, output_dir, experiment, resolved, owner=trainer.is_global_zero) from None
     wall = time.perf_counter() - started
     best = checkpoint.best_model_path or None
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # test() resets them
-    tested = trainer.test(module, datamodule=objects["datamodule"], ckpt_path=best,
-                          verbose=False, weights_only=True)
+    tested = trainer.test(module, datamodule=objects["datamodule"], ckpt_path=best, verbose=False, weights_only=True)
     metrics = {k: float(v) for k, v in tested[0].items()}
     # ddp_spawn trains in child processes and hands back weights and callback_metrics but
     # not the loop state, so this process's trainer.global_step is 0 there.
@@ -322,32 +378,38 @@ def _train(cfg: DictConfig, objects: dict[str, Any], output_dir: Path, resolved:
         "status": "completed",
         "experiment": experiment,
         "test": test_block(metrics, metric),
-        "val": {f"best_{metric}": fit_metrics.get(f"val/best_{metric}"),
-                "best_step": (int(fit_metrics["val/best_step"]) if "val/best_step" in fit_metrics
-                              else None),
-                "best_checkpoint": best},
-        "train": {"steps": steps, "tasks": steps * sampler.meta_batch_size,
-                  "tasks_per_second": ((steps - start.step) * sampler.meta_batch_size / wall
-                                       if wall else None),
-                  "wall_seconds": wall, "resumed_from": ckpt_path,
-                  "last_checkpoint": str(last.path)},
+        "val": {
+            f"best_{metric}": fit_metrics.get(f"val/best_{metric}"),
+            "best_step": (int(fit_metrics["val/best_step"]) if "val/best_step" in fit_metrics else None),
+            "best_checkpoint": best,
+        },
+        "train": {
+            "steps": steps,
+            "tasks": steps * sampler.meta_batch_size,
+            "tasks_per_second": ((steps - start.step) * sampler.meta_batch_size / wall if wall else None),
+            "wall_seconds": wall,
+            "resumed_from": ckpt_path,
+            "last_checkpoint": str(last.path),
+        },
         "environment": environment(trainer),
         "config": resolved,
     }
     if trainer.is_global_zero:
         write_results(output_dir, results)
-        pictures = {"learning_curves": plot_learning_curves(
-            history.train, history.val, metric, output_dir / "learning_curves.png")}
+        pictures = {
+            "learning_curves": plot_learning_curves(
+                history.train, history.val, metric, output_dir / "learning_curves.png"
+            )
+        }
         test_split = objects["datamodule"].splits["test"]
         if objects["regression"] and hasattr(objects["dataset"], "curve"):
             episodes = EvalEpisodes(sampler, test_split, TEST, 4)
-            pictures["test_tasks"] = plot_regression_tasks(
-                module.algorithm, episodes, output_dir / "test_tasks.png")
+            pictures["test_tasks"] = plot_regression_tasks(module.algorithm, episodes, output_dir / "test_tasks.png")
             results["plot"] = str(pictures["test_tasks"])
         elif not objects["regression"]:
             pictures["test_episode"] = plot_test_episode(
-                module.algorithm, sampler.eval_episode(test_split, TEST, 0),
-                output_dir / "test_episode.png")
+                module.algorithm, sampler.eval_episode(test_split, TEST, 0), output_dir / "test_episode.png"
+            )
         report(results, metric)
         log_test_table(logger, results["test"], step=steps)
         log_pictures(logger, pictures, step=steps)
@@ -358,8 +420,10 @@ def _train(cfg: DictConfig, objects: dict[str, Any], output_dir: Path, resolved:
 def report(results: dict[str, Any], metric: str) -> None:
     for name, value in results["test"].items():
         scale, unit = (100.0, "%") if metric == "accuracy" else (1.0, "")
-        print(f"test {name}: {value['mean'] * scale:.4g}{unit} ± {value['ci95'] * scale:.2g}{unit} "
-              f"(95% CI, {value['episodes']} episodes)")
+        print(
+            f"test {name}: {value['mean'] * scale:.4g}{unit} ± {value['ci95'] * scale:.2g}{unit} "
+            f"(95% CI, {value['episodes']} episodes)"
+        )
     print(f"results: {results['config']['paths']['output_dir']}/results.json")
 
 

@@ -49,16 +49,16 @@ OMNIGLOT = {
 # Published Omniglot accuracies (%) as printed, in the order of SHAPES; None where the paper
 # has none.
 PAPER = {
-    "maml": ("98.7", "99.9", "95.8", "98.9"),                 # Finn et al. 2017, table 1
-    "fomaml": ("98.3", "99.2", "89.4", "97.9"),               # Finn et al. 2017, table 1
-    "anil": (None, None, "96.2", "98.0"),                     # Raghu et al. 2020, table 2
-    "meta_sgd": ("99.53", "99.93", "95.93", "98.97"),         # Li et al. 2017, table 1
-    "maml_plus_plus": ("99.47", "99.93", "97.65", "99.33"),   # Antoniou et al. 2019, table 1
-    "reptile": ("97.68", "99.48", "89.43", "97.12"),          # Nichol et al. 2018, table 1 (+ transduction)
+    "maml": ("98.7", "99.9", "95.8", "98.9"),  # Finn et al. 2017, table 1
+    "fomaml": ("98.3", "99.2", "89.4", "97.9"),  # Finn et al. 2017, table 1
+    "anil": (None, None, "96.2", "98.0"),  # Raghu et al. 2020, table 2
+    "meta_sgd": ("99.53", "99.93", "95.93", "98.97"),  # Li et al. 2017, table 1
+    "maml_plus_plus": ("99.47", "99.93", "97.65", "99.33"),  # Antoniou et al. 2019, table 1
+    "reptile": ("97.68", "99.48", "89.43", "97.12"),  # Nichol et al. 2018, table 1 (+ transduction)
     "lstm_optimizer": (None, None, None, None),
-    "protonet": ("98.8", "99.7", "96.0", "98.9"),             # Snell et al. 2017, table 1
-    "matching_net": ("98.1", "98.9", "93.8", "98.5"),         # Vinyals et al. 2016, table 1
-    "relation_net": ("99.6", "99.8", "97.6", "99.1"),         # Sung et al. 2018, table 1
+    "protonet": ("98.8", "99.7", "96.0", "98.9"),  # Snell et al. 2017, table 1
+    "matching_net": ("98.1", "98.9", "93.8", "98.5"),  # Vinyals et al. 2016, table 1
+    "relation_net": ("99.6", "99.8", "97.6", "99.1"),  # Sung et al. 2018, table 1
     "baseline": (None, None, None, None),
     "baseline_pp": (None, None, None, None),
 }
@@ -82,9 +82,11 @@ def omniglot_overrides(algo: str, shape: str) -> list[str]:
     _, prefix, extra = OMNIGLOT[algo]
     ways, shots = shape.split("w")
     shots = shots.rstrip("s")
-    for name, adapt in ((f"{prefix}_omniglot_{shape}", []),
-                        (f"{prefix}_omniglot_{ways}w1s", [f"sampler.shots={shots}"]),
-                        (f"{prefix}_omniglot_5w1s", [f"sampler.ways={ways}", f"sampler.shots={shots}"])):
+    for name, adapt in (
+        (f"{prefix}_omniglot_{shape}", []),
+        (f"{prefix}_omniglot_{ways}w1s", [f"sampler.shots={shots}"]),
+        (f"{prefix}_omniglot_5w1s", [f"sampler.ways={ways}", f"sampler.shots={shots}"]),
+    ):
         if (EXPERIMENTS / f"{name}.yaml").exists():
             out = [f"experiment={name}", *adapt, *extra]
             if algo == "relation_net":
@@ -98,8 +100,11 @@ def omniglot_overrides(algo: str, shape: str) -> list[str]:
 def cells(grid: str, algos: list[str]) -> list[tuple[str, str, list[str]]]:
     if grid == "omniglot":
         return [(a, s, omniglot_overrides(a, s)) for a in algos for s in SHAPES]
-    return [(a, f"k{k}", [*SINUSOID[a][1], f"sampler.shots={k}", "trainer.max_steps=70000"])
-            for a in algos for k in SINUSOID_SHOTS]
+    return [
+        (a, f"k{k}", [*SINUSOID[a][1], f"sampler.shots={k}", "trainer.max_steps=70000"])
+        for a in algos
+        for k in SINUSOID_SHOTS
+    ]
 
 
 def run_cell(out: Path, overrides: list[str], budget: str, episodes: int) -> str:
@@ -107,10 +112,18 @@ def run_cell(out: Path, overrides: list[str], budget: str, episodes: int) -> str
         return f"skip {out} (results.json exists)"
     out.mkdir(parents=True, exist_ok=True)
     (out / "failed.txt").unlink(missing_ok=True)
-    command = [sys.executable, "-m", "metarun.train", *overrides,
-               f"trainer.max_time={budget}", "trainer.val_check_interval=100000000",
-               f"sampler.test_episodes={episodes}",
-               "trainer.enable_progress_bar=false", "logger=csv", f"hydra.run.dir={out}"]
+    command = [
+        sys.executable,
+        "-m",
+        "metarun.train",
+        *overrides,
+        f"trainer.max_time={budget}",
+        "trainer.val_check_interval=100000000",
+        f"sampler.test_episodes={episodes}",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        f"hydra.run.dir={out}",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.setdefault("METARUN_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     start = time.perf_counter()
@@ -142,8 +155,7 @@ def fmt_steps(steps: int) -> str:
 
 
 def omniglot_table(root: Path) -> str:
-    lines = ["| Algorithm | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot | 20-way 5-shot |",
-             "|---|---|---|---|---|"]
+    lines = ["| Algorithm | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot | 20-way 5-shot |", "|---|---|---|---|---|"]
     for algo, (name, _, _) in OMNIGLOT.items():
         row = [name]
         for i, shape in enumerate(SHAPES):
@@ -155,8 +167,7 @@ def omniglot_table(root: Path) -> str:
                 continue
             acc = result["test"]["accuracy"]
             steps = result["train"]["steps"]
-            row.append(f"{100 * acc['mean']:.1f} ± {100 * acc['ci95']:.1f} ({paper_text}) "
-                       f"<br>{fmt_steps(steps)}")
+            row.append(f"{100 * acc['mean']:.1f} ± {100 * acc['ci95']:.1f} ({paper_text}) <br>{fmt_steps(steps)}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -184,8 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("grid", choices=("omniglot", "sinusoid", "table"))
     parser.add_argument("--time", default="00:00:01:30", help="training budget per cell, DD:HH:MM:SS")
-    parser.add_argument("--episodes", type=int, default=100,
-                        help="fixed test episodes per cell (the first N of the same list)")
+    parser.add_argument(
+        "--episodes", type=int, default=100, help="fixed test episodes per cell (the first N of the same list)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--algos", nargs="*", default=None, help="default: every algorithm")
     parser.add_argument("--shapes", nargs="*", default=None, help="Omniglot shapes, e.g. 5w1s")
@@ -198,14 +210,16 @@ def main(argv: list[str] | None = None) -> None:
     algos = args.algos or list(known)
     unknown = [a for a in algos if a not in known]
     if unknown:
-        raise SystemExit(f"bench_grid: error: unknown {args.grid} algorithm(s) {unknown}; "
-                         f"choose from {sorted(known)}")
-    todo = [c for c in cells(args.grid, algos) if args.shapes is None or c[1] in args.shapes
-            or c[1].lstrip("k") in args.shapes]
+        raise SystemExit(f"bench_grid: error: unknown {args.grid} algorithm(s) {unknown}; choose from {sorted(known)}")
+    todo = [
+        c
+        for c in cells(args.grid, algos)
+        if args.shapes is None or c[1] in args.shapes or c[1].lstrip("k") in args.shapes
+    ]
     with ThreadPoolExecutor(args.jobs) as pool:
-        for line in pool.map(lambda c: run_cell(args.out / args.grid / c[0] / c[1], c[2], args.time,
-                                                      args.episodes),
-                             todo):
+        for line in pool.map(
+            lambda c: run_cell(args.out / args.grid / c[0] / c[1], c[2], args.time, args.episodes), todo
+        ):
             print(line, flush=True)
 
 

@@ -63,8 +63,10 @@ def peak_rss_mb() -> float:
 
 # ----------------------------------------------------------------- the plain-PyTorch reference
 
-def maml_reference_loss(model: torch.nn.Module, batch: EpisodeBatch, inner_lr: float,
-                        steps: int, first_order: bool) -> Tensor:
+
+def maml_reference_loss(
+    model: torch.nn.Module, batch: EpisodeBatch, inner_lr: float, steps: int, first_order: bool
+) -> Tensor:
     """MAML's meta-loss written out: a loop over tasks, SGD steps on the support set."""
     theta = dict(model.named_parameters())
     losses = []
@@ -84,7 +86,7 @@ def protonet_reference_loss(model: torch.nn.Module, batch: EpisodeBatch) -> Tens
     ways = int(batch.support_y.max()) + 1
     for sx, sy, qx, qy in zip(batch.support_x, batch.support_y, batch.query_x, batch.query_y):
         z = model(torch.cat([sx, qx]))  # [NK+NQ, D]
-        support, query = z[:len(sx)], z[len(sx):]
+        support, query = z[: len(sx)], z[len(sx) :]
         protos = torch.stack([support[sy == c].mean(0) for c in range(ways)])  # [N, D]
         losses.append(F.cross_entropy(-torch.cdist(query, protos).pow(2), qy))
     return torch.stack(losses).mean()
@@ -93,14 +95,16 @@ def protonet_reference_loss(model: torch.nn.Module, batch: EpisodeBatch) -> Tens
 def reference_loss(algorithm: torch.nn.Module) -> Callable[[EpisodeBatch], Tensor] | None:
     """The reference meta-loss of ``algorithm``'s computation, or None where there is none."""
     if type(algorithm) is MAML:
-        return lambda batch: maml_reference_loss(algorithm.model, batch, algorithm.inner_lr,
-                                                 algorithm.inner_steps, algorithm.first_order)
+        return lambda batch: maml_reference_loss(
+            algorithm.model, batch, algorithm.inner_lr, algorithm.inner_steps, algorithm.first_order
+        )
     if type(algorithm) is ProtoNet:
         return lambda batch: protonet_reference_loss(algorithm.model, batch)
     return None
 
 
 # ----------------------------------------------------------------- timing
+
 
 class StepTimer(L.Callback):
     """Wall time of every training step (synchronised on CUDA); peak memory after warm-up."""
@@ -126,8 +130,7 @@ class StepTimer(L.Callback):
 
 
 def to_device(batch: EpisodeBatch, device: torch.device) -> EpisodeBatch:
-    return EpisodeBatch(**{k: (v.to(device) if torch.is_tensor(v) else v)
-                           for k, v in vars(batch).items()})
+    return EpisodeBatch(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(batch).items()})
 
 
 def main(argv: list[str]) -> dict:
@@ -143,7 +146,8 @@ def main(argv: list[str]) -> dict:
     module, sampler = objects["module"], objects["sampler"]
     algorithm = module.algorithm
     cuda = cfg.trainer.accelerator in ("gpu", "cuda") or (
-        cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+        cfg.trainer.accelerator == "auto" and torch.cuda.is_available()
+    )
     device = torch.device("cuda" if cuda else "cpu")
     precision = str(cfg.trainer.precision)
     source = objects["datamodule"].splits["train"]
@@ -152,37 +156,56 @@ def main(argv: list[str]) -> dict:
 
     # metarun: the real Lightning training step
     timer = StepTimer(warmup, cuda)
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[timer], enable_checkpointing=False,
-                          enable_progress_bar=False, limit_val_batches=0, max_time=None,
-                          max_steps=warmup + steps, val_check_interval=None,
-                          check_val_every_n_epoch=None)
+    trainer = instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        max_time=None,
+        max_steps=warmup + steps,
+        val_check_interval=None,
+        check_val_every_n_epoch=None,
+    )
     rss_before = rss_mb()
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None,
-                                                     collate_fn=lambda batch: batch))
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch))
     seconds = statistics.median(timer.times[warmup:])
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-            else max(peak_rss_mb() - rss_before, 0.0))
-    result = {"overrides": extra, "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "precision": precision, "threads": torch.get_num_threads(),
-              "algorithm": type(algorithm).__name__,
-              "task_batching": "vmap" if algorithm.uses_vmap(device) else "loop",
-              "task_chunk": module.task_chunk, "meta_batch_size": sampler.meta_batch_size,
-              "steps": steps, "seconds_per_step": seconds,
-              "tasks_per_second": sampler.meta_batch_size / seconds,
-              "peak_memory_mb": round(peak, 1)}
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else max(peak_rss_mb() - rss_before, 0.0)
+    result = {
+        "overrides": extra,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "algorithm": type(algorithm).__name__,
+        "task_batching": "vmap" if algorithm.uses_vmap(device) else "loop",
+        "task_chunk": module.task_chunk,
+        "meta_batch_size": sampler.meta_batch_size,
+        "steps": steps,
+        "seconds_per_step": seconds,
+        "tasks_per_second": sampler.meta_batch_size / seconds,
+        "peak_memory_mb": round(peak, 1),
+    }
 
     reference = reference_loss(algorithm)
     if reference is not None:
-        result |= run_reference(algorithm, reference, initial, batches, module, cfg, device,
-                                precision, warmup)
+        result |= run_reference(algorithm, reference, initial, batches, module, cfg, device, precision, warmup)
         result["ratio"] = seconds / result["reference_seconds_per_step"]
     print(json.dumps(result))
     return result
 
 
-def run_reference(algorithm: torch.nn.Module, reference: Callable[[EpisodeBatch], Tensor],
-                  initial: dict, batches: list[EpisodeBatch], module, cfg, device: torch.device,
-                  precision: str, warmup: int) -> dict:
+def run_reference(
+    algorithm: torch.nn.Module,
+    reference: Callable[[EpisodeBatch], Tensor],
+    initial: dict,
+    batches: list[EpisodeBatch],
+    module,
+    cfg,
+    device: torch.device,
+    precision: str,
+    warmup: int,
+) -> dict:
     """Time the reference on the same meta-batches from the same initial weights, and
     compare its meta-gradient with metarun's on the first meta-batch."""
     algorithm.load_state_dict(initial)
@@ -216,8 +239,7 @@ def run_reference(algorithm: torch.nn.Module, reference: Callable[[EpisodeBatch]
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - started)
-    out = {"reference_seconds_per_step": statistics.median(times),
-           "reference_grad_relative_difference": difference}
+    out = {"reference_seconds_per_step": statistics.median(times), "reference_grad_relative_difference": difference}
     if cuda:
         out["reference_peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
@@ -241,8 +263,7 @@ def main_many(argv: list[str]) -> list[dict]:
         results.append(main([*overrides, *shared]))
     if len(results) > 1:
         first = results[0]["seconds_per_step"]
-        print(json.dumps({"speedup": [first / r["seconds_per_step"] for r in results[1:]],
-                          "configs": groups}))
+        print(json.dumps({"speedup": [first / r["seconds_per_step"] for r in results[1:]], "configs": groups}))
     return results
 
 

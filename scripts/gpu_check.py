@@ -34,8 +34,12 @@ import benchmark  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MAML = ["experiment=maml_omniglot_5w1s", "hardware=gpu"]
 # transductive batch norm for ProtoNet, so that the same model can run looped and vmapped
-PROTONET = ["experiment=protonet_omniglot_20w1s", "hardware=gpu", "model.norm=transductive",
-            "model.channels_last=false"]
+PROTONET = [
+    "experiment=protonet_omniglot_20w1s",
+    "hardware=gpu",
+    "model.norm=transductive",
+    "model.channels_last=false",
+]
 PRECISIONS = {"fp32": ["trainer.precision=32-true"], "bf16": ["trainer.precision=bf16-mixed"]}
 
 
@@ -58,37 +62,64 @@ def bench(out: Path, name: str, overrides: list[str], steps: int = 20, warmup: i
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    record(out, {"check": "environment", "torch": torch.__version__,
-                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                 "date": time.strftime("%Y-%m-%d")})
+    record(
+        out,
+        {
+            "check": "environment",
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "date": time.strftime("%Y-%m-%d"),
+        },
+    )
     for precision, setting in PRECISIONS.items():
         for batching in ("loop", "vmap"):
-            bench(out, f"maml_5w1s_{precision}_{batching}",
-                  [*MAML, *setting, f"algorithm.task_batching={batching}"])
+            bench(out, f"maml_5w1s_{precision}_{batching}", [*MAML, *setting, f"algorithm.task_batching={batching}"])
     for precision, setting in PRECISIONS.items():
         for batching in ("loop", "vmap"):
-            bench(out, f"protonet_20w1s_{precision}_{batching}",
-                  [*PROTONET, *setting, f"algorithm.task_batching={batching}"], steps=30)
+            bench(
+                out,
+                f"protonet_20w1s_{precision}_{batching}",
+                [*PROTONET, *setting, f"algorithm.task_batching={batching}"],
+                steps=30,
+            )
     for size, chunk in ((1, 1), (8, 1), (32, 1), (32, None)):
-        bench(out, f"maml_memory_batch{size}_chunk{chunk}",
-              [*MAML, f"sampler.meta_batch_size={size}", f"task_chunk={chunk or 'null'}",
-               "algorithm.task_batching=loop"], steps=3, warmup=1)
+        bench(
+            out,
+            f"maml_memory_batch{size}_chunk{chunk}",
+            [*MAML, f"sampler.meta_batch_size={size}", f"task_chunk={chunk or 'null'}", "algorithm.task_batching=loop"],
+            steps=3,
+            warmup=1,
+        )
     bench(out, "maml_fp16_grad_clip", [*MAML, "hardware=fp16", "grad_clip=1.0"], steps=5, warmup=2)
     run_dir = ROOT / "outputs" / "gpu_check" / "maml_gpu"
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.time()
     done = subprocess.run(
-        [sys.executable, "-m", "metarun.train", *MAML, "trainer.max_steps=300",
-         "trainer.val_check_interval=100", "sampler.val_episodes=100",
-         "sampler.test_episodes=200", "trainer.enable_progress_bar=false", "logger=csv",
-         f"hydra.run.dir={run_dir}"], capture_output=True, text=True)
-    entry = {"check": "hardware_gpu_end_to_end", "returncode": done.returncode,
-             "wall_s": round(time.time() - started, 1)}
+        [
+            sys.executable,
+            "-m",
+            "metarun.train",
+            *MAML,
+            "trainer.max_steps=300",
+            "trainer.val_check_interval=100",
+            "sampler.val_episodes=100",
+            "sampler.test_episodes=200",
+            "trainer.enable_progress_bar=false",
+            "logger=csv",
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    entry = {
+        "check": "hardware_gpu_end_to_end",
+        "returncode": done.returncode,
+        "wall_s": round(time.time() - started, 1),
+    }
     if (run_dir / "results.json").exists():
         shutil.copy(run_dir / "results.json", out / "maml_gpu_results.json")
         results = json.loads((run_dir / "results.json").read_text())
-        entry |= {"test": results.get("test"), "environment": results.get("environment"),
-                  "train": results.get("train")}
+        entry |= {"test": results.get("test"), "environment": results.get("environment"), "train": results.get("train")}
     else:
         entry["stderr"] = done.stderr[-2000:]
     record(out, entry)
@@ -97,8 +128,7 @@ def main(out: Path) -> None:
 def smoke() -> None:
     """``--smoke``: the same plumbing on this CPU with tiny settings (no figures)."""
     global MAML, PROTONET, PRECISIONS
-    tiny = ["sampler.meta_batch_size=2", "sampler.val_episodes=2", "sampler.test_episodes=2",
-            "model.hidden=8"]
+    tiny = ["sampler.meta_batch_size=2", "sampler.val_episodes=2", "sampler.test_episodes=2", "model.hidden=8"]
     MAML = [*(o.replace("hardware=gpu", "hardware=cpu") for o in MAML), *tiny]
     PROTONET = [*(o.replace("hardware=gpu", "hardware=cpu") for o in PROTONET), *tiny]
     PRECISIONS = {"fp32": PRECISIONS["fp32"]}

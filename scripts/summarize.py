@@ -29,16 +29,18 @@ def rows(sweep_dir: Path) -> list[dict[str, str]]:
         metric, value = next(iter(results["test"].items()))
         scale = 100.0 if metric == "accuracy" else 1.0
         tps = results.get("train", {}).get("tasks_per_second")
-        out.append({
-            "run": str(run.relative_to(sweep_dir)),
-            "overrides": " ".join(overrides),
-            "metric": metric,
-            "mean": f"{value['mean'] * scale:.2f}",
-            "ci95": f"{value['ci95'] * scale:.2f}",
-            "result": f"{value['mean'] * scale:.2f} ± {value['ci95'] * scale:.2f}",
-            "episodes": str(value["episodes"]),
-            "tasks_per_second": "" if tps is None else f"{tps:.1f}",
-        })
+        out.append(
+            {
+                "run": str(run.relative_to(sweep_dir)),
+                "overrides": " ".join(overrides),
+                "metric": metric,
+                "mean": f"{value['mean'] * scale:.2f}",
+                "ci95": f"{value['ci95'] * scale:.2f}",
+                "result": f"{value['mean'] * scale:.2f} ± {value['ci95'] * scale:.2f}",
+                "episodes": str(value["episodes"]),
+                "tasks_per_second": "" if tps is None else f"{tps:.1f}",
+            }
+        )
     return out
 
 
@@ -57,8 +59,7 @@ def plot(table: list[dict[str, str]], path: Path) -> dict | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [dict(o.lstrip("+").split("=", 1) for o in row["overrides"].split() if "=" in o)
-            for row in table]
+    runs = [dict(o.lstrip("+").split("=", 1) for o in row["overrides"].split() if "=" in o) for row in table]
     swept = [k for k in sorted({k for r in runs for k in r}) if len({r.get(k) for r in runs}) > 1]
     if not swept:
         return None
@@ -73,8 +74,14 @@ def plot(table: list[dict[str, str]], path: Path) -> dict | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in sorted(lines.items()):
         points.sort(key=lambda p: p[0])
-        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                    marker="o", capsize=3, label=label)
+        ax.errorbar(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            yerr=[p[2] for p in points],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
     unit = " (%)" if table[0]["metric"] == "accuracy" else ""
     ax.set_xlabel(x_key)
     ax.set_ylabel(f"test {table[0]['metric']}{unit}, 95% CI")
@@ -88,8 +95,10 @@ def plot(table: list[dict[str, str]], path: Path) -> dict | None:
 def markdown(table: list[dict[str, str]]) -> str:
     lines = ["| run | overrides | test | tasks/s |", "|---|---|---|---|"]
     for r in table:
-        lines.append(f"| {r['run']} | {r['overrides']} | {r['metric']} {r['result']} "
-                     f"({r['episodes']} ep.) | {r['tasks_per_second']} |")
+        lines.append(
+            f"| {r['run']} | {r['overrides']} | {r['metric']} {r['result']} "
+            f"({r['episodes']} ep.) | {r['tasks_per_second']} |"
+        )
     return "\n".join(lines)
 
 
@@ -110,8 +119,7 @@ def main() -> None:
     print(f"\nwrote {path}")
     drawn = plot(table, args.sweep_dir / "summary.png")
     if drawn:
-        print(f"wrote {drawn['path']} ({table[0]['metric']} against {drawn['x']}, "
-              f"{len(drawn['lines'])} lines)")
+        print(f"wrote {drawn['path']} ({table[0]['metric']} against {drawn['x']}, {len(drawn['lines'])} lines)")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,17 @@ CONFIG_DIR = str(ROOT / "conf")
 os.environ.setdefault("METARUN_CACHE_DIR", str(ROOT / ".cache"))
 
 # Small enough for a 2-core CPU: a few outer steps, a few evaluation episodes.
-TINY = ["trainer.max_steps=3", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
-        "trainer.log_every_n_steps=1", "sampler.val_episodes=4", "sampler.test_episodes=4",
-        "sampler.eval_batch_size=2", "sampler.meta_batch_size=2", "logger=none"]
+TINY = [
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "sampler.val_episodes=4",
+    "sampler.test_episodes=4",
+    "sampler.eval_batch_size=2",
+    "sampler.meta_batch_size=2",
+    "logger=none",
+]
 
 
 # Two CPU processes over gloo, launched as a user launches them: Lightning re-executes the
@@ -34,16 +42,22 @@ BIN = Path(sys.executable).parent
 METARUN, EVAL, PREDICT = (str(BIN / name) for name in ("metarun", "metarun-eval", "metarun-predict"))
 # The installed commands run as a user runs them: no traceback switch, no leftover DDP
 # variables, one intra-op thread (deterministic and quick on a busy machine).
-COMMAND_ENV = {**{k: v for k, v in os.environ.items()
-                  if k not in ("HYDRA_FULL_ERROR", "LOCAL_RANK", "RANK", "MASTER_PORT")},
-               "OMP_NUM_THREADS": "1"}
+COMMAND_ENV = {
+    **{k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "LOCAL_RANK", "RANK", "MASTER_PORT")},
+    "OMP_NUM_THREADS": "1",
+}
 
 
 def launch(run_dir: Path, *overrides: str, command: str = METARUN) -> subprocess.Popen:
     """Start an installed metarun command writing into ``run_dir``."""
-    return subprocess.Popen([command, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                            env=COMMAND_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [command, *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=COMMAND_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:

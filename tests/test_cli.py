@@ -41,20 +41,24 @@ def build_error(tmp_path: Path, *overrides: str) -> str:
 
 # ------------------------------------------------------------------ episode shapes and settings
 
-@pytest.mark.parametrize("override, message", [
-    ("sampler.ways=2", "sampler.ways=2 is not allowed for sinusoid regression: a task is one "
-                       "function, so ways must be 1."),
-    ("sampler.ways=0", "sampler.ways=0 is not allowed: it must be a positive integer."),
-    ("sampler.ways=-5", "sampler.ways=-5 is not allowed: it must be a positive integer."),
-    ("sampler.shots=0", "sampler.shots=0 is not allowed: it must be a positive integer."),
-    ("sampler.shots=-1", "sampler.shots=-1 is not allowed: it must be a positive integer."),
-    ("sampler.meta_batch_size=0",
-     "sampler.meta_batch_size=0 is not allowed: it must be a positive integer."),
-    ("algorithm.inner_lr=0", "algorithm.inner_lr=0 is not allowed: it must be positive."),
-    ("algorithm.inner_lr=-0.01", "algorithm.inner_lr=-0.01 is not allowed: it must be positive."),
-    ("algorithm.inner_steps=0",
-     "algorithm.inner_steps=0 is not allowed: it must be a positive integer."),
-])
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "sampler.ways=2",
+            "sampler.ways=2 is not allowed for sinusoid regression: a task is one function, so ways must be 1.",
+        ),
+        ("sampler.ways=0", "sampler.ways=0 is not allowed: it must be a positive integer."),
+        ("sampler.ways=-5", "sampler.ways=-5 is not allowed: it must be a positive integer."),
+        ("sampler.shots=0", "sampler.shots=0 is not allowed: it must be a positive integer."),
+        ("sampler.shots=-1", "sampler.shots=-1 is not allowed: it must be a positive integer."),
+        ("sampler.meta_batch_size=0", "sampler.meta_batch_size=0 is not allowed: it must be a positive integer."),
+        ("algorithm.inner_lr=0", "algorithm.inner_lr=0 is not allowed: it must be positive."),
+        ("algorithm.inner_lr=-0.01", "algorithm.inner_lr=-0.01 is not allowed: it must be positive."),
+        ("algorithm.inner_steps=0", "algorithm.inner_steps=0 is not allowed: it must be a positive integer."),
+    ],
+)
 def test_bad_setting_is_one_sentence(tmp_path, override, message):
     got = build_error(tmp_path, override)
     assert got == message
@@ -70,18 +74,23 @@ def test_bad_setting_stops_before_training(tmp_path):
 
 def test_too_many_ways_for_real_omniglot(omniglot_available, tmp_path):
     got = build_error(tmp_path, "dataset=omniglot", "sampler.ways=1000")
-    assert got == ("sampler.ways=1000 is not allowed: split omniglot/vinyals/val has only 688 "
-                   "classes, so ways must be at most 688.")
+    assert got == (
+        "sampler.ways=1000 is not allowed: split omniglot/vinyals/val has only 688 "
+        "classes, so ways must be at most 688."
+    )
 
 
 def test_too_many_shots_and_queries_for_real_omniglot(omniglot_available, tmp_path):
     got = build_error(tmp_path, "dataset=omniglot", "sampler.shots=10", "sampler.queries=15")
-    assert got == ("sampler.shots + sampler.queries = 10 + 15 = 25 is not allowed: split "
-                   "omniglot/vinyals/val has only 20 images in its smallest class, so shots + "
-                   "queries must be at most 20.")
+    assert got == (
+        "sampler.shots + sampler.queries = 10 + 15 = 25 is not allowed: split "
+        "omniglot/vinyals/val has only 20 images in its smallest class, so shots + "
+        "queries must be at most 20."
+    )
 
 
 # ------------------------------------------------------------------ Omniglot files on disk
+
 
 def png(size: int = 12) -> bytes:
     buffer = io.BytesIO()
@@ -103,37 +112,53 @@ def small_omniglot(tmp_path) -> list[str]:
     """Official-layout archives, Lake's split: train 8 classes, val 20, test 8; 3 drawings each."""
     root = tmp_path / "data" / "omniglot"
     root.mkdir(parents=True)
-    write_archive(root / "images_background.zip", "images_background",
-                  [f"Background{i}" for i in range(7)], characters=1, drawings=3)
-    write_archive(root / "images_evaluation.zip", "images_evaluation", ["Evaluation"],
-                  characters=2, drawings=3)
+    write_archive(
+        root / "images_background.zip",
+        "images_background",
+        [f"Background{i}" for i in range(7)],
+        characters=1,
+        drawings=3,
+    )
+    write_archive(root / "images_evaluation.zip", "images_evaluation", ["Evaluation"], characters=2, drawings=3)
     # dataset.root, not paths.data_dir: compose_config sets paths.data_dir from METARUN_DATA_DIR
-    return ["dataset=omniglot", "dataset.split_scheme=lake", "dataset.download=false",
-            f"dataset.root={root}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    return [
+        "dataset=omniglot",
+        "dataset.split_scheme=lake",
+        "dataset.download=false",
+        f"dataset.root={root}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
 
 
 def test_too_many_ways_for_a_split(tmp_path, small_omniglot):
-    got = build_error(tmp_path, *small_omniglot, "sampler.ways=9", "sampler.shots=1",
-                      "sampler.queries=1")
-    assert got == ("sampler.ways=9 is not allowed: split omniglot/lake/test has only 8 classes, "
-                   "so ways must be at most 8.")
+    got = build_error(tmp_path, *small_omniglot, "sampler.ways=9", "sampler.shots=1", "sampler.queries=1")
+    assert got == (
+        "sampler.ways=9 is not allowed: split omniglot/lake/test has only 8 classes, so ways must be at most 8."
+    )
 
 
 def test_too_many_shots_and_queries_for_a_class(tmp_path, small_omniglot):
-    got = build_error(tmp_path, *small_omniglot, "sampler.ways=2", "sampler.shots=2",
-                      "sampler.queries=2")
-    assert got == ("sampler.shots + sampler.queries = 2 + 2 = 4 is not allowed: split "
-                   "omniglot/lake/val has only 3 images in its smallest class, so shots + "
-                   "queries must be at most 3.")
+    got = build_error(tmp_path, *small_omniglot, "sampler.ways=2", "sampler.shots=2", "sampler.queries=2")
+    assert got == (
+        "sampler.shots + sampler.queries = 2 + 2 = 4 is not allowed: split "
+        "omniglot/lake/val has only 3 images in its smallest class, so shots + "
+        "queries must be at most 3."
+    )
 
 
 def test_missing_data_directory(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    got = build_error(tmp_path, "dataset=omniglot", f"dataset.root={empty / 'omniglot'}",
-                      f"paths.cache_dir={tmp_path / 'cache'}", "dataset.download=false")
-    assert_one_sentence(got, f"dataset.root={empty / 'omniglot'}", "images_background.zip",
-                        "dataset.download=false", "METARUN_DATA_DIR")
+    got = build_error(
+        tmp_path,
+        "dataset=omniglot",
+        f"dataset.root={empty / 'omniglot'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "dataset.download=false",
+    )
+    assert_one_sentence(
+        got, f"dataset.root={empty / 'omniglot'}", "images_background.zip", "dataset.download=false", "METARUN_DATA_DIR"
+    )
     assert not (tmp_path / "cache").exists()
 
 
@@ -142,11 +167,13 @@ def test_corrupt_archive(tmp_path, small_omniglot):
     data = archive.read_bytes()
     archive.write_bytes(data[: len(data) // 2])  # an interrupted download
     got = build_error(tmp_path, *small_omniglot)
-    assert_one_sentence(got, f"dataset.root={archive.parent}", str(archive),
-                        "is truncated or corrupt", "BadZipFile", "delete it")
+    assert_one_sentence(
+        got, f"dataset.root={archive.parent}", str(archive), "is truncated or corrupt", "BadZipFile", "delete it"
+    )
 
 
 # ------------------------------------------------------------------ unknown group options
+
 
 @pytest.mark.parametrize("group", ["algorithm", "dataset"])
 def test_unknown_option_lists_the_choices(tmp_path, group):
@@ -160,6 +187,7 @@ def test_unknown_option_lists_the_choices(tmp_path, group):
 
 # ------------------------------------------------------------------ the real command
 
+
 class Commands:
     """Bad ``metarun`` commands, started together when this module starts: each pays ~6 s of
     imports, which then overlap the in-process tests above."""
@@ -168,17 +196,31 @@ class Commands:
         self.tmp = tmp
         (tmp / "empty").mkdir()
         cases = {
-            "missing_data": (["dataset=omniglot", f"paths.data_dir={tmp / 'empty'}",
-                              f"paths.cache_dir={tmp / 'cache'}", "dataset.download=false"], {}),
+            "missing_data": (
+                [
+                    "dataset=omniglot",
+                    f"paths.data_dir={tmp / 'empty'}",
+                    f"paths.cache_dir={tmp / 'cache'}",
+                    "dataset.download=false",
+                ],
+                {},
+            ),
             "inner_lr_full_error": (["algorithm.inner_lr=0"], {"HYDRA_FULL_ERROR": "1"}),
             "unknown_algorithm": (["algorithm=nope"], {}),
         }
         env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
         env["OMP_NUM_THREADS"] = "1"
-        self.procs = {name: subprocess.Popen(
-            [METARUN, *overrides, "logger=none", f"hydra.run.dir={tmp / name}"], cwd=ROOT,
-            env=env | extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for name, (overrides, extra) in cases.items()}
+        self.procs = {
+            name: subprocess.Popen(
+                [METARUN, *overrides, "logger=none", f"hydra.run.dir={tmp / name}"],
+                cwd=ROOT,
+                env=env | extra,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name, (overrides, extra) in cases.items()
+        }
         self.done: dict[str, subprocess.CompletedProcess] = {}
 
     def __getitem__(self, name: str) -> subprocess.CompletedProcess:
@@ -205,8 +247,10 @@ def commands(tmp_path_factory):
 def test_command_prints_one_error_line_and_no_traceback(commands):
     run = commands["missing_data"]
     assert run.returncode == 2, run.stderr
-    sentence = (f"dataset.root={commands.tmp / 'empty' / 'omniglot'} has no images_background.zip "
-                f"(nor an extracted images_background/ folder) and dataset.download=false, so ")
+    sentence = (
+        f"dataset.root={commands.tmp / 'empty' / 'omniglot'} has no images_background.zip "
+        f"(nor an extracted images_background/ folder) and dataset.download=false, so "
+    )
     assert f"metarun: error: {sentence}" in run.stderr
     error_lines = [line for line in run.stderr.splitlines() if "error" in line.lower()]
     assert len(error_lines) == 1 and error_lines[0].startswith("metarun: error: ")

@@ -27,10 +27,18 @@ from metarun.train import build, train
 from tests.conftest import COMMAND_ENV, DDP, ROOT, TINY, compose_config, data_dir, finish, run_metarun
 
 STEPS, META_BATCH, TEST_EPISODES = 3, 4, 5  # 5 test episodes: DistributedSampler pads rank 1
-RUN = [*TINY, f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
-       f"sampler.meta_batch_size={META_BATCH}", f"sampler.test_episodes={TEST_EPISODES}",
-       "sampler.val_episodes=3", "sampler.queries=10", "algorithm.test_inner_steps=2",
-       "optimizer._target_=torch.optim.SGD", "optimizer.lr=0.01"]
+RUN = [
+    *TINY,
+    f"trainer.max_steps={STEPS}",
+    f"trainer.val_check_interval={STEPS}",
+    f"sampler.meta_batch_size={META_BATCH}",
+    f"sampler.test_episodes={TEST_EPISODES}",
+    "sampler.val_episodes=3",
+    "sampler.queries=10",
+    "algorithm.test_inner_steps=2",
+    "optimizer._target_=torch.optim.SGD",
+    "optimizer.lr=0.01",
+]
 # float32: the 2-process gradient is a mean of two half-batch means, all-reduced; it differs
 # from the 1-process mean only by rounding (~1e-7 relative), times lr = 0.01 per step.
 ATOL = 1e-6
@@ -50,12 +58,35 @@ def run_two_nodes(run_dir: Path, *overrides: str) -> dict:
         port = s.getsockname()[1]
     if data_dir() is not None:
         overrides = (f"paths.data_dir={data_dir()}", *overrides)
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-         "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-         "-m", "metarun.train", *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, env=COMMAND_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for rank in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "-m",
+                "metarun.train",
+                *overrides,
+                f"hydra.run.dir={run_dir}",
+            ],
+            cwd=ROOT,
+            env=COMMAND_ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     for proc in procs:
         done = finish(proc)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -70,8 +101,12 @@ def state(ckpt: Path) -> dict[str, torch.Tensor]:
 def runs(tmp_path_factory):
     """The same seeded run on 2 processes (the `metarun` command) and on 1 process."""
     out = {}
-    for name, hardware in (("ddp", DDP), ("single", ["hardware=cpu"]),
-                           ("ddp_chunked", [*DDP, "task_chunk=1"]), ("two_nodes", TWO_NODES)):
+    for name, hardware in (
+        ("ddp", DDP),
+        ("single", ["hardware=cpu"]),
+        ("ddp_chunked", [*DDP, "task_chunk=1"]),
+        ("two_nodes", TWO_NODES),
+    ):
         directory = tmp_path_factory.mktemp(name)
         cfg = compose_config([*RUN, *hardware], directory)
         if name == "single":
@@ -111,10 +146,10 @@ def test_ranks_draw_disjoint_slices_of_the_one_process_meta_batch(runs):
 
 
 def test_two_processes_give_the_one_process_update(runs):
-    ddp_ckpt = torch.load(runs["ddp"]["dir"] / "checkpoints" / "last.ckpt", map_location="cpu",
-                          weights_only=False)
-    single_ckpt = torch.load(runs["single"]["dir"] / "checkpoints" / "last.ckpt",
-                             map_location="cpu", weights_only=False)
+    ddp_ckpt = torch.load(runs["ddp"]["dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    single_ckpt = torch.load(
+        runs["single"]["dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
     assert ddp_ckpt["global_step"] == single_ckpt["global_step"] == STEPS
     init = build(runs["single"]["cfg"])["module"].state_dict()
     ddp, single = ddp_ckpt["state_dict"], single_ckpt["state_dict"]
@@ -169,8 +204,11 @@ def test_ddp_test_mean_equals_one_process_evaluation_of_its_checkpoint(runs):
 
 def test_meta_batch_not_divisible_by_processes_stops_before_launch(tmp_path, capsys):
     cfg = compose_config([*RUN, *DDP, "sampler.meta_batch_size=3"], tmp_path)
-    with pytest.raises(ConfigError, match=r"^sampler\.meta_batch_size=3 is not allowed with 2 "
-                                          r"processes: it must be divisible"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^sampler\.meta_batch_size=3 is not allowed with 2 "
+        r"processes: it must be divisible",
+    ):
         train(cfg)
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing was launched or trained
     with pytest.raises(SystemExit) as exit_:  # the `metarun` command: one line, exit code 2

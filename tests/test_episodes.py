@@ -87,16 +87,20 @@ def test_train_shape_differs_from_test_shape():
 def test_generators_are_independent_objects():
     g1, g2 = task_generator(0, 0, 0, 0), task_generator(0, 0, 0, 0)
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
-    assert not torch.equal(torch.rand(3, generator=task_generator(0, 0, 0, 1)),
-                           torch.rand(3, generator=task_generator(0, 0, 1, 0)))
+    assert not torch.equal(
+        torch.rand(3, generator=task_generator(0, 0, 0, 1)), torch.rand(3, generator=task_generator(0, 0, 1, 0))
+    )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"ways": 0}, r"sampler\.ways=0"),
-    ({"shots": -1}, r"sampler\.shots=-1"),
-    ({"queries": 0}, r"sampler\.queries=0"),
-    ({"meta_batch_size": 0}, r"sampler\.meta_batch_size=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ways": 0}, r"sampler\.ways=0"),
+        ({"shots": -1}, r"sampler\.shots=-1"),
+        ({"queries": 0}, r"sampler\.queries=0"),
+        ({"meta_batch_size": 0}, r"sampler\.meta_batch_size=0"),
+    ],
+)
 def test_non_positive_shapes_are_refused(kwargs, message):
     settings = {"ways": 5, "shots": 1, "queries": 1, "meta_batch_size": 1} | kwargs
     with pytest.raises(ConfigError, match=message):

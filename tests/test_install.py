@@ -36,28 +36,66 @@ def test_installed_package_runs_from_another_directory(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     wheels = tmp_path / "wheels"
-    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-        "-w", str(wheels), str(source), cwd=tmp_path)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(wheels),
+        str(source),
+        cwd=tmp_path,
+    )
     venv = tmp_path / "fresh"
     run(sys.executable, "-m", "venv", "--without-pip", str(venv), cwd=tmp_path)
     python = venv / "bin" / "python"
-    site = run(str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-               cwd=tmp_path).stdout.strip()
+    site = run(
+        str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path
+    ).stdout.strip()
     (Path(site) / "project_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run(sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-        str(next(wheels.glob("metarun-*.whl"))), cwd=tmp_path)  # with its console scripts
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        str(python),
+        "install",
+        "-q",
+        "--no-deps",
+        str(next(wheels.glob("metarun-*.whl"))),
+        cwd=tmp_path,
+    )  # with its console scripts
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HYDRA_FULL_ERROR")}
     env["OMP_NUM_THREADS"] = "1"
-    where = run(str(python), "-c", "import metarun.train as t; print(t.__file__); print(t.CONFIG_DIR)",
-                cwd=elsewhere, env=env).stdout.split()
+    where = run(
+        str(python), "-c", "import metarun.train as t; print(t.__file__); print(t.CONFIG_DIR)", cwd=elsewhere, env=env
+    ).stdout.split()
     assert where == [f"{site}/metarun/train.py", f"{site}/metarun/conf"]  # not the checkout
-    run(str(venv / "bin" / "metarun"), "trainer.max_steps=2", "trainer.val_check_interval=2",
-        "sampler.val_episodes=2", "sampler.test_episodes=2", "trainer.enable_progress_bar=false",
-        "logger=none", "hydra.run.dir=run", cwd=elsewhere, env=env)
+    run(
+        str(venv / "bin" / "metarun"),
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "sampler.val_episodes=2",
+        "sampler.test_episodes=2",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        "hydra.run.dir=run",
+        cwd=elsewhere,
+        env=env,
+    )
     results = json.loads((elsewhere / "run" / "results.json").read_text())
     assert results["status"] == "completed" and results["train"]["steps"] == 2
-    run(str(venv / "bin" / "metarun-eval"), "ckpt_path=run/checkpoints/last.ckpt",
-        "sampler.test_episodes=3", "hydra.run.dir=eval", cwd=elsewhere, env=env)
+    run(
+        str(venv / "bin" / "metarun-eval"),
+        "ckpt_path=run/checkpoints/last.ckpt",
+        "sampler.test_episodes=3",
+        "hydra.run.dir=eval",
+        cwd=elsewhere,
+        env=env,
+    )
     assert json.loads((elsewhere / "eval" / "results.json").read_text())["test"]["mse"]["episodes"] == 3

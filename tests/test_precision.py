@@ -73,15 +73,14 @@ def sinusoid_case(seed: int, first_order: bool) -> tuple[MAML, EpisodeBatch]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MLP(1, (40, 40), 1)
-    algorithm = MAML(model, inner_lr=0.01, inner_steps=1, test_inner_steps=10,
-                     first_order=first_order)
+    algorithm = MAML(model, inner_lr=0.01, inner_steps=1, test_inner_steps=10, first_order=first_order)
     sampler = EpisodeSampler(ways=1, shots=10, queries=10, meta_batch_size=25, seed=seed)
     return algorithm, sampler.train_batch(Sinusoid(), step=0)
 
 
-def conv4_case(seed: int, first_order: bool, smooth: bool = False,
-               ways: int = 3, shots: int = 1, queries: int = 5,
-               tasks: int = 4) -> tuple[MAML, EpisodeBatch]:
+def conv4_case(
+    seed: int, first_order: bool, smooth: bool = False, ways: int = 3, shots: int = 1, queries: int = 5, tasks: int = 4
+) -> tuple[MAML, EpisodeBatch]:
     """A tiny Conv4 (hidden=8, transductive batch norm), random 28x28 images, inner lr 0.4."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -92,24 +91,26 @@ def conv4_case(seed: int, first_order: bool, smooth: bool = False,
                 model.features[i] = nn.AvgPool2d(2)
             elif isinstance(layer, nn.ReLU):
                 model.features[i] = nn.Tanh()
-    algorithm = MAML(model, inner_lr=0.4, inner_steps=1, test_inner_steps=3,
-                     first_order=first_order)
+    algorithm = MAML(model, inner_lr=0.4, inner_steps=1, test_inner_steps=3, first_order=first_order)
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(ways)
-    episodes = [Episode(support_x=torch.rand(ways * shots, 1, 28, 28, generator=g),  # [N*K, 1, 28, 28]
-                        support_y=labels.repeat_interleave(shots),  # [N*K]
-                        query_x=torch.rand(ways * queries, 1, 28, 28, generator=g),  # [N*Q, 1, 28, 28]
-                        query_y=labels.repeat_interleave(queries),  # [N*Q]
-                        index=t)
-                for t in range(tasks)]
+    episodes = [
+        Episode(
+            support_x=torch.rand(ways * shots, 1, 28, 28, generator=g),  # [N*K, 1, 28, 28]
+            support_y=labels.repeat_interleave(shots),  # [N*K]
+            query_x=torch.rand(ways * queries, 1, 28, 28, generator=g),  # [N*Q, 1, 28, 28]
+            query_y=labels.repeat_interleave(queries),  # [N*Q]
+            index=t,
+        )
+        for t in range(tasks)
+    ]
     return algorithm, collate_episodes(episodes)
 
 
 CASES = {  # name: (case, max relative error, min cosine); measurements in the module doc
     "sinusoid_mlp": (sinusoid_case, 0.10, 0.995),
     "conv4": (conv4_case, 0.90, 0.70),
-    "conv4_smooth": (lambda seed, first_order: conv4_case(seed, first_order, smooth=True),
-                     0.12, 0.995),
+    "conv4_smooth": (lambda seed, first_order: conv4_case(seed, first_order, smooth=True), 0.12, 0.995),
 }
 
 
@@ -136,17 +137,24 @@ def test_bf16_training_runs_the_meta_loss_under_autocast(tmp_path):
     The replay is bit-exact on CPU (measured difference 0.0); in float32 it is 1e-4 away.
     """
     steps, lr = 3, 0.01
-    cfg = compose_config([*TINY, "hardware=bf16", f"trainer.max_steps={steps}",
-                          f"trainer.val_check_interval={steps}",
-                          "optimizer._target_=torch.optim.SGD", f"optimizer.lr={lr}"], tmp_path)
+    cfg = compose_config(
+        [
+            *TINY,
+            "hardware=bf16",
+            f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={steps}",
+            "optimizer._target_=torch.optim.SGD",
+            f"optimizer.lr={lr}",
+        ],
+        tmp_path,
+    )
     results, _ = train(cfg)
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["environment"]["precision"] == "bf16-mixed"
     assert written["environment"]["accelerator"] == "CPUAccelerator"
     for block in written["test"].values():
         assert math.isfinite(block["mean"]) and block["episodes"] == 4
-    trained = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu",
-                         weights_only=False)
+    trained = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert trained["global_step"] == steps
 
     sampler, source = instantiate(cfg.sampler), instantiate(cfg.dataset).split("train")
@@ -168,20 +176,31 @@ def test_bf16_training_runs_the_meta_loss_under_autocast(tmp_path):
     assert fp32_gap > 1e-5  # so the run above really trained in bfloat16
 
 
-@pytest.mark.parametrize("overrides, message", [
-    pytest.param(["hardware=fp16"],
-                 r"^trainer\.precision=16-mixed \(hardware=fp16\) is not allowed .*needs a CUDA GPU",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
-                 id="fp16"),
-    pytest.param(["hardware=fp16", "trainer.accelerator=cpu"],
-                 r"^trainer\.precision=16-mixed \(hardware=fp16\) is not allowed on "
-                 r"trainer\.accelerator=cpu: .*needs a CUDA GPU", id="fp16-on-cpu"),
-    pytest.param(["hardware=gpu"], r"^trainer\.accelerator=gpu \(hardware=gpu\) is not allowed",
-                 marks=pytest.mark.skipif(torch.cuda.is_available()
-                                          or torch.backends.mps.is_available(),
-                                          reason="a GPU is available"),
-                 id="gpu"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        pytest.param(
+            ["hardware=fp16"],
+            r"^trainer\.precision=16-mixed \(hardware=fp16\) is not allowed .*needs a CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
+            id="fp16",
+        ),
+        pytest.param(
+            ["hardware=fp16", "trainer.accelerator=cpu"],
+            r"^trainer\.precision=16-mixed \(hardware=fp16\) is not allowed on "
+            r"trainer\.accelerator=cpu: .*needs a CUDA GPU",
+            id="fp16-on-cpu",
+        ),
+        pytest.param(
+            ["hardware=gpu"],
+            r"^trainer\.accelerator=gpu \(hardware=gpu\) is not allowed",
+            marks=pytest.mark.skipif(
+                torch.cuda.is_available() or torch.backends.mps.is_available(), reason="a GPU is available"
+            ),
+            id="gpu",
+        ),
+    ],
+)
 def test_gpu_only_hardware_stops_with_a_config_error_on_cpu(tmp_path, capsys, overrides, message):
     cfg = compose_config([*TINY, *overrides], tmp_path)
     with pytest.raises(ConfigError, match=message):
@@ -195,6 +214,7 @@ def test_gpu_only_hardware_stops_with_a_config_error_on_cpu(tmp_path, capsys, ov
 
 
 # ------------------------------------------------------------------ clipping and precision
+
 
 class UpdateNorms(L.Callback):
     """The global norm of each outer update's parameter change (SGD: lr x the gradient the
@@ -228,21 +248,32 @@ def test_the_optimiser_steps_with_the_clipped_unscaled_meta_gradient(hardware, t
     if hardware == "fp16" and not torch.cuda.is_available():
         pytest.skip("hardware=fp16 needs a CUDA GPU (run by scripts/gpu_check.py)")
     clip = 1e-3  # far below the meta-gradient's norm, so every step clips
-    cfg = compose_config([*TINY, f"hardware={hardware}", f"grad_clip={clip}",
-                          "trainer.max_steps=4", "trainer.val_check_interval=4",
-                          "optimizer._target_=torch.optim.SGD", "optimizer.lr=1.0"], tmp_path)
+    cfg = compose_config(
+        [
+            *TINY,
+            f"hardware={hardware}",
+            f"grad_clip={clip}",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            "optimizer._target_=torch.optim.SGD",
+            "optimizer.lr=1.0",
+        ],
+        tmp_path,
+    )
     objects = build(cfg)
     recorder = UpdateNorms()
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[recorder],
-                          enable_checkpointing=False, limit_val_batches=0)
+    trainer = instantiate(
+        cfg.trainer, logger=False, callbacks=[recorder], enable_checkpointing=False, limit_val_batches=0
+    )
     trainer.fit(objects["module"], datamodule=objects["datamodule"])
     assert len(recorder.norms) >= 3  # fp16 may skip a step whose scaled gradient overflowed
     for norm in recorder.norms:  # SGD, lr 1: the update is the clipped gradient
         assert norm == pytest.approx(clip, rel=1e-3)
 
 
-FAST_PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")
-                      if "channels_last: true" in p.read_text())
+FAST_PRESETS = sorted(
+    p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml") if "channels_last: true" in p.read_text()
+)
 
 
 @pytest.mark.parametrize("preset", FAST_PRESETS)
@@ -257,20 +288,27 @@ def test_fast_cpu_path_meta_gradient_is_within_tolerance_of_fp32(preset, tmp_pat
     """
     if data_dir() is None:
         pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
-    extra = NEEDS.get((compose_config([f"experiment={preset}"], tmp_path).algorithm._target_
-                       .rsplit(".", 2)[1], "classification"), [])
+    extra = NEEDS.get(
+        (compose_config([f"experiment={preset}"], tmp_path).algorithm._target_.rsplit(".", 2)[1], "classification"), []
+    )
     grads = {}
     for fast in (False, True):
-        cfg = compose_config([f"experiment={preset}", *extra, "sampler.meta_batch_size=1",
-                              "sampler.train_ways=20", f"model.channels_last={fast}"],
-                             tmp_path / str(fast))
+        cfg = compose_config(
+            [
+                f"experiment={preset}",
+                *extra,
+                "sampler.meta_batch_size=1",
+                "sampler.train_ways=20",
+                f"model.channels_last={fast}",
+            ],
+            tmp_path / str(fast),
+        )
         objects = build(cfg)
         algorithm = objects["algorithm"].train()
         batch = objects["sampler"].train_batch(objects["datamodule"].splits["train"], 0)
         with bf16_autocast(enabled=fast):
             algorithm.meta_loss(batch).loss.backward()
-        grads[fast] = torch.cat([p.grad.flatten() for p in algorithm.parameters()
-                                 if p.grad is not None])
+        grads[fast] = torch.cat([p.grad.flatten() for p in algorithm.parameters() if p.grad is not None])
     exact, fast = grads[False], grads[True]
     assert (fast - exact).norm() / exact.norm() < 0.25
     assert F.cosine_similarity(fast, exact, 0) > 0.98

@@ -59,8 +59,10 @@ def omniglot(tmp_path_factory):
         _, objects = train(cfg)
         episode = objects["sampler"].eval_episode(objects["datamodule"].splits["test"], TEST, 0)
         folder = run / "episode"
-        for part, x, y in (("support", episode.support_x, episode.support_y),
-                           ("query", episode.query_x, episode.query_y)):
+        for part, x, y in (
+            ("support", episode.support_x, episode.support_y),
+            ("query", episode.query_x, episode.query_y),
+        ):
             for i, (image, label) in enumerate(zip(x, y.tolist())):
                 save_png(image, folder / part / f"class_{label}" / f"{i:02d}.png")
         out[algorithm] = (run / "checkpoints" / "last.ckpt", folder, episode, objects)
@@ -70,8 +72,9 @@ def omniglot(tmp_path_factory):
 @pytest.mark.parametrize("algorithm", ["protonet", "maml"])
 def test_predict_gives_what_eval_gives_on_the_same_episode(omniglot, tmp_path, algorithm):
     ckpt, folder, episode, objects = omniglot[algorithm]
-    predicted = command(PREDICT, tmp_path / "predict", f"ckpt_path={ckpt}",
-                        f"support={folder / 'support'}", f"query={folder / 'query'}")
+    predicted = command(
+        PREDICT, tmp_path / "predict", f"ckpt_path={ckpt}", f"support={folder / 'support'}", f"query={folder / 'query'}"
+    )
     evaluated = command(EVAL, tmp_path / "eval", f"ckpt_path={ckpt}", "sampler.test_episodes=1")
     done, ev = finish(predicted), finish(evaluated)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -122,13 +125,13 @@ def test_learner_refuses_bad_support_in_python(omniglot):
     blank = [torch.zeros(1, 28, 28)] * 3
     with pytest.raises(metarun.errors.ConfigError) as caught:
         learner.adapt(blank, ["a", "b", "c"])
-    assert_one_sentence(str(caught.value), "3 classes", "classifier head has 5 outputs",
-                        "protonet")
+    assert_one_sentence(str(caught.value), "3 classes", "classifier head has 5 outputs", "protonet")
     with pytest.raises(metarun.errors.ConfigError, match="at least 2 classes"):
         load(omniglot["protonet"][0]).adapt(blank, ["a", "a", "a"])
 
 
 # ------------------------------------------------------------------ bad input, via the command
+
 
 def write_images(folder: Path, count: int, mode: str = "L") -> None:
     folder.mkdir(parents=True, exist_ok=True)
@@ -146,29 +149,43 @@ def test_bad_input_is_one_sentence(omniglot, tmp_path):
     cases = {
         "empty_class": (proto, {"a": 2, "b": 0}, "its class folder 'b' holds no readable images"),
         "one_class": (proto, {"a": 2}, "it holds 1 class folder (a), so give at least 2 class"),
-        "fixed_head": (maml, {"a": 1, "b": 1, "c": 1},
-                       "it holds 3 classes but the model's classifier head has 5 outputs"),
+        "fixed_head": (
+            maml,
+            {"a": 1, "b": 1, "c": 1},
+            "it holds 3 classes but the model's classifier head has 5 outputs",
+        ),
     }
     procs = {}
     for name, (ckpt, counts, _) in cases.items():
         for c, n in counts.items():
             write_images(tmp_path / name / c, n) if n else (tmp_path / name / c).mkdir(parents=True)
-        procs[name] = command(PREDICT, tmp_path / f"run_{name}", f"ckpt_path={ckpt}",
-                              f"support={tmp_path / name}", f"query={tmp_path / 'queries'}")
+        procs[name] = command(
+            PREDICT,
+            tmp_path / f"run_{name}",
+            f"ckpt_path={ckpt}",
+            f"support={tmp_path / name}",
+            f"query={tmp_path / 'queries'}",
+        )
     (tmp_path / "no_images").mkdir()
     (tmp_path / "no_images" / "notes.txt").write_text("not an image")
-    procs["no_queries"] = command(PREDICT, tmp_path / "run_nq", f"ckpt_path={proto}",
-                                  f"support={good}", f"query={tmp_path / 'no_images'}")
-    cases["no_queries"] = (proto, {}, f"query={tmp_path / 'no_images'} is not allowed: it holds "
-                                      f"no readable images")
+    procs["no_queries"] = command(
+        PREDICT, tmp_path / "run_nq", f"ckpt_path={proto}", f"support={good}", f"query={tmp_path / 'no_images'}"
+    )
+    cases["no_queries"] = (proto, {}, f"query={tmp_path / 'no_images'} is not allowed: it holds no readable images")
     (tmp_path / "text.ckpt").write_text("hello")
-    procs["checkpoint"] = command(PREDICT, tmp_path / "run_ck", f"ckpt_path={tmp_path / 'text.ckpt'}",
-                                  f"support={good}", f"query={tmp_path / 'queries'}")
+    procs["checkpoint"] = command(
+        PREDICT,
+        tmp_path / "run_ck",
+        f"ckpt_path={tmp_path / 'text.ckpt'}",
+        f"support={good}",
+        f"query={tmp_path / 'queries'}",
+    )
     cases["checkpoint"] = (proto, {}, "is not allowed: it is not a PyTorch checkpoint")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    procs["out_dir"] = command(PREDICT, blocker / "run", f"ckpt_path={proto}", f"support={good}",
-                               f"query={tmp_path / 'queries'}")
+    procs["out_dir"] = command(
+        PREDICT, blocker / "run", f"ckpt_path={proto}", f"support={good}", f"query={tmp_path / 'queries'}"
+    )
     cases["out_dir"] = (proto, {}, "the directory cannot be created (Not a directory)")
     procs["unset"] = command(PREDICT, tmp_path / "run_unset", f"ckpt_path={proto}")
     cases["unset"] = (proto, {}, "support is not set: metarun-predict needs ckpt_path=<.ckpt>")
@@ -189,8 +206,9 @@ def test_unreadable_files_are_skipped_and_colour_is_converted(omniglot, tmp_path
     (support / "b" / "broken.png").write_bytes(b"not a png at all")
     (support / "b" / "readme.txt").write_text("notes")
     write_images(tmp_path / "queries", 3)
-    done = finish(command(PREDICT, tmp_path / "run", f"ckpt_path={proto}", f"support={support}",
-                          f"query={tmp_path / 'queries'}"))
+    done = finish(
+        command(PREDICT, tmp_path / "run", f"ckpt_path={proto}", f"support={support}", f"query={tmp_path / 'queries'}")
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "predict.json").read_text())
     assert report["support"] == {"a": 2, "b": 2} and report["queries"] == 3
@@ -207,15 +225,18 @@ def test_query_file_list(omniglot, tmp_path):
     listing = tmp_path / "queries.txt"
     paths = sorted((folder / "query").rglob("*.png"))
     listing.write_text("\n".join(str(p) for p in paths) + f"\n{tmp_path / 'gone.png'}\n")
-    done = finish(command(PREDICT, tmp_path / "run", f"ckpt_path={ckpt}",
-                          f"support={folder / 'support'}", f"query={listing}"))
+    done = finish(
+        command(PREDICT, tmp_path / "run", f"ckpt_path={ckpt}", f"support={folder / 'support'}", f"query={listing}")
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert [r["path"] for r in predictions(tmp_path / "run")] == [str(p) for p in paths]
     assert json.loads((tmp_path / "run" / "predict.json").read_text())["skipped"] == [
-        f"{tmp_path / 'gone.png'} (no such file)"]
+        f"{tmp_path / 'gone.png'} (no such file)"
+    ]
 
 
 # ------------------------------------------------------------------ regression
+
 
 @pytest.fixture(scope="module")
 def sinusoid_checkpoints(tmp_path_factory):
@@ -242,8 +263,15 @@ def test_regression_points(sinusoid_checkpoints, tmp_path, algorithm):
     write_points(tmp_path / "support.csv", x, 2 * np.sin(x - 0.5))
     xq = np.linspace(-5, 5, 11)
     write_points(tmp_path / "query.csv", xq, 2 * np.sin(xq - 0.5))
-    done = finish(command(PREDICT, tmp_path / "run", f"ckpt_path={ckpt}",
-                          f"support={tmp_path / 'support.csv'}", f"query={tmp_path / 'query.csv'}"))
+    done = finish(
+        command(
+            PREDICT,
+            tmp_path / "run",
+            f"ckpt_path={ckpt}",
+            f"support={tmp_path / 'support.csv'}",
+            f"query={tmp_path / 'query.csv'}",
+        )
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = predictions(tmp_path / "run")
     assert len(rows) == 11 and ("std0" in rows[0]) == (algorithm == "cnp")
@@ -260,11 +288,20 @@ def test_regression_points(sinusoid_checkpoints, tmp_path, algorithm):
 
 def test_regression_csv_without_y_is_one_sentence(sinusoid_checkpoints, tmp_path):
     write_points(tmp_path / "support.csv", np.linspace(-1, 1, 3), None)
-    done = finish(command(PREDICT, tmp_path / "run", f"ckpt_path={sinusoid_checkpoints['cnp']}",
-                          f"support={tmp_path / 'support.csv'}", f"query={tmp_path / 'support.csv'}"))
+    done = finish(
+        command(
+            PREDICT,
+            tmp_path / "run",
+            f"ckpt_path={sinusoid_checkpoints['cnp']}",
+            f"support={tmp_path / 'support.csv'}",
+            f"query={tmp_path / 'support.csv'}",
+        )
+    )
     assert done.returncode == 2
-    assert (f"metarun: error: support={tmp_path / 'support.csv'} is not allowed: it has no rows "
-            f"with columns x… and y… (found x)") in done.stderr
+    assert (
+        f"metarun: error: support={tmp_path / 'support.csv'} is not allowed: it has no rows "
+        f"with columns x… and y… (found x)"
+    ) in done.stderr
 
 
 class RGBStandIn:

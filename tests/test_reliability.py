@@ -30,9 +30,16 @@ from metarun.train import train
 from tests.conftest import EVAL, METARUN, TINY, compose_config, finish, launch
 from tests.test_cli import assert_one_sentence
 
-RUN = ["trainer.max_steps=300", "trainer.val_check_interval=40", "sampler.val_episodes=4",
-       "sampler.test_episodes=8", "sampler.meta_batch_size=4", "trainer.enable_progress_bar=false",
-       "checkpoint.every_n_steps=20", "trainer.log_every_n_steps=1"]
+RUN = [
+    "trainer.max_steps=300",
+    "trainer.val_check_interval=40",
+    "sampler.val_episodes=4",
+    "sampler.test_episodes=8",
+    "sampler.meta_batch_size=4",
+    "trainer.enable_progress_bar=false",
+    "checkpoint.every_n_steps=20",
+    "trainer.log_every_n_steps=1",
+]
 EVERY_STEP_VALIDATES = ["trainer.max_steps=120", "trainer.val_check_interval=1"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -73,8 +80,7 @@ def reference(tmp_path_factory):
     for proc in procs.values():
         done = finish(proc)
         assert done.returncode == 0, done.stderr[-2000:]
-    return {name: (json.loads((out / name / "results.json").read_text()), rows(out / name))
-            for name in cases}
+    return {name: (json.loads((out / name / "results.json").read_text()), rows(out / name)) for name in cases}
 
 
 def resume_and_compare(run_dir: Path, reference: tuple[dict, list], *overrides: str) -> dict:
@@ -92,6 +98,7 @@ def resume_and_compare(run_dir: Path, reference: tuple[dict, list], *overrides: 
 
 # ------------------------------------------------------------------ kill, signal, resume
 
+
 def test_sigkill_before_the_first_validation_then_resume_is_bit_identical(reference, tmp_path):
     at = random.Random(0).randint(21, 39)  # past the first checkpoint (20), before validation (40)
     done = interrupt(tmp_path, signal.SIGKILL, at)
@@ -102,19 +109,25 @@ def test_sigkill_before_the_first_validation_then_resume_is_bit_identical(refere
     assert results["train"]["resumed_from"] == str(tmp_path / "checkpoints" / "last.ckpt")
 
 
-@pytest.mark.parametrize("sig, name, case", [
-    (signal.SIGTERM, "SIGTERM", "default"), (signal.SIGINT, "SIGINT", "default"),
-    (signal.SIGTERM, "SIGTERM", "every_step_validates")])
-def test_signal_saves_the_step_exits_128_plus_signal_and_resumes(reference, tmp_path, sig, name,
-                                                                 case):
+@pytest.mark.parametrize(
+    "sig, name, case",
+    [
+        (signal.SIGTERM, "SIGTERM", "default"),
+        (signal.SIGINT, "SIGINT", "default"),
+        (signal.SIGTERM, "SIGTERM", "every_step_validates"),
+    ],
+)
+def test_signal_saves_the_step_exits_128_plus_signal_and_resumes(reference, tmp_path, sig, name, case):
     extra = EVERY_STEP_VALIDATES if case == "every_step_validates" else []
     at = random.Random(int(sig)).randint(21, 100)
     done = interrupt(tmp_path, sig, at, *extra)
     assert done.returncode == 128 + sig, done.stderr[-2000:]
     saved = step_of(tmp_path / "checkpoints" / "last.ckpt")
     assert saved >= at
-    assert (f"metarun: interrupted by {name} after step {saved}; the run state is saved in "
-            f"{tmp_path / 'checkpoints' / 'last.ckpt'}") in done.stderr
+    assert (
+        f"metarun: interrupted by {name} after step {saved}; the run state is saved in "
+        f"{tmp_path / 'checkpoints' / 'last.ckpt'}"
+    ) in done.stderr
     assert "Traceback" not in done.stderr
     resume_and_compare(tmp_path, reference[case], *extra)
 
@@ -127,6 +140,7 @@ def test_finished_run_leaves_a_checkpoint_to_continue_from(reference, tmp_path):
 
 
 # ------------------------------------------------------------------ which checkpoint resumes
+
 
 def tiny(directory: Path, *overrides: str, log_dir: Path | None = None):
     cfg = compose_config([*TINY, *overrides], directory)
@@ -141,11 +155,15 @@ def test_last_resumes_only_this_run_or_one_with_the_same_settings(tmp_path):
     with pytest.raises(ConfigError) as caught:
         train(tiny(tmp_path / "b", "seed=1", "ckpt_path=last", log_dir=tmp_path))
     message = str(caught.value)
-    assert_one_sentence(message, "ckpt_path=last is not allowed here", str(tmp_path / "b"),
-                        str(tmp_path / "a" / "checkpoints" / "last.ckpt"), "seed=0 there, not 1")
+    assert_one_sentence(
+        message,
+        "ckpt_path=last is not allowed here",
+        str(tmp_path / "b"),
+        str(tmp_path / "a" / "checkpoints" / "last.ckpt"),
+        "seed=0 there, not 1",
+    )
     assert not (tmp_path / "b" / "results.json").exists()
-    results, _ = train(tiny(tmp_path / "c", "seed=0", "ckpt_path=last", "trainer.max_steps=4",
-                            log_dir=tmp_path))
+    results, _ = train(tiny(tmp_path / "c", "seed=0", "ckpt_path=last", "trainer.max_steps=4", log_dir=tmp_path))
     assert results["train"]["resumed_from"] == str(tmp_path / "a" / "checkpoints" / "last.ckpt")
     assert results["train"]["steps"] == 4
 
@@ -160,14 +178,14 @@ def test_auto_resumes_this_directory_or_starts(tmp_path):
 
 def test_resume_with_a_lower_learning_rate_is_allowed_another_model_is_not(tmp_path):
     train(tiny(tmp_path))
-    results, objects = train(tiny(tmp_path, "ckpt_path=last", "optimizer.lr=0.0001",
-                                  "trainer.max_steps=4"))
+    results, objects = train(tiny(tmp_path, "ckpt_path=last", "optimizer.lr=0.0001", "trainer.max_steps=4"))
     assert results["train"]["steps"] == 4
     assert objects["trainer"].optimizers[0].param_groups[0]["lr"] == 0.0001  # not the saved 0.001
     with pytest.raises(ConfigError) as caught:
         train(tiny(tmp_path, "ckpt_path=last", "model.hidden=[8]", "trainer.max_steps=5"))
-    assert_one_sentence(str(caught.value), "ckpt_path=", "another dataset, algorithm or model",
-                        "model.hidden=[40, 40] there, not [8]")
+    assert_one_sentence(
+        str(caught.value), "ckpt_path=", "another dataset, algorithm or model", "model.hidden=[40, 40] there, not [8]"
+    )
 
 
 def test_second_run_in_a_used_directory_refuses(tmp_path):
@@ -176,7 +194,8 @@ def test_second_run_in_a_used_directory_refuses(tmp_path):
         train(tiny(tmp_path))
     assert str(caught.value) == (
         f"the run directory {tmp_path} (hydra.run.dir) is not allowed: it already holds a run "
-        f"(results.json), so resume it with ckpt_path=last or choose another hydra.run.dir.")
+        f"(results.json), so resume it with ckpt_path=last or choose another hydra.run.dir."
+    )
 
 
 def test_run_directory_in_use_by_another_process_refuses(tmp_path):
@@ -187,11 +206,14 @@ def test_run_directory_in_use_by_another_process_refuses(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)  # as a running metarun holds it
         done = finish(launch(tmp_path, *TINY))
     assert done.returncode == 2
-    assert (f"metarun: error: the run directory {tmp_path} (hydra.run.dir) is not allowed: "
-            f"another metarun process (pid 4242) is running there") in done.stderr
+    assert (
+        f"metarun: error: the run directory {tmp_path} (hydra.run.dir) is not allowed: "
+        f"another metarun process (pid 4242) is running there"
+    ) in done.stderr
 
 
 # ------------------------------------------------------------------ unwritable checkpoints
+
 
 def check_unwritable(done: subprocess.CompletedProcess, reason: str) -> None:
     assert done.returncode == 2, done.stderr[-2000:]
@@ -225,8 +247,7 @@ def full_disk(tmp_path):
     """A 32 KiB tmpfs: room for Hydra's files and the lock, not for a checkpoint."""
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mount)],
-                      capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     yield mount
     subprocess.run(["umount", str(mount)])
@@ -238,19 +259,21 @@ def test_full_disk_is_found_before_training(full_disk):
 
 # ------------------------------------------------------------------ divergence
 
+
 def test_divergence_names_the_keys_and_the_last_good_checkpoint(tmp_path):
     done = finish(launch(tmp_path, *TINY, "optimizer.lr=1e10", "checkpoint.every_n_steps=1"))
     assert done.returncode == 2
     last = tmp_path / "checkpoints" / "last.ckpt"
-    assert (f"metarun: error: training diverged: the meta-loss is nan at step 1, so lower "
-            f"optimizer.lr (now 10000000000.0) or algorithm.inner_lr (now 0.01) or set grad_clip "
-            f"(now null) to a maximum meta-gradient norm such as 10; the last good checkpoint is "
-            f"{last} (resume it with ckpt_path=last after the change).") in done.stderr
+    assert (
+        f"metarun: error: training diverged: the meta-loss is nan at step 1, so lower "
+        f"optimizer.lr (now 10000000000.0) or algorithm.inner_lr (now 0.01) or set grad_clip "
+        f"(now null) to a maximum meta-gradient norm such as 10; the last good checkpoint is "
+        f"{last} (resume it with ckpt_path=last after the change)."
+    ) in done.stderr
     assert "gradient_clip_val" not in done.stderr and "Traceback" not in done.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "diverged"
-    assert results["train"] == {"diverged_at_step": 1, "meta_loss": "nan",
-                                "last_good_checkpoint": str(last)}
+    assert results["train"] == {"diverged_at_step": 1, "meta_loss": "nan", "last_good_checkpoint": str(last)}
     state = load_checkpoint(last)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values())
     resumed, _ = train(tiny(tmp_path, "ckpt_path=last", "optimizer.lr=0.001"))  # after the fix
@@ -258,6 +281,7 @@ def test_divergence_names_the_keys_and_the_last_good_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------ checkpoints users point at
+
 
 class RunsCode:
     """Unpickling this runs a shell command (what a crafted .ckpt can do without weights_only)."""
@@ -304,8 +328,7 @@ BAD = {
 @pytest.mark.parametrize("command", [METARUN, EVAL], ids=["metarun", "metarun-eval"])
 def test_bad_checkpoint_is_one_sentence(bad_checkpoints, tmp_path, command):
     folder, _ = bad_checkpoints
-    procs = {name: launch(tmp_path / name, f"ckpt_path={folder / name}.ckpt", command=command)
-             for name in BAD}
+    procs = {name: launch(tmp_path / name, f"ckpt_path={folder / name}.ckpt", command=command) for name in BAD}
     for name, proc in procs.items():
         done = finish(proc)
         assert done.returncode == 2, (name, done.stderr[-2000:])
@@ -321,24 +344,28 @@ def test_checkpoint_of_another_algorithm_is_one_sentence(bad_checkpoints, tmp_pa
     _, real = bad_checkpoints  # MAML on sinusoids
     done = finish(launch(tmp_path, *TINY, "algorithm=cnp", f"ckpt_path={real}"))
     assert done.returncode == 2
-    assert (f"metarun: error: ckpt_path={real} is not allowed: it holds another dataset, "
-            f"algorithm or model (algorithm._target_='metarun.algorithms.maml.MAML' there, not "
-            f"'metarun.algorithms.cnp.CNP'") in done.stderr
-    other = finish(launch(tmp_path / "other", f"ckpt_path={real}", "algorithm=protonet",
-                         command=EVAL))
+    assert (
+        f"metarun: error: ckpt_path={real} is not allowed: it holds another dataset, "
+        f"algorithm or model (algorithm._target_='metarun.algorithms.maml.MAML' there, not "
+        f"'metarun.algorithms.cnp.CNP'"
+    ) in done.stderr
+    other = finish(launch(tmp_path / "other", f"ckpt_path={real}", "algorithm=protonet", command=EVAL))
     assert other.returncode == 2
-    assert ("metarun: error: override 'algorithm=protonet' is not allowed for metarun-eval: it "
-            "tests the checkpoint's own algorithm and model") in other.stderr
+    assert (
+        "metarun: error: override 'algorithm=protonet' is not allowed for metarun-eval: it "
+        "tests the checkpoint's own algorithm and model"
+    ) in other.stderr
     shape = finish(launch(tmp_path / "eval", f"ckpt_path={real}", "model.hidden=[8]", command=EVAL))
     assert shape.returncode == 2
-    assert (f"metarun: error: ckpt_path={real} is not allowed with the overrides "
-            f"(+model.hidden=[8]): its weights do not fit the model they build") in shape.stderr
+    assert (
+        f"metarun: error: ckpt_path={real} is not allowed with the overrides "
+        f"(+model.hidden=[8]): its weights do not fit the model they build"
+    ) in shape.stderr
 
 
 def test_eval_takes_plain_overrides_of_the_trained_config(bad_checkpoints, tmp_path):
     _, real = bad_checkpoints
-    done = finish(launch(tmp_path, f"ckpt_path={real}", "sampler.shots=5",
-                          "sampler.test_episodes=3", command=EVAL))
+    done = finish(launch(tmp_path, f"ckpt_path={real}", "sampler.shots=5", "sampler.test_episodes=3", command=EVAL))
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["experiment"]["shots"] == 5 and results["test"]["mse"]["episodes"] == 3
@@ -351,15 +378,19 @@ BAD_SETTINGS = {
     "optimizer.lr=abc": "optimizer.lr='abc' is not allowed: it must be a positive number.",
     "seed=notanumber": "seed='notanumber' is not allowed: it must be an integer from 0 to 2**63 - 1.",
     "seed=-1": "seed=-1 is not allowed: it must be an integer from 0 to 2**63 - 1.",
-    "trainer.max_steps=-5": ("trainer.max_steps=-5 is not allowed: it must be a positive integer "
-                             "(or -1 for no limit, with trainer.max_time set)."),
-    "checkpoint.every_n_steps=0": ("checkpoint.every_n_steps=0 is not allowed: it must be a "
-                                   "positive integer or null."),
+    "trainer.max_steps=-5": (
+        "trainer.max_steps=-5 is not allowed: it must be a positive integer "
+        "(or -1 for no limit, with trainer.max_time set)."
+    ),
+    "checkpoint.every_n_steps=0": ("checkpoint.every_n_steps=0 is not allowed: it must be a positive integer or null."),
     "grad_clip=-1": "grad_clip=-1 is not allowed: it must be a positive number or null.",
-    "task_chunk=0": ("task_chunk=0 is not allowed: it must be a positive integer (tasks per "
-                     "backward pass) or null for the whole meta-batch."),
-    "algorithm.task_batching=batched": ("algorithm.task_batching='batched' is not allowed: "
-                                        "choose one of loop, vmap, auto."),
+    "task_chunk=0": (
+        "task_chunk=0 is not allowed: it must be a positive integer (tasks per "
+        "backward pass) or null for the whole meta-batch."
+    ),
+    "algorithm.task_batching=batched": (
+        "algorithm.task_batching='batched' is not allowed: choose one of loop, vmap, auto."
+    ),
 }
 
 
@@ -367,24 +398,40 @@ def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
     procs = {o: launch(tmp_path / str(i), o) for i, o in enumerate(BAD_SETTINGS)}
     empty = tmp_path / "no_data"
     empty.mkdir()
-    procs["norm"] = launch(tmp_path / "norm", "dataset=omniglot", "model.norm=bogus",
-                            f"paths.data_dir={empty}", f"paths.cache_dir={tmp_path / 'cache'}")
-    procs["vmap"] = launch(tmp_path / "vmap", "dataset=omniglot", "algorithm=protonet",
-                           "model.norm=running", "algorithm.task_batching=vmap",
-                           f"paths.data_dir={empty}", f"paths.cache_dir={tmp_path / 'cache'}")
+    procs["norm"] = launch(
+        tmp_path / "norm",
+        "dataset=omniglot",
+        "model.norm=bogus",
+        f"paths.data_dir={empty}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
+    procs["vmap"] = launch(
+        tmp_path / "vmap",
+        "dataset=omniglot",
+        "algorithm=protonet",
+        "model.norm=running",
+        "algorithm.task_batching=vmap",
+        f"paths.data_dir={empty}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
     parent = tmp_path / "a_file"
     parent.write_text("")
     procs["run_dir"] = launch(parent / "run")
-    expected = {**BAD_SETTINGS,
-                # the model is checked before any data is looked for or decoded
-                "norm": ("model.norm='bogus' is not allowed: choose one of transductive, running, "
-                         "tasknorm, support, none."),
-                "vmap": ("algorithm.task_batching=vmap is not allowed for ProtoNet: its batch norm "
-                         "features.1 keeps running statistics (model.norm=running), which are "
-                         "updated in place and cannot be carried per task under vmap, so use "
-                         "task_batching=loop or another model.norm."),
-                "run_dir": (f"hydra.run.dir={parent / 'run'} is not allowed: the directory cannot "
-                            f"be created (Not a directory), so choose a writable path.")}
+    expected = {
+        **BAD_SETTINGS,
+        # the model is checked before any data is looked for or decoded
+        "norm": ("model.norm='bogus' is not allowed: choose one of transductive, running, tasknorm, support, none."),
+        "vmap": (
+            "algorithm.task_batching=vmap is not allowed for ProtoNet: its batch norm "
+            "features.1 keeps running statistics (model.norm=running), which are "
+            "updated in place and cannot be carried per task under vmap, so use "
+            "task_batching=loop or another model.norm."
+        ),
+        "run_dir": (
+            f"hydra.run.dir={parent / 'run'} is not allowed: the directory cannot "
+            f"be created (Not a directory), so choose a writable path."
+        ),
+    }
     for key, proc in procs.items():
         done = finish(proc)
         assert done.returncode == 2, (key, done.stderr[-2000:])
@@ -394,6 +441,7 @@ def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
 
 
 # ------------------------------------------------------------------ tracking and DDP
+
 
 def test_wandb_server_comes_from_wandb_base_url(monkeypatch):
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:8080")

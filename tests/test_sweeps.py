@@ -23,25 +23,33 @@ from tests.conftest import CONFIG_DIR, METARUN, ROOT, TINY
 pytestmark = pytest.mark.slow  # launches processes
 
 QUICK = [o for o in TINY if not o.startswith("sampler.meta_batch_size")] + [
-    "sampler.meta_batch_size=2", "algorithm.test_inner_steps=2"]
+    "sampler.meta_batch_size=2",
+    "algorithm.test_inner_steps=2",
+]
 
 
 def multirun(sweep: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([METARUN, "-m", *overrides, f"hydra.sweep.dir={sweep}"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [METARUN, "-m", *overrides, f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def jobs(sweep: Path) -> list[Path]:
-    return sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()),
-                  key=lambda p: int(p.name))
+    return sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
 def test_optuna_sweep_of_three_trials_minimises_the_validation_mse(tmp_path):
     sweep = tmp_path / "sweep"
-    done = multirun(sweep, "hydra/sweeper=tune", "hydra.sweeper.n_trials=3",
-                    "optimizer.lr=interval(0.0001, 0.01)", *QUICK)
+    done = multirun(
+        sweep, "hydra/sweeper=tune", "hydra.sweeper.n_trials=3", "optimizer.lr=interval(0.0001, 0.01)", *QUICK
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     trials = jobs(sweep)
     assert len(trials) == 3
@@ -60,8 +68,7 @@ def test_optuna_sweep_of_three_trials_minimises_the_validation_mse(tmp_path):
 def test_the_sweep_direction_follows_the_metric():
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         for dataset, direction in (("sinusoid", "minimize"), ("omniglot", "maximize")):
-            cfg = compose("train", overrides=[f"dataset={dataset}", "hydra/sweeper=tune"],
-                          return_hydra_config=True)
+            cfg = compose("train", overrides=[f"dataset={dataset}", "hydra/sweeper=tune"], return_hydra_config=True)
             assert cfg.hydra.sweeper.direction == direction
 
 

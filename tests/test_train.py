@@ -28,8 +28,14 @@ from tests.conftest import CONFIG_DIR, ROOT, TINY, compose_config
 
 # TINY, plus: 4 outer steps (validation at 2 and 4), 2 evaluation episodes of 10 query
 # points, 2 test-time inner steps (MAML).
-FAST = [*TINY, "trainer.max_steps=4", "sampler.val_episodes=2", "sampler.test_episodes=2",
-        "sampler.queries=10", "algorithm.test_inner_steps=2"]
+FAST = [
+    *TINY,
+    "trainer.max_steps=4",
+    "sampler.val_episodes=2",
+    "sampler.test_episodes=2",
+    "sampler.queries=10",
+    "algorithm.test_inner_steps=2",
+]
 
 
 def run(directory: Path, *overrides: str):
@@ -54,6 +60,7 @@ def default_run(tmp_path_factory):
 
 # ------------------------------------------------------------------ config groups
 
+
 def test_default_run_is_maml_with_csv_on_cpu(default_run):
     results, objects, out, _ = default_run
     assert results["experiment"]["algorithm"] == "MAML"
@@ -68,14 +75,14 @@ def test_default_run_is_maml_with_csv_on_cpu(default_run):
     assert results["val"]["best_mse"] == pytest.approx(min(val), rel=1e-6)
     assert results["val"]["best_step"] == 2 * (val.index(min(val)) + 1)
     assert results["val"]["best_checkpoint"] == str(
-        out / "checkpoints" / f"step_{results['val']['best_step']:06d}.ckpt")
+        out / "checkpoints" / f"step_{results['val']['best_step']:06d}.ckpt"
+    )
     test_rows = [r for r in rows if r.get("test/mse")]
     assert float(test_rows[-1]["test/mse"]) == pytest.approx(results["test"]["mse"]["mean"])
     env = results["environment"]
     assert (env["device"], env["precision"], env["world_size"]) == ("cpu", "32-true", 1)
     # last.ckpt is the latest state (step 4) even when the last validation was not the best
-    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu",
-                      weights_only=False)["global_step"] == 4
+    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
 
 
 def check_fomaml(results, objects):
@@ -95,9 +102,11 @@ def check_bf16(results, objects):
     assert next(objects["algorithm"].parameters()).dtype == torch.float32  # autocast only
 
 
-@pytest.mark.parametrize("override, check", [
-    ("algorithm=fomaml", check_fomaml), ("logger=none", check_no_logger),
-    ("hardware=bf16", check_bf16)], ids=["fomaml", "logger_none", "bf16"])
+@pytest.mark.parametrize(
+    "override, check",
+    [("algorithm=fomaml", check_fomaml), ("logger=none", check_no_logger), ("hardware=bf16", check_bf16)],
+    ids=["fomaml", "logger_none", "bf16"],
+)
 def test_config_option_runs(tmp_path, override, check):
     results, objects = run(tmp_path, override)
     assert results["train"]["steps"] == 4
@@ -135,10 +144,20 @@ def test_experiment_preset_composes(tmp_path, name):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_preset_runs_a_few_steps(tmp_path, name):
     """Every preset, as written, trains 2 outer steps of 2 tasks and tests 2 episodes."""
-    cfg = compose_config([f"experiment={name}", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                          "sampler.meta_batch_size=2", "sampler.val_episodes=2",
-                          "sampler.test_episodes=2", "sampler.eval_batch_size=2",
-                          "trainer.enable_progress_bar=false", "logger=none"], tmp_path)
+    cfg = compose_config(
+        [
+            f"experiment={name}",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "sampler.meta_batch_size=2",
+            "sampler.val_episodes=2",
+            "sampler.test_episodes=2",
+            "sampler.eval_batch_size=2",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+        ],
+        tmp_path,
+    )
     if cfg.dataset._target_.endswith("Omniglot") and not Path(cfg.dataset.root).exists():
         pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
     results, _ = train(cfg)
@@ -148,11 +167,24 @@ def test_experiment_preset_runs_a_few_steps(tmp_path, name):
 
 def test_protonet_on_omniglot(omniglot_available, tmp_path):
     overrides = [o for o in FAST if not o.startswith("algorithm.")]  # ProtoNet has no inner loop
-    results, objects = train(compose_config(
-        [*overrides, "dataset=omniglot", "algorithm=protonet", "model.hidden=8", "sampler.ways=3",
-         "sampler.queries=2", "trainer.max_steps=2"], tmp_path))
-    assert results["experiment"].items() >= {"algorithm": "ProtoNet", "dataset": "Omniglot",
-                                          "ways": 3, "shots": 1, "queries": 2}.items()
+    results, objects = train(
+        compose_config(
+            [
+                *overrides,
+                "dataset=omniglot",
+                "algorithm=protonet",
+                "model.hidden=8",
+                "sampler.ways=3",
+                "sampler.queries=2",
+                "trainer.max_steps=2",
+            ],
+            tmp_path,
+        )
+    )
+    assert (
+        results["experiment"].items()
+        >= {"algorithm": "ProtoNet", "dataset": "Omniglot", "ways": 3, "shots": 1, "queries": 2}.items()
+    )
     assert objects["algorithm"].model.head is None
     acc = results["test"]["accuracy"]
     assert acc["episodes"] == 2 and 0.0 <= acc["mean"] <= 1.0
@@ -162,14 +194,17 @@ def test_protonet_on_omniglot(omniglot_available, tmp_path):
 
 # ------------------------------------------------------------------ results.json
 
+
 def test_results_json_schema_and_plot(default_run):
     results, _, out, cfg = default_run
     saved = json.loads((out / "results.json").read_text())
     assert saved == {k: v for k, v in results.items() if k != "plot"}
     assert set(saved) == {"status", "experiment", "test", "val", "train", "environment", "config"}
     assert saved["status"] == "completed"
-    assert saved["experiment"].items() >= {"algorithm": "MAML", "dataset": "Sinusoid", "ways": 1,
-                                        "shots": 10, "queries": 10, "seed": 0}.items()
+    assert (
+        saved["experiment"].items()
+        >= {"algorithm": "MAML", "dataset": "Sinusoid", "ways": 1, "shots": 10, "queries": 10, "seed": 0}.items()
+    )
     assert set(saved["test"]) == {"mse", "mse_before_adaptation"}
     for block in saved["test"].values():
         assert set(block) == {"mean", "ci95", "episodes"}
@@ -182,8 +217,10 @@ def test_results_json_schema_and_plot(default_run):
     assert (train_block["steps"], train_block["tasks"]) == (4, 8)  # meta_batch_size=2
     assert train_block["wall_seconds"] > 0
     assert train_block["tasks_per_second"] == pytest.approx(8 / train_block["wall_seconds"])
-    assert saved["environment"].items() >= {"torch": torch.__version__, "device": "cpu",
-                                         "world_size": 1, "precision": "32-true"}.items()
+    assert (
+        saved["environment"].items()
+        >= {"torch": torch.__version__, "device": "cpu", "world_size": 1, "precision": "32-true"}.items()
+    )
     assert saved["config"] == OmegaConf.to_container(cfg, resolve=True)
     plot = out / "test_tasks.png"
     assert results["plot"] == str(plot)
@@ -191,6 +228,7 @@ def test_results_json_schema_and_plot(default_run):
 
 
 # ------------------------------------------------------------------ determinism
+
 
 def test_same_seed_same_metrics_other_seed_other_metrics(default_run, tmp_path):
     reference, _, out, _ = default_run
@@ -239,10 +277,13 @@ def test_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path, monkeypatch
     assert b_results["train"]["steps"] == a_results["train"]["steps"] == 6
     assert b_results["train"]["tasks"] == 12  # meta_batch_size=2, all steps of the run
     assert b_results["train"]["tasks_per_second"] == pytest.approx(  # this process: 2 steps
-        2 * 2 / b_results["train"]["wall_seconds"])
+        2 * 2 / b_results["train"]["wall_seconds"]
+    )
     assert b_results["test"] == a_results["test"]
     assert (b_results["val"]["best_mse"], b_results["val"]["best_step"]) == (
-        a_results["val"]["best_mse"], a_results["val"]["best_step"])
+        a_results["val"]["best_mse"],
+        a_results["val"]["best_step"],
+    )
     a_state, b_state = state(a_dir / "checkpoints" / "last.ckpt"), state(last)
     assert a_state.keys() == b_state.keys()
     for key in a_state:
@@ -251,14 +292,14 @@ def test_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path, monkeypatch
 
 # ------------------------------------------------------------------ Weights & Biases
 
+
 @pytest.fixture
 def offline_wandb(tmp_path, monkeypatch):
     """No API key, no network, every W&B folder under tmp_path; WANDB_MODE restored."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "unset")  # recorded, so teardown restores the original
     monkeypatch.delenv("WANDB_MODE")
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR",
-                "WANDB_ARTIFACT_DIR"):
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setattr(metarun.tracking, "_wandb_reachable", lambda *a, **k: False)
@@ -286,10 +327,10 @@ def read_wandb_file(path: Path) -> list:
         if block - pos % block < 7:  # block trailer padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if pos + 7 + length > len(data):  # still being written
             break
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:
             continue
         partial = chunk if kind in (1, 2) else partial + chunk
@@ -308,25 +349,30 @@ def test_wandb_offline_run_per_train_call(offline_wandb, tmp_path):
         runs = list((out / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, f"{name}: {runs}"  # its own run, not the previous one reused
         records = wandb_records(runs[0])
-        config = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                  for r in records if r.WhichOneof("record_type") == "config"
-                  for item in r.config.update}
+        config = {
+            item.key or "/".join(item.nested_key): json.loads(item.value_json)
+            for r in records
+            if r.WhichOneof("record_type") == "config"
+            for item in r.config.update
+        }
         assert config["seed"] == seed and config["paths"]["output_dir"] == str(out)
         assert config["algorithm"]["_target_"] == "metarun.algorithms.maml.MAML"
-        history = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
-                   for r in records if r.WhichOneof("record_type") == "history"]
+        history = [
+            {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+            for r in records
+            if r.WhichOneof("record_type") == "history"
+        ]
         assert any("train/loss" in h for h in history)
-        assert json.loads(next(h for h in history if "test/mse" in h)["test/mse"]) == (
-            results["test"]["mse"]["mean"])
+        assert json.loads(next(h for h in history if "test/mse" in h)["test/mse"]) == (results["test"]["mse"]["mean"])
         assert any(h.get("test/_type") == '"table-file"' for h in history)
         assert records[-1].WhichOneof("record_type") == "exit"  # the run was finished
         tables = list(runs[0].glob("files/media/table/test_*.table.json"))
         assert len(tables) == 1
         assert json.loads(tables[0].read_text()) == {
             "columns": ["metric", "mean", "ci95", "episodes"],
-            "data": [[k, v["mean"], v["ci95"], v["episodes"]] for k, v in results["test"].items()]}
-        images = {p.name.split("_")[0] + "_" + p.name.split("_")[1]
-                  for p in runs[0].glob("files/media/images/*.png")}
+            "data": [[k, v["mean"], v["ci95"], v["episodes"]] for k, v in results["test"].items()],
+        }
+        images = {p.name.split("_")[0] + "_" + p.name.split("_")[1] for p in runs[0].glob("files/media/images/*.png")}
         assert images == {"learning_curves", "test_tasks"}  # the run's pictures, as on disk
     assert "WANDB_MODE" not in os.environ  # offline mode did not leak into the process
 
@@ -345,19 +391,31 @@ def test_wandb_failure_falls_back_to_csv(offline_wandb, tmp_path, monkeypatch):
     with open(metrics) as f:
         rows = list(csv.DictReader(f))
     assert float(next(r for r in rows if r.get("test/mse"))["test/mse"]) == pytest.approx(
-        results["test"]["mse"]["mean"])
+        results["test"]["mse"]["mean"]
+    )
     assert (tmp_path / "results.json").exists() and not (tmp_path / "wandb").exists()
 
 
 # ------------------------------------------------------------------ Hydra multirun
 
+
 def test_multirun_sweep_from_the_command_line(tmp_path):
     sweep = tmp_path / "sweep"
-    command = [str(Path(sys.executable).parent / "metarun"), "-m", "algorithm=maml,fomaml",
-               "sampler.shots=5,10", "trainer.max_steps=2", "trainer.val_check_interval=2",
-               "sampler.val_episodes=2", "sampler.test_episodes=2", "logger=none",
-               "sampler.meta_batch_size=2", "algorithm.test_inner_steps=2",
-               "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}"]
+    command = [
+        str(Path(sys.executable).parent / "metarun"),
+        "-m",
+        "algorithm=maml,fomaml",
+        "sampler.shots=5,10",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "sampler.val_episodes=2",
+        "sampler.test_episodes=2",
+        "logger=none",
+        "sampler.meta_batch_size=2",
+        "algorithm.test_inner_steps=2",
+        "trainer.enable_progress_bar=false",
+        f"hydra.sweep.dir={sweep}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -378,23 +436,36 @@ def test_multirun_sweep_from_the_command_line(tmp_path):
 
 # ------------------------------------------------------------------ output in a log file
 
+
 def test_progress_is_plain_lines_when_stdout_is_not_a_terminal(tmp_path):
     from tests.conftest import finish, launch
 
-    done = finish(launch(tmp_path, "trainer.max_steps=20", "trainer.log_every_n_steps=5",
-                         "trainer.val_check_interval=10", "sampler.val_episodes=2",
-                         "sampler.test_episodes=2", "logger=none"))  # stdout is a pipe here
+    done = finish(
+        launch(
+            tmp_path,
+            "trainer.max_steps=20",
+            "trainer.log_every_n_steps=5",
+            "trainer.val_check_interval=10",
+            "sampler.val_episodes=2",
+            "sampler.test_episodes=2",
+            "logger=none",
+        )
+    )  # stdout is a pipe here
     assert done.returncode == 0, done.stderr[-2000:]
     output = done.stdout + done.stderr
     assert "\r" not in output  # no progress-bar updates
-    steps = [line.split(" - ", 1)[1].split(" |")[0] for line in output.splitlines()
-             if "metarun.tracking" in line and " - step " in line]
+    steps = [
+        line.split(" - ", 1)[1].split(" |")[0]
+        for line in output.splitlines()
+        if "metarun.tracking" in line and " - step " in line
+    ]
     assert steps == ["step 5/20", "step 10/20", "step 15/20", "step 20/20"]
     assert sum("validation at step" in line for line in output.splitlines()) == 2
     assert len(output) < 5000
 
 
 # ------------------------------------------------------------------ pictures and TensorBoard
+
 
 def is_png(path: Path, min_size: int = 5000) -> bool:
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > min_size
@@ -405,14 +476,24 @@ def test_regression_run_draws_learning_curves_and_test_tasks(default_run):
     assert is_png(out / "learning_curves.png") and is_png(out / "test_tasks.png")
 
 
-def test_classification_run_on_tensorboard_gets_scalars_pictures_and_test_table(
-        omniglot_available, tmp_path):
+def test_classification_run_on_tensorboard_gets_scalars_pictures_and_test_table(omniglot_available, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     overrides = [o for o in FAST if not o.startswith("algorithm.")]
-    results, _ = train(compose_config(
-        [*overrides, "dataset=omniglot", "algorithm=protonet", "model.hidden=8",
-         "sampler.ways=3", "sampler.queries=2", "logger=tensorboard"], tmp_path))
+    results, _ = train(
+        compose_config(
+            [
+                *overrides,
+                "dataset=omniglot",
+                "algorithm=protonet",
+                "model.hidden=8",
+                "sampler.ways=3",
+                "sampler.queries=2",
+                "logger=tensorboard",
+            ],
+            tmp_path,
+        )
+    )
     assert is_png(tmp_path / "learning_curves.png") and is_png(tmp_path / "test_episode.png")
     tags = {"scalars": set(), "images": set(), "tensors": set()}
     for events in (tmp_path / "tensorboard").glob("events.out.tfevents.*"):

@@ -33,11 +33,17 @@ class ANIL(MAML):
         task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
-    def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
-                 test_inner_steps: int, first_order: bool = False,
-                 head_prefix: str = "head.", task_batching: str = "loop") -> None:
-        super().__init__(model, inner_lr, inner_steps, test_inner_steps, first_order,
-                         task_batching)
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float,
+        inner_steps: int,
+        test_inner_steps: int,
+        first_order: bool = False,
+        head_prefix: str = "head.",
+        task_batching: str = "loop",
+    ) -> None:
+        super().__init__(model, inner_lr, inner_steps, test_inner_steps, first_order, task_batching)
         names = [name for name, _ in model.named_parameters()]
         self.head_names = [name for name in names if name.startswith(head_prefix)]
         if not self.head_names:
@@ -45,7 +51,8 @@ class ANIL(MAML):
             raise ConfigError(
                 f"algorithm.head_prefix={head_prefix!r} is not allowed: it matches no parameter "
                 f"of the model, so choose one of {', '.join(owners) or 'none (no parameters)'} "
-                f"(for Conv4, 'head.' needs model.out_features set).")
+                f"(for Conv4, 'head.' needs model.out_features set)."
+            )
         self.head_prefix = head_prefix
 
     def split(self, params: Params) -> tuple[Params, Params]:
@@ -54,23 +61,21 @@ class ANIL(MAML):
         body = {name: p for name, p in params.items() if not name.startswith(self.head_prefix)}
         return head, body
 
-    def adapt_head(self, head: Params, body: Params, x: Tensor, y: Tensor, steps: int,
-                   first_order: bool) -> Params:
+    def adapt_head(self, head: Params, body: Params, x: Tensor, y: Tensor, steps: int, first_order: bool) -> Params:
         """The head after ``steps`` inner steps on ``(x, y)``; the body is never updated."""
         return adapt(self.model, head, x, y, steps, self.inner_lr, first_order, fixed=body)
 
     def adapt_task(self, steps: int, first_order: bool) -> TaskAdapter:
         """(θ, support_x, support_y) -> θ′ with only the head adapted."""
+
         def run(theta: Params, support_x: Tensor, support_y: Tensor) -> Params:
             head, body = self.split(theta)
-            return {**body, **self.adapt_head(head, body, support_x, support_y, steps,
-                                              first_order)}
+            return {**body, **self.adapt_head(head, body, support_x, support_y, steps, first_order)}
+
         return run
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        return adapted_meta_loss(self, batch,
-                                 self.adapt_task(self.inner_steps, self.first_order))
+        return adapted_meta_loss(self, batch, self.adapt_task(self.inner_steps, self.first_order))
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
-        return adapted_predictions(self, batch,
-                                   self.adapt_task(self.test_inner_steps, first_order=True))
+        return adapted_predictions(self, batch, self.adapt_task(self.test_inner_steps, first_order=True))

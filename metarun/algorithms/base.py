@@ -62,8 +62,7 @@ class MetaAlgorithm(nn.Module):
         """Raise `ConfigError` if ``task_batching=vmap`` was asked of a learner that refuses it."""
         why = self.vmap_refusal() if self.task_batching == "vmap" else None
         if why:
-            raise ConfigError(f"algorithm.task_batching=vmap is not allowed for "
-                              f"{type(self).__name__}: {why}.")
+            raise ConfigError(f"algorithm.task_batching=vmap is not allowed for {type(self).__name__}: {why}.")
 
     def uses_vmap(self, device: torch.device) -> bool:
         """Whether `map_tasks` vmaps on ``device`` under this learner's ``task_batching``."""
@@ -108,4 +107,3 @@ class MetaAlgorithm(nn.Module):
         """Class probabilities ``[B, M, N]`` from `predict`'s ``query_logits`` (a softmax;
         log-probabilities, as Matching Networks give, come back unchanged)."""
         return query_logits.float().softmax(-1)
-

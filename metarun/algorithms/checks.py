@@ -23,4 +23,5 @@ def check_same_ways(train_ways: int, ways: int) -> None:
         raise ConfigError(
             f"sampler.ways={ways} is not allowed with sampler.train_ways={train_ways} for "
             f"this algorithm: its classifier head has a fixed number of outputs, so ways "
-            f"must equal train_ways.")
+            f"must equal train_ways."
+        )

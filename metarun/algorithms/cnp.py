@@ -20,26 +20,27 @@ def linear_sizes(module: nn.Module) -> tuple[int, int] | None:
     return (linears[0].in_features, linears[-1].out_features) if linears else None
 
 
-def check_sizes(module: nn.Module, key: str, inputs: int | None, outputs: int | None,
-                why_in: str, why_out: str) -> None:
+def check_sizes(
+    module: nn.Module, key: str, inputs: int | None, outputs: int | None, why_in: str, why_out: str
+) -> None:
     """Raise `ConfigError` naming ``key`` if an MLP-like module has the wrong widths."""
     sizes = linear_sizes(module)
     if sizes is None:
         return
     if inputs is not None and sizes[0] != inputs:
-        raise ConfigError(f"{key}.in_features={sizes[0]} is not allowed: {why_in}, so it "
-                          f"must be {inputs}.")
+        raise ConfigError(f"{key}.in_features={sizes[0]} is not allowed: {why_in}, so it must be {inputs}.")
     if outputs is not None and sizes[1] != outputs:
-        raise ConfigError(f"{key}.out_features={sizes[1]} is not allowed: {why_out}, so it "
-                          f"must be {outputs}.")
+        raise ConfigError(f"{key}.out_features={sizes[1]} is not allowed: {why_out}, so it must be {outputs}.")
 
 
 def check_regression(name: str, train_ways: int, ways: int) -> None:
     for key, value in (("sampler.ways", ways), ("sampler.train_ways", train_ways)):
         if value != 1:
-            raise ConfigError(f"{key}={value} is not allowed for {name}: it models one function "
-                              f"per task (a regression dataset such as dataset=sinusoid), so "
-                              f"it must be 1.")
+            raise ConfigError(
+                f"{key}={value} is not allowed for {name}: it models one function "
+                f"per task (a regression dataset such as dataset=sinusoid), so "
+                f"it must be 1."
+            )
 
 
 def gaussian_log_prob(y: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -48,8 +49,7 @@ def gaussian_log_prob(y: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (-0.5 * z.pow(2) - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
-def decode(decoder: nn.Module, representation: Tensor, x: Tensor,
-           min_std: float) -> tuple[Tensor, Tensor]:
+def decode(decoder: nn.Module, representation: Tensor, x: Tensor, min_std: float) -> tuple[Tensor, Tensor]:
     """Mean and std at targets ``x [B, T, Dx]`` given one representation ``[B, R]`` per task.
 
     std = min_std + (1 − min_std)·softplus(raw) (Garnelo et al. 2018: 0.1 + 0.9·softplus).
@@ -86,20 +86,37 @@ class CNP(MetaAlgorithm):
 
     tasks = ("regression",)
 
-    def __init__(self, model: nn.Module, encoder: nn.Module, x_dim: int = 1, y_dim: int = 1,
-                 min_std: float = 0.1, task_batching: str = "loop") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        encoder: nn.Module,
+        x_dim: int = 1,
+        y_dim: int = 1,
+        min_std: float = 0.1,
+        task_batching: str = "loop",
+    ) -> None:
         super().__init__(task_batching)
         for key, value in (("algorithm.x_dim", x_dim), ("algorithm.y_dim", y_dim)):
             check_positive_int(key, value)
         if not 0 <= min_std < 1:
             raise ConfigError(f"algorithm.min_std={min_std!r} is not allowed: it must be in [0, 1).")
         enc = linear_sizes(encoder)
-        check_sizes(encoder, "algorithm.encoder", x_dim + y_dim, None,
-                    "the encoder reads (x, y) pairs of algorithm.x_dim + algorithm.y_dim numbers",
-                    "")
-        check_sizes(model, "model", None if enc is None else enc[1] + x_dim, 2 * y_dim,
-                    "the decoder reads [r, x]: algorithm.encoder.out_features + algorithm.x_dim",
-                    "the decoder outputs a mean and a std for each of algorithm.y_dim outputs")
+        check_sizes(
+            encoder,
+            "algorithm.encoder",
+            x_dim + y_dim,
+            None,
+            "the encoder reads (x, y) pairs of algorithm.x_dim + algorithm.y_dim numbers",
+            "",
+        )
+        check_sizes(
+            model,
+            "model",
+            None if enc is None else enc[1] + x_dim,
+            2 * y_dim,
+            "the decoder reads [r, x]: algorithm.encoder.out_features + algorithm.x_dim",
+            "the decoder outputs a mean and a std for each of algorithm.y_dim outputs",
+        )
         self.model, self.encoder = model, encoder
         self.x_dim, self.y_dim, self.min_std = x_dim, y_dim, min_std
 
@@ -121,8 +138,7 @@ class CNP(MetaAlgorithm):
         target_y = torch.cat([batch.support_y, batch.query_y], 1)  # [B, K+Q, Dy]
         mean, std = self.distribution(batch, target_x)  # [B, K+Q, Dy] each
         log_lik = gaussian_log_prob(target_y, mean, std).mean(1)  # [B]
-        return MetaOutput(-log_lik.mean(), mean[:, k:].detach(),
-                          extra={"log_likelihood": log_lik.detach()})
+        return MetaOutput(-log_lik.mean(), mean[:, k:].detach(), extra={"log_likelihood": log_lik.detach()})
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
         with torch.no_grad():

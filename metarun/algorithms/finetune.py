@@ -22,8 +22,7 @@ def cosine_logits(features: Tensor, weight: Tensor, scale: float) -> Tensor:
     return scale * F.normalize(features, dim=-1) @ F.normalize(weight, dim=-1).T
 
 
-def head_logits(features: Tensor, weight: Tensor, bias: Tensor | None, head: str,
-                scale: float) -> Tensor:
+def head_logits(features: Tensor, weight: Tensor, bias: Tensor | None, head: str, scale: float) -> Tensor:
     """Linear ``f Wᵀ + b`` or cosine ``scale · cos(W, f)`` logits, ``[M, N]``."""
     if head == "cosine":
         return cosine_logits(features, weight, scale)
@@ -61,27 +60,37 @@ class FineTune(MetaAlgorithm):
 
     tasks = ("classification",)
 
-    def __init__(self, model: nn.Module, num_train_classes: int, head: str = "linear",
-                 finetune_steps: int = 100, finetune_lr: float = 0.01,
-                 cosine_scale: float = 10.0, task_batching: str = "loop") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        num_train_classes: int,
+        head: str = "linear",
+        finetune_steps: int = 100,
+        finetune_lr: float = 0.01,
+        cosine_scale: float = 10.0,
+        task_batching: str = "loop",
+    ) -> None:
         super().__init__(task_batching)
         if getattr(model, "head", None) is not None:
-            raise ConfigError("model.out_features is not allowed to be set for FineTune: the "
-                              "algorithm owns its classifier heads, so it must be null.")
+            raise ConfigError(
+                "model.out_features is not allowed to be set for FineTune: the "
+                "algorithm owns its classifier heads, so it must be null."
+            )
         if head not in HEADS:
-            raise ConfigError(f"algorithm.head={head!r} is not allowed: choose one of "
-                              f"{', '.join(HEADS)}.")
-        for key, value in (("algorithm.num_train_classes", num_train_classes),
-                           ("algorithm.finetune_steps", finetune_steps)):
+            raise ConfigError(f"algorithm.head={head!r} is not allowed: choose one of {', '.join(HEADS)}.")
+        for key, value in (
+            ("algorithm.num_train_classes", num_train_classes),
+            ("algorithm.finetune_steps", finetune_steps),
+        ):
             check_positive_int(key, value)
-        for key, value in (("algorithm.finetune_lr", finetune_lr),
-                           ("algorithm.cosine_scale", cosine_scale)):
+        for key, value in (("algorithm.finetune_lr", finetune_lr), ("algorithm.cosine_scale", cosine_scale)):
             if isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"{key}={value!r} is not allowed: it must be positive.")
         dim = getattr(model, "embedding_dim", None)
         if not isinstance(dim, int):
-            raise ConfigError("model is not allowed for FineTune: it must expose an integer "
-                              "embedding_dim (e.g. model=conv4).")
+            raise ConfigError(
+                "model is not allowed for FineTune: it must expose an integer embedding_dim (e.g. model=conv4)."
+            )
         self.model, self.head, self.num_train_classes = model, head, num_train_classes
         self.finetune_steps, self.finetune_lr, self.cosine_scale = finetune_steps, finetune_lr, cosine_scale
         bound = 1 / math.sqrt(dim)  # nn.Linear's initialisation, from a seeded generator
@@ -92,13 +101,16 @@ class FineTune(MetaAlgorithm):
     def pretrain_logits(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """Logits over all training classes of every image, ``[B*(NK+NQ), C]``, and labels."""
         if batch.classes is None:
-            raise ConfigError("dataset is not allowed for FineTune: its episodes carry no class "
-                              "ids (batch.classes), so use a class-indexed image dataset.")
+            raise ConfigError(
+                "dataset is not allowed for FineTune: its episodes carry no class "
+                "ids (batch.classes), so use a class-indexed image dataset."
+            )
         if int(batch.classes.max()) >= self.num_train_classes:
             raise ConfigError(
                 f"algorithm.num_train_classes={self.num_train_classes} is not allowed: the "
                 f"training split has class id {int(batch.classes.max())}, so it must be at "
-                f"least {int(batch.classes.max()) + 1}.")
+                f"least {int(batch.classes.max()) + 1}."
+            )
         y = torch.cat([batch.support_y, batch.query_y], 1)  # [B, NK+NQ] in 0..N-1
         labels = batch.classes.gather(1, y).flatten()  # [B*(NK+NQ)] split class ids
         z = self.embed_episodes(batch).flatten(0, 1)  # [B*(NK+NQ), D]
@@ -121,16 +133,16 @@ class FineTune(MetaAlgorithm):
         weight = weight.to(like.device)
         return [weight] if self.head == "cosine" else [weight, like.new_zeros(ways)]
 
-    def fit_head(self, support: Tensor, support_y: Tensor,
-                 start: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+    def fit_head(self, support: Tensor, support_y: Tensor, start: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         """A new head fitted from ``start`` on frozen ``support [N*K, D]`` embeddings (pure)."""
         params = dict(zip(("weight", "bias"), start))
         velocity = {k: torch.zeros_like(p) for k, p in params.items()}
         support = support.detach()
 
         def loss(p: dict[str, Tensor]) -> Tensor:
-            return F.cross_entropy(head_logits(support, p["weight"], p.get("bias"), self.head,
-                                               self.cosine_scale), support_y)
+            return F.cross_entropy(
+                head_logits(support, p["weight"], p.get("bias"), self.head, self.cosine_scale), support_y
+            )
 
         for _ in range(self.finetune_steps):
             _, grads = support_gradients(loss, params, create_graph=False)

@@ -30,14 +30,20 @@ def task_loss(pred: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(pred, target)
 
 
-def forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor,
-            fixed: Mapping[str, Tensor] | None = None) -> Tensor:
+def forward(
+    model: nn.Module, params: Mapping[str, Tensor], x: Tensor, fixed: Mapping[str, Tensor] | None = None
+) -> Tensor:
     """``model(x)`` with ``params`` (and ``fixed``) in place of the module's parameters."""
     return functional_call(model, {**(fixed or {}), **params}, (x,))
 
 
-def query_forward(model: nn.Module, params: Mapping[str, Tensor], support_x: Tensor,
-                  query_x: Tensor, fixed: Mapping[str, Tensor] | None = None) -> Tensor:
+def query_forward(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    support_x: Tensor,
+    query_x: Tensor,
+    fixed: Mapping[str, Tensor] | None = None,
+) -> Tensor:
     """The model's output on ``query_x``, normalised with the support set's moments when the
     model has context-dependent normalisation (``model.uses_context``, TaskNorm).
 
@@ -52,9 +58,16 @@ def query_forward(model: nn.Module, params: Mapping[str, Tensor], support_x: Ten
     return out[nk:]  # [N*Q, ...]
 
 
-def adapt(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: int,
-          lr: float | Mapping[str, Tensor], first_order: bool,
-          fixed: Mapping[str, Tensor] | None = None) -> Params:
+def adapt(
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    steps: int,
+    lr: float | Mapping[str, Tensor],
+    first_order: bool,
+    fixed: Mapping[str, Tensor] | None = None,
+) -> Params:
     """``steps`` steps of gradient descent on the support loss, from ``params``.
 
     θ ← θ − α ∇θ L(θ; x, y). With ``first_order=False`` the graph of every step is kept, so
@@ -63,15 +76,14 @@ def adapt(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: int,
     broadcastable to it (Meta-SGD). Runs the same inside `map_tasks`' vmap.
     """
     for _ in range(steps):
-        _, grads = support_gradients(lambda p: task_loss(forward(model, p, x, fixed), y),
-                                     params, create_graph=not first_order)
-        params = {name: p - (lr[name] if isinstance(lr, Mapping) else lr) * grads[name]
-                  for name, p in params.items()}
+        _, grads = support_gradients(
+            lambda p: task_loss(forward(model, p, x, fixed), y), params, create_graph=not first_order
+        )
+        params = {name: p - (lr[name] if isinstance(lr, Mapping) else lr) * grads[name] for name, p in params.items()}
     return params
 
 
-def adapted_meta_loss(algorithm: MetaAlgorithm, batch: EpisodeBatch,
-                      adapt_task: TaskAdapter) -> MetaOutput:
+def adapted_meta_loss(algorithm: MetaAlgorithm, batch: EpisodeBatch, adapt_task: TaskAdapter) -> MetaOutput:
     """Mean query loss at θ′ = ``adapt_task(θ, support_x, support_y)`` over the tasks,
     differentiable in θ."""
     model = algorithm.model
@@ -81,13 +93,13 @@ def adapted_meta_loss(algorithm: MetaAlgorithm, batch: EpisodeBatch,
         pred = query_forward(model, adapt_task(theta, sx, sy), sx, qx)  # [N*Q, N]
         return task_loss(pred, qy), pred.detach()
 
-    losses, logits = algorithm.map_tasks(one_task, batch.support_x, batch.support_y,
-                                         batch.query_x, batch.query_y)  # [B], [B, N*Q, N]
+    losses, logits = algorithm.map_tasks(
+        one_task, batch.support_x, batch.support_y, batch.query_x, batch.query_y
+    )  # [B], [B, N*Q, N]
     return MetaOutput(losses.mean(), logits)
 
 
-def adapted_predictions(algorithm: MetaAlgorithm, batch: EpisodeBatch,
-                        adapt_task: TaskAdapter) -> MetaOutput:
+def adapted_predictions(algorithm: MetaAlgorithm, batch: EpisodeBatch, adapt_task: TaskAdapter) -> MetaOutput:
     """Query predictions before and after adapting a detached copy of θ to each task."""
     model = algorithm.model
     theta = {k: v.detach() for k, v in model.named_parameters()}
@@ -98,6 +110,7 @@ def adapted_predictions(algorithm: MetaAlgorithm, batch: EpisodeBatch,
         return task_loss(pred, qy), pred, before
 
     with torch.enable_grad():
-        losses, logits, before = algorithm.map_tasks(one_task, batch.support_x, batch.support_y,
-                                                     batch.query_x, batch.query_y)
+        losses, logits, before = algorithm.map_tasks(
+            one_task, batch.support_x, batch.support_y, batch.query_x, batch.query_y
+        )
     return MetaOutput(losses.mean(), logits, before)

@@ -45,13 +45,21 @@ def unflatten(flat: Tensor, like: Params) -> Params:
     """The flat vector ``[P]`` cut back into tensors shaped as ``like``."""
     out, start = {}, 0
     for name, p in like.items():
-        out[name] = flat[start:start + p.numel()].view_as(p)  # [*p.shape]
+        out[name] = flat[start : start + p.numel()].view_as(p)  # [*p.shape]
         start += p.numel()
     return out
 
 
-def lstm_adapt(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: int,
-               update: UpdateFn, first_order: bool, keep_graph: bool = True) -> Params:
+def lstm_adapt(
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    steps: int,
+    update: UpdateFn,
+    first_order: bool,
+    keep_graph: bool = True,
+) -> Params:
     """``steps`` learned updates on the support loss, from ``params``; pure.
 
     At each step the support loss L and gradient ∇ of all parameters (flattened to ``[P]``)
@@ -64,8 +72,9 @@ def lstm_adapt(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: in
     """
     state = None
     for _ in range(steps):
-        loss, grads = support_gradients(lambda p: task_loss(forward(model, p, x), y), params,
-                                        create_graph=not first_order and keep_graph)
+        loss, grads = support_gradients(
+            lambda p: task_loss(forward(model, p, x), y), params, create_graph=not first_order and keep_graph
+        )
         grad = flatten([grads[name] for name in params])  # [P]
         with torch.set_grad_enabled(keep_graph):  # evaluation: no graph through the optimiser
             theta, state = update(grad, loss, flatten(list(params.values())), state)  # [P]
@@ -142,24 +151,37 @@ class LSTMOptimizer(MetaAlgorithm):
         task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
-    def __init__(self, model: nn.Module, inner_steps: int, test_inner_steps: int,
-                 hidden: int = 20, layers: int = 2, preprocess: bool = True,
-                 output_scale: float = 0.1, variant: str = "andrychowicz",
-                 first_order: bool = False, seed: int = 0, task_batching: str = "loop") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_steps: int,
+        test_inner_steps: int,
+        hidden: int = 20,
+        layers: int = 2,
+        preprocess: bool = True,
+        output_scale: float = 0.1,
+        variant: str = "andrychowicz",
+        first_order: bool = False,
+        seed: int = 0,
+        task_batching: str = "loop",
+    ) -> None:
         super().__init__(task_batching)
-        for key, value in (("algorithm.inner_steps", inner_steps),
-                           ("algorithm.test_inner_steps", test_inner_steps),
-                           ("algorithm.hidden", hidden), ("algorithm.layers", layers)):
+        for key, value in (
+            ("algorithm.inner_steps", inner_steps),
+            ("algorithm.test_inner_steps", test_inner_steps),
+            ("algorithm.hidden", hidden),
+            ("algorithm.layers", layers),
+        ):
             check_positive_int(key, value)
         if isinstance(output_scale, bool) or not output_scale > 0:
-            raise ConfigError(f"algorithm.output_scale={output_scale!r} is not allowed: it must "
-                              f"be positive.")
+            raise ConfigError(f"algorithm.output_scale={output_scale!r} is not allowed: it must be positive.")
         if variant not in VARIANTS:
-            raise ConfigError(f"algorithm.variant={variant!r} is not allowed: choose one of "
-                              f"{', '.join(VARIANTS)}.")
+            raise ConfigError(f"algorithm.variant={variant!r} is not allowed: choose one of {', '.join(VARIANTS)}.")
         if variant == "ravi" and not output_scale < 1:
-            raise ConfigError(f"algorithm.output_scale={output_scale!r} is not allowed with "
-                              f"algorithm.variant=ravi: it is the initial input gate, in (0, 1).")
+            raise ConfigError(
+                f"algorithm.output_scale={output_scale!r} is not allowed with "
+                f"algorithm.variant=ravi: it is the initial input gate, in (0, 1)."
+            )
         self.model = model
         self.inner_steps, self.test_inner_steps = inner_steps, test_inner_steps
         self.preprocess, self.output_scale = preprocess, output_scale
@@ -169,8 +191,7 @@ class LSTMOptimizer(MetaAlgorithm):
         with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
             torch.manual_seed(seed)
             inputs = features if variant == "andrychowicz" else 2 * features  # ∇, or (L, ∇)
-            self.cells = nn.ModuleList(
-                nn.LSTMCell(inputs if i == 0 else hidden, hidden) for i in range(layers))
+            self.cells = nn.ModuleList(nn.LSTMCell(inputs if i == 0 else hidden, hidden) for i in range(layers))
             if variant == "andrychowicz":
                 self.out = nn.Linear(hidden, 1)
             else:  # gate inputs per coordinate: [h (hidden), θ, previous gate]
@@ -210,20 +231,31 @@ class LSTMOptimizer(MetaAlgorithm):
         if self.variant == "andrychowicz":
             h, lstm_state = self._lstm(self._inputs(grad), state)  # [P, hidden]
             return theta + self.out(h).squeeze(-1) * self.output_scale, lstm_state  # [P]
-        lstm_state, i_prev, f_prev = (None, theta.new_zeros(theta.shape),
-                                      theta.new_zeros(theta.shape)) if state is None else state
-        h, lstm_state = self._lstm(torch.cat([self._inputs(loss.expand_as(grad)),
-                                              self._inputs(grad)], dim=-1), lstm_state)
+        lstm_state, i_prev, f_prev = (
+            (None, theta.new_zeros(theta.shape), theta.new_zeros(theta.shape)) if state is None else state
+        )
+        h, lstm_state = self._lstm(
+            torch.cat([self._inputs(loss.expand_as(grad)), self._inputs(grad)], dim=-1), lstm_state
+        )
         shared = torch.cat([h, theta.unsqueeze(-1)], dim=-1)  # [P, hidden + 1]
         i = torch.sigmoid(self.input_gate(torch.cat([shared, i_prev.unsqueeze(-1)], -1))).squeeze(-1)
         f = torch.sigmoid(self.forget_gate(torch.cat([shared, f_prev.unsqueeze(-1)], -1))).squeeze(-1)
         return f * theta - i * grad, (lstm_state, i, f)  # [P] each
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        return adapted_meta_loss(self, batch, lambda theta, sx, sy: lstm_adapt(
-            self.model, theta, sx, sy, self.inner_steps, self.update, self.first_order))
+        return adapted_meta_loss(
+            self,
+            batch,
+            lambda theta, sx, sy: lstm_adapt(
+                self.model, theta, sx, sy, self.inner_steps, self.update, self.first_order
+            ),
+        )
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
-        return adapted_predictions(self, batch, lambda theta, sx, sy: lstm_adapt(
-            self.model, theta, sx, sy, self.test_inner_steps, self.update, first_order=True,
-            keep_graph=False))
+        return adapted_predictions(
+            self,
+            batch,
+            lambda theta, sx, sy: lstm_adapt(
+                self.model, theta, sx, sy, self.test_inner_steps, self.update, first_order=True, keep_graph=False
+            ),
+        )

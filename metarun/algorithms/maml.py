@@ -27,13 +27,18 @@ class MAML(MetaAlgorithm):
         task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
-    def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
-                 test_inner_steps: int, first_order: bool = False,
-                 task_batching: str = "loop") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float,
+        inner_steps: int,
+        test_inner_steps: int,
+        first_order: bool = False,
+        task_batching: str = "loop",
+    ) -> None:
         super().__init__(task_batching)
         check_positive("algorithm.inner_lr", inner_lr)
-        for key, steps in (("algorithm.inner_steps", inner_steps),
-                           ("algorithm.test_inner_steps", test_inner_steps)):
+        for key, steps in (("algorithm.inner_steps", inner_steps), ("algorithm.test_inner_steps", test_inner_steps)):
             check_positive_int(key, steps)
         self.model = model
         self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
@@ -43,9 +48,17 @@ class MAML(MetaAlgorithm):
         check_same_ways(train_ways, ways)
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        return adapted_meta_loss(self, batch, lambda theta, sx, sy: adapt(
-            self.model, theta, sx, sy, self.inner_steps, self.inner_lr, self.first_order))
+        return adapted_meta_loss(
+            self,
+            batch,
+            lambda theta, sx, sy: adapt(self.model, theta, sx, sy, self.inner_steps, self.inner_lr, self.first_order),
+        )
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
-        return adapted_predictions(self, batch, lambda theta, sx, sy: adapt(
-            self.model, theta, sx, sy, self.test_inner_steps, self.inner_lr, first_order=True))
+        return adapted_predictions(
+            self,
+            batch,
+            lambda theta, sx, sy: adapt(
+                self.model, theta, sx, sy, self.test_inner_steps, self.inner_lr, first_order=True
+            ),
+        )

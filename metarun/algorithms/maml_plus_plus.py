@@ -57,8 +57,9 @@ class PerStepBatchNorm(nn.Module):
         super().__init__()
         for name in ("weight", "bias"):
             value = getattr(norm, name)
-            self.register_parameter(name, None if value is None else nn.Parameter(
-                value.detach().repeat(steps, 1)))  # [S, C]
+            self.register_parameter(
+                name, None if value is None else nn.Parameter(value.detach().repeat(steps, 1))
+            )  # [S, C]
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             value = getattr(norm, name, None)  # TaskNorm keeps no running statistics
             rows = None if value is None else value.detach().repeat(steps, *[1] * value.dim())
@@ -70,8 +71,7 @@ class PerStepBatchNorm(nn.Module):
         The running statistics are views: batch norm's in-place update in training mode writes
         into this step's row.
         """
-        tensors = {**dict(self.named_parameters(recurse=False)),
-                   **dict(self.named_buffers(recurse=False))}
+        tensors = {**dict(self.named_parameters(recurse=False)), **dict(self.named_buffers(recurse=False))}
         return {prefix + name: value[step] for name, value in tensors.items()}
 
 
@@ -121,11 +121,19 @@ class MAMLPlusPlus(MetaAlgorithm):
             statistics (``model.norm=running``) refuse vmap.
     """
 
-    def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int,
-                 test_inner_steps: int, multi_step_loss_epochs: int = 10,
-                 first_order_epochs: int = 0, learn_inner_lr: bool = True,
-                 per_step_bn: bool = True, steps_per_epoch: int = 500,
-                 task_batching: str = "loop") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float,
+        inner_steps: int,
+        test_inner_steps: int,
+        multi_step_loss_epochs: int = 10,
+        first_order_epochs: int = 0,
+        learn_inner_lr: bool = True,
+        per_step_bn: bool = True,
+        steps_per_epoch: int = 500,
+        task_batching: str = "loop",
+    ) -> None:
         super().__init__(task_batching)
         check_positive("algorithm.inner_lr", inner_lr)
         _check_count("algorithm.inner_steps", inner_steps, 1)
@@ -140,26 +148,33 @@ class MAMLPlusPlus(MetaAlgorithm):
         self.steps_per_epoch = steps_per_epoch
         self.per_step_bn, self.learn_inner_lr = per_step_bn, learn_inner_lr
 
-        norms = {name: m for name, m in model.named_modules()
-                 if isinstance(m, (nn.modules.batchnorm._BatchNorm, TaskNorm2d))}
+        norms = {
+            name: m for name, m in model.named_modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, TaskNorm2d))
+        }
         if per_step_bn and not norms:
-            raise ConfigError("algorithm.per_step_bn=true is not allowed with this model: it "
-                              "has no batch-norm layers (model.norm=none, or an MLP), so set it "
-                              "to false.")
-        self.norms = nn.ModuleDict({_key(name): PerStepBatchNorm(m, inner_steps)
-                                    for name, m in norms.items()} if per_step_bn else {})
+            raise ConfigError(
+                "algorithm.per_step_bn=true is not allowed with this model: it "
+                "has no batch-norm layers (model.norm=none, or an MLP), so set it "
+                "to false."
+            )
+        self.norms = nn.ModuleDict(
+            {_key(name): PerStepBatchNorm(m, inner_steps) for name, m in norms.items()} if per_step_bn else {}
+        )
         self._norm_names = {name: _key(name) for name in norms} if per_step_bn else {}
         replaced = {f"{name}.{p}" for name in self._norm_names for p in ("weight", "bias")}
         params = dict(model.named_parameters())
         for name in replaced & params.keys():
             params[name].requires_grad_(False)  # swapped for the per-step rows
         self.adapted_names = [name for name in params if name not in replaced]
-        self.inner_lrs = nn.ParameterDict({
-            _key(name): nn.Parameter(torch.full((inner_steps,), float(inner_lr),
-                                                dtype=params[name].dtype,
-                                                device=params[name].device),
-                                     requires_grad=learn_inner_lr)
-            for name in self.adapted_names})  # [S] per parameter tensor
+        self.inner_lrs = nn.ParameterDict(
+            {
+                _key(name): nn.Parameter(
+                    torch.full((inner_steps,), float(inner_lr), dtype=params[name].dtype, device=params[name].device),
+                    requires_grad=learn_inner_lr,
+                )
+                for name in self.adapted_names
+            }
+        )  # [S] per parameter tensor
         self.register_buffer("outer_step", torch.zeros((), dtype=torch.long))
 
     # state of the schedule -----------------------------------------------------------------
@@ -213,16 +228,16 @@ class MAMLPlusPlus(MetaAlgorithm):
             params, total = start, 0.0
             for s in range(self.inner_steps):
                 norm = self.step_norm(s)
-                params = adapt(self.model, params, sx, sy, 1, self.step_learning_rates(s),
-                               first_order, fixed=norm)
+                params = adapt(self.model, params, sx, sy, 1, self.step_learning_rates(s), first_order, fixed=norm)
                 if weights is not None or s == self.inner_steps - 1:
                     pred = query_forward(self.model, params, sx, qx, fixed=norm)  # [N*Q, N]
                     loss = task_loss(pred, qy)
                     total = total + (loss if weights is None else weights[s] * loss)
             return total, pred.detach()
 
-        losses, logits = self.map_tasks(one_task, batch.support_x, batch.support_y,
-                                        batch.query_x, batch.query_y)  # [B], [B, N*Q, N]
+        losses, logits = self.map_tasks(
+            one_task, batch.support_x, batch.support_y, batch.query_x, batch.query_y
+        )  # [B], [B, N*Q, N]
         return MetaOutput(losses.mean(), logits)
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
@@ -241,6 +256,7 @@ class MAMLPlusPlus(MetaAlgorithm):
             return task_loss(pred, qy), pred, before
 
         with torch.enable_grad():
-            losses, logits, before = self.map_tasks(one_task, batch.support_x, batch.support_y,
-                                                    batch.query_x, batch.query_y)
+            losses, logits, before = self.map_tasks(
+                one_task, batch.support_x, batch.support_y, batch.query_x, batch.query_y
+            )
         return MetaOutput(losses.mean(), logits, before)

@@ -12,8 +12,7 @@ from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
 
-def cosine_attention_log_probs(support: Tensor, support_y: Tensor, query: Tensor,
-                               ways: int) -> Tensor:
+def cosine_attention_log_probs(support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
     """Log of the attention-weighted support label distribution (Vinyals et al. 2016, eq. 1-2).
 
     a(x̂, x_i) = softmax_i(cos(f(x̂), g(x_i))) and P(y = c | x̂, S) = Σ_{i: y_i = c} a(x̂, x_i).
@@ -50,8 +49,7 @@ class FullContextEmbedding(nn.Module):
 
     def __init__(self, dim: int, lstm_layers: int, steps: int) -> None:
         super().__init__()
-        self.support_lstm = nn.LSTM(dim, dim, num_layers=lstm_layers, bidirectional=True,
-                                    batch_first=True)
+        self.support_lstm = nn.LSTM(dim, dim, num_layers=lstm_layers, bidirectional=True, batch_first=True)
         self.query_cell = nn.LSTMCell(2 * dim, dim)
         self.steps = steps
 
@@ -92,12 +90,20 @@ class MatchingNet(MetaAlgorithm):
 
     tasks = ("classification",)
 
-    def __init__(self, model: nn.Module, fce: bool = False, fce_lstm_layers: int = 1,
-                 attention_steps: int = 2, task_batching: str = "loop") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        fce: bool = False,
+        fce_lstm_layers: int = 1,
+        attention_steps: int = 2,
+        task_batching: str = "loop",
+    ) -> None:
         super().__init__(task_batching)
         if getattr(model, "head", None) is not None:
-            raise ConfigError("model.out_features is not allowed to be set for MatchingNet: the "
-                              "embedding network has no classifier head, so it must be null.")
+            raise ConfigError(
+                "model.out_features is not allowed to be set for MatchingNet: the "
+                "embedding network has no classifier head, so it must be null."
+            )
         check_positive_int("algorithm.fce_lstm_layers", fce_lstm_layers)
         check_positive_int("algorithm.attention_steps", attention_steps)
         self.model = model
@@ -105,19 +111,22 @@ class MatchingNet(MetaAlgorithm):
         if fce:
             dim = getattr(model, "embedding_dim", None)
             if not isinstance(dim, int):
-                raise ConfigError(f"algorithm.fce=true is not allowed with {type(model).__name__}: "
-                                  f"the full context embeddings need a model with an integer "
-                                  f"embedding_dim, such as Conv4.")
+                raise ConfigError(
+                    f"algorithm.fce=true is not allowed with {type(model).__name__}: "
+                    f"the full context embeddings need a model with an integer "
+                    f"embedding_dim, such as Conv4."
+                )
             self.fce = FullContextEmbedding(dim, fce_lstm_layers, attention_steps)
 
     def vmap_refusal(self) -> str | None:
         if self.fce is not None:
-            return ("the full context embeddings run PyTorch's LSTM, which vmap cannot batch, "
-                    "so use task_batching=loop or algorithm.fce=false")
+            return (
+                "the full context embeddings run PyTorch's LSTM, which vmap cannot batch, "
+                "so use task_batching=loop or algorithm.fce=false"
+            )
         return super().vmap_refusal()
 
-    def _task_log_probs(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                        ways: int) -> Tensor:
+    def _task_log_probs(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, ways: int) -> Tensor:
         """One episode (its own batch-norm batch) -> ``[N*Q, N]`` log-probabilities."""
         nk = support_y.shape[0]
         z = self.model(torch.cat([support_x, query_x]))  # [NK+NQ, D]
@@ -131,8 +140,8 @@ class MatchingNet(MetaAlgorithm):
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         ways = int(batch.support_y.max()) + 1
         log_probs = self.map_tasks(  # [B, NQ, N]
-            lambda sx, sy, qx: self._task_log_probs(sx, sy, qx, ways),
-            batch.support_x, batch.support_y, batch.query_x)
+            lambda sx, sy, qx: self._task_log_probs(sx, sy, qx, ways), batch.support_x, batch.support_y, batch.query_x
+        )
         loss = F.nll_loss(log_probs.flatten(0, 1), batch.query_y.flatten())
         return MetaOutput(loss, log_probs.detach())
 

@@ -39,13 +39,18 @@ class MetaSGD(MetaAlgorithm):
         task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
-    def __init__(self, model: nn.Module, init_inner_lr: float, inner_steps: int,
-                 test_inner_steps: int, first_order: bool = False,
-                 task_batching: str = "loop") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        init_inner_lr: float,
+        inner_steps: int,
+        test_inner_steps: int,
+        first_order: bool = False,
+        task_batching: str = "loop",
+    ) -> None:
         super().__init__(task_batching)
         check_positive("algorithm.init_inner_lr", init_inner_lr)
-        for key, steps in (("algorithm.inner_steps", inner_steps),
-                           ("algorithm.test_inner_steps", test_inner_steps)):
+        for key, steps in (("algorithm.inner_steps", inner_steps), ("algorithm.test_inner_steps", test_inner_steps)):
             check_positive_int(key, steps)
         self.model = model
         self.inner_steps, self.test_inner_steps = inner_steps, test_inner_steps
@@ -55,9 +60,9 @@ class MetaSGD(MetaAlgorithm):
         if len(set(keys.values())) != len(keys):
             raise ValueError("two parameter names of the model collide once dots become '__'.")
         self._lr_keys = keys
-        self.inner_lrs = nn.ParameterDict({
-            keys[name]: nn.Parameter(torch.full_like(p.detach(), init_inner_lr))
-            for name, p in params.items()})
+        self.inner_lrs = nn.ParameterDict(
+            {keys[name]: nn.Parameter(torch.full_like(p.detach(), init_inner_lr)) for name, p in params.items()}
+        )
 
     def learning_rates(self) -> dict[str, Tensor]:
         """The learned rates keyed by parameter name (the ``lr`` of `inner_loop.adapt`)."""
@@ -68,10 +73,14 @@ class MetaSGD(MetaAlgorithm):
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         lrs = self.learning_rates()
-        return adapted_meta_loss(self, batch, lambda theta, sx, sy: adapt(
-            self.model, theta, sx, sy, self.inner_steps, lrs, self.first_order))
+        return adapted_meta_loss(
+            self, batch, lambda theta, sx, sy: adapt(self.model, theta, sx, sy, self.inner_steps, lrs, self.first_order)
+        )
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
         lrs = {name: lr.detach() for name, lr in self.learning_rates().items()}
-        return adapted_predictions(self, batch, lambda theta, sx, sy: adapt(
-            self.model, theta, sx, sy, self.test_inner_steps, lrs, first_order=True))
+        return adapted_predictions(
+            self,
+            batch,
+            lambda theta, sx, sy: adapt(self.model, theta, sx, sy, self.test_inner_steps, lrs, first_order=True),
+        )

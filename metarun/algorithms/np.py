@@ -22,18 +22,15 @@ def kl_diagonal_gaussians(mean_q: Tensor, std_q: Tensor, mean_p: Tensor, std_p: 
 
     Σ_d log(σp/σq) + (σq² + (μq − μp)²) / (2σp²) − ½.
     """
-    return (std_p.log() - std_q.log()
-            + (std_q.pow(2) + (mean_q - mean_p).pow(2)) / (2 * std_p.pow(2)) - 0.5).sum(-1)
+    return (std_p.log() - std_q.log() + (std_q.pow(2) + (mean_q - mean_p).pow(2)) / (2 * std_p.pow(2)) - 0.5).sum(-1)
 
 
-def task_noise(seed: int, stream: int, step: int, index: Tensor, shape: tuple[int, ...],
-               like: Tensor) -> Tensor:
+def task_noise(seed: int, stream: int, step: int, index: Tensor, shape: tuple[int, ...], like: Tensor) -> Tensor:
     """Standard normal noise ``[B, *shape]``, each task's from its own seeded generator.
 
     Task ``index[i]`` draws the same noise whichever process or batch position holds it.
     """
-    eps = [torch.randn(shape, generator=task_generator(seed, stream, step, int(i)),
-                       dtype=like.dtype) for i in index]
+    eps = [torch.randn(shape, generator=task_generator(seed, stream, step, int(i)), dtype=like.dtype) for i in index]
     return torch.stack(eps).to(like.device)  # [B, *shape]
 
 
@@ -72,29 +69,52 @@ class NeuralProcess(MetaAlgorithm):
 
     tasks = ("regression",)
 
-    def __init__(self, model: nn.Module, latent_encoder: nn.Module, latent_dim: int,
-                 deterministic_encoder: nn.Module | None = None, x_dim: int = 1, y_dim: int = 1,
-                 min_std: float = 0.1, test_samples: int = 32, seed: int = 0,
-                 task_batching: str = "loop") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        latent_encoder: nn.Module,
+        latent_dim: int,
+        deterministic_encoder: nn.Module | None = None,
+        x_dim: int = 1,
+        y_dim: int = 1,
+        min_std: float = 0.1,
+        test_samples: int = 32,
+        seed: int = 0,
+        task_batching: str = "loop",
+    ) -> None:
         super().__init__(task_batching)
-        for key, value in (("algorithm.latent_dim", latent_dim), ("algorithm.x_dim", x_dim),
-                           ("algorithm.y_dim", y_dim), ("algorithm.test_samples", test_samples)):
+        for key, value in (
+            ("algorithm.latent_dim", latent_dim),
+            ("algorithm.x_dim", x_dim),
+            ("algorithm.y_dim", y_dim),
+            ("algorithm.test_samples", test_samples),
+        ):
             check_positive_int(key, value)
         if not 0 <= min_std < 1:
             raise ConfigError(f"algorithm.min_std={min_std!r} is not allowed: it must be in [0, 1).")
         pairs = "the encoders read (x, y) pairs of algorithm.x_dim + algorithm.y_dim numbers"
-        check_sizes(latent_encoder, "algorithm.latent_encoder", x_dim + y_dim, 2 * latent_dim,
-                    pairs, "it gives the mean and raw std of z, twice algorithm.latent_dim")
+        check_sizes(
+            latent_encoder,
+            "algorithm.latent_encoder",
+            x_dim + y_dim,
+            2 * latent_dim,
+            pairs,
+            "it gives the mean and raw std of z, twice algorithm.latent_dim",
+        )
         decoder_in: int | None = latent_dim + x_dim
         if deterministic_encoder is not None:
-            check_sizes(deterministic_encoder, "algorithm.deterministic_encoder", x_dim + y_dim,
-                        None, pairs, "")
+            check_sizes(deterministic_encoder, "algorithm.deterministic_encoder", x_dim + y_dim, None, pairs, "")
             det = linear_sizes(deterministic_encoder)
             decoder_in = None if det is None else det[1] + latent_dim + x_dim
-        check_sizes(model, "model", decoder_in, 2 * y_dim,
-                    "the decoder reads [r, z, x]: the deterministic encoder's out_features "
-                    "(if any) + algorithm.latent_dim + algorithm.x_dim",
-                    "the decoder outputs a mean and a std for each of algorithm.y_dim outputs")
+        check_sizes(
+            model,
+            "model",
+            decoder_in,
+            2 * y_dim,
+            "the decoder reads [r, z, x]: the deterministic encoder's out_features "
+            "(if any) + algorithm.latent_dim + algorithm.x_dim",
+            "the decoder outputs a mean and a std for each of algorithm.y_dim outputs",
+        )
         self.model, self.latent_encoder = model, latent_encoder
         self.deterministic_encoder = deterministic_encoder
         self.latent_dim, self.x_dim, self.y_dim = latent_dim, x_dim, y_dim
@@ -131,16 +151,18 @@ class NeuralProcess(MetaAlgorithm):
         target_y = torch.cat([batch.support_y, batch.query_y], 1)  # [B, K+Q, Dy]
         prior_mean, prior_std = self.latent(batch.support_x, batch.support_y)  # [B, L] each
         post_mean, post_std = self.latent(target_x, target_y)  # [B, L] each
-        eps = task_noise(self.seed, TRAIN_NOISE, int(self.updates), batch.index,
-                         (self.latent_dim,), post_mean)  # [B, L]
+        eps = task_noise(
+            self.seed, TRAIN_NOISE, int(self.updates), batch.index, (self.latent_dim,), post_mean
+        )  # [B, L]
         z = post_mean + post_std * eps  # [B, L], reparameterised
         mean, std = decode(self.model, self.representation(batch, z), target_x, self.min_std)
         log_lik = gaussian_log_prob(target_y, mean, std).sum(1)  # [B]
         kl = kl_diagonal_gaussians(post_mean, post_std, prior_mean, prior_std)  # [B]
         elbo = (log_lik - kl) / target_x.shape[1]  # [B], per target point
         with torch.no_grad():  # the metric's prediction sees the context only: z = E[q(z|C)]
-            pred, _ = decode(self.model, self.representation(batch, prior_mean), batch.query_x,
-                             self.min_std)  # [B, Q, Dy]
+            pred, _ = decode(
+                self.model, self.representation(batch, prior_mean), batch.query_x, self.min_std
+            )  # [B, Q, Dy]
         return MetaOutput(-elbo.mean(), pred, extra={"elbo": elbo.detach(), "kl": kl.detach()})
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
@@ -148,8 +170,7 @@ class NeuralProcess(MetaAlgorithm):
         s = self.test_samples
         with torch.no_grad():
             prior_mean, prior_std = self.latent(batch.support_x, batch.support_y)  # [B, L] each
-            eps = task_noise(self.seed, EVAL_NOISE, 0, batch.index, (s, self.latent_dim),
-                             prior_mean)  # [B, S, L]
+            eps = task_noise(self.seed, EVAL_NOISE, 0, batch.index, (s, self.latent_dim), prior_mean)  # [B, S, L]
             z = prior_mean[:, None] + prior_std[:, None] * eps  # [B, S, L]
             rep = self.representation(batch, z).flatten(0, 1)  # [B*S, R+L]
             x = batch.query_x[:, None].expand(-1, s, -1, -1).flatten(0, 1)  # [B*S, Q, Dx]
@@ -159,5 +180,4 @@ class NeuralProcess(MetaAlgorithm):
             log_lik = (torch.logsumexp(joint, 1) - math.log(s)) / q  # [B]
         # the mixture over the S latent draws: E[y] = E[μ], Var[y] = E[σ²] + Var[μ]
         spread = (std.pow(2).mean(1) + mean.var(1, unbiased=False)).sqrt()  # [B, Q, Dy]
-        return MetaOutput(-log_lik.mean(), mean.mean(1), extra={"log_likelihood": log_lik},
-                          query_std=spread)
+        return MetaOutput(-log_lik.mean(), mean.mean(1), extra={"log_likelihood": log_lik}, query_std=spread)

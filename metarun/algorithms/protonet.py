@@ -38,8 +38,10 @@ class ProtoNet(MetaAlgorithm):
     def __init__(self, model: nn.Module, task_batching: str = "loop") -> None:
         super().__init__(task_batching)
         if getattr(model, "head", None) is not None:
-            raise ConfigError("model.out_features is not allowed to be set for ProtoNet: the "
-                              "embedding network has no classifier head, so it must be null.")
+            raise ConfigError(
+                "model.out_features is not allowed to be set for ProtoNet: the "
+                "embedding network has no classifier head, so it must be null."
+            )
         self.model = model
 
     def _logits(self, batch: EpisodeBatch) -> Tensor:

@@ -30,8 +30,11 @@ class RelationModule(nn.Module):
         channels, h, w = feature_shape
         blocks: list[nn.Module] = []
         for i in range(2):
-            blocks += [nn.Conv2d(2 * channels if i == 0 else channels, channels, 3, padding=1),
-                       batch_norm(channels, norm), nn.ReLU()]
+            blocks += [
+                nn.Conv2d(2 * channels if i == 0 else channels, channels, 3, padding=1),
+                batch_norm(channels, norm),
+                nn.ReLU(),
+            ]
             if min(h, w) >= 2:
                 blocks.append(nn.MaxPool2d(2))
                 h, w = h // 2, w // 2  # max-pool floors the side
@@ -65,29 +68,32 @@ class RelationNet(MetaAlgorithm):
 
     tasks = ("classification",)
 
-    def __init__(self, model: nn.Module, relation_hidden: int = 8,
-                 norm: str = "transductive", task_batching: str = "loop") -> None:
+    def __init__(
+        self, model: nn.Module, relation_hidden: int = 8, norm: str = "transductive", task_batching: str = "loop"
+    ) -> None:
         super().__init__(task_batching)
         if getattr(model, "head", None) is not None:
-            raise ConfigError("model.out_features is not allowed to be set for RelationNet: the "
-                              "embedding network has no classifier head, so it must be null.")
+            raise ConfigError(
+                "model.out_features is not allowed to be set for RelationNet: the "
+                "embedding network has no classifier head, so it must be null."
+            )
         shape = getattr(model, "feature_shape", None)
         if not isinstance(getattr(model, "features", None), nn.Module) or shape is None:
-            raise ConfigError(f"model={type(model).__name__} is not allowed for RelationNet: it "
-                              f"needs a convolutional backbone with features and feature_shape, "
-                              f"such as Conv4.")
-        if isinstance(relation_hidden, bool) or not isinstance(relation_hidden, int) \
-                or relation_hidden <= 0:
-            raise ConfigError(f"algorithm.relation_hidden={relation_hidden!r} is not allowed: it "
-                              f"must be a positive integer.")
+            raise ConfigError(
+                f"model={type(model).__name__} is not allowed for RelationNet: it "
+                f"needs a convolutional backbone with features and feature_shape, "
+                f"such as Conv4."
+            )
+        if isinstance(relation_hidden, bool) or not isinstance(relation_hidden, int) or relation_hidden <= 0:
+            raise ConfigError(
+                f"algorithm.relation_hidden={relation_hidden!r} is not allowed: it must be a positive integer."
+            )
         if norm not in NORMS:
-            raise ConfigError(f"algorithm.norm={norm!r} is not allowed: choose one of "
-                              f"{', '.join(NORMS)}.")
+            raise ConfigError(f"algorithm.norm={norm!r} is not allowed: choose one of {', '.join(NORMS)}.")
         self.model = model
         self.relation = RelationModule(tuple(shape), relation_hidden, norm)
 
-    def relation_scores(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                        ways: int) -> Tensor:
+    def relation_scores(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, ways: int) -> Tensor:
         """One episode (its own batch-norm batch) -> relation scores ``[N*Q, N]`` in [0, 1]."""
         nk = support_y.shape[0]
         maps = self.model.features(torch.cat([support_x, query_x]))  # [NK+NQ, C, h, w]
@@ -96,15 +102,20 @@ class RelationNet(MetaAlgorithm):
         classes = onehot.T @ support.flatten(1)  # [N, C*h*w]: the sum of each class's K shots
         classes = classes.view(ways, *support.shape[1:])  # [N, C, h, w]
         m = query.shape[0]
-        pairs = torch.cat([classes[None].expand(m, -1, -1, -1, -1),  # [NQ, N, C, h, w]
-                           query[:, None].expand(-1, ways, -1, -1, -1)], 2)  # [NQ, N, 2C, h, w]
+        pairs = torch.cat(
+            [
+                classes[None].expand(m, -1, -1, -1, -1),  # [NQ, N, C, h, w]
+                query[:, None].expand(-1, ways, -1, -1, -1),
+            ],
+            2,
+        )  # [NQ, N, 2C, h, w]
         return self.relation(pairs.flatten(0, 1)).view(m, ways)  # [NQ*N] -> [NQ, N]
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         ways = int(batch.support_y.max()) + 1
         scores = self.map_tasks(  # [B, NQ, N]
-            lambda sx, sy, qx: self.relation_scores(sx, sy, qx, ways),
-            batch.support_x, batch.support_y, batch.query_x)
+            lambda sx, sy, qx: self.relation_scores(sx, sy, qx, ways), batch.support_x, batch.support_y, batch.query_x
+        )
         target = F.one_hot(batch.query_y, scores.shape[-1]).to(scores.dtype)  # [B, NQ, N]
         return MetaOutput(F.mse_loss(scores, target), scores.detach())
 

@@ -28,8 +28,9 @@ def _positive_int(key: str, value: int | None, allow_none: bool = False) -> None
         raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}.")
 
 
-def minibatch_indices(size: int, batch_size: int | None, steps: int,
-                      generator: torch.Generator | None) -> list[Tensor | None]:
+def minibatch_indices(
+    size: int, batch_size: int | None, steps: int, generator: torch.Generator | None
+) -> list[Tensor | None]:
     """Which support examples each inner step uses (None: all of them).
 
     As in Nichol et al.'s code, the support set is shuffled and cut into consecutive
@@ -39,12 +40,21 @@ def minibatch_indices(size: int, batch_size: int | None, steps: int,
         return [None] * steps
     epochs = -(-steps * batch_size // size)  # ceil: enough shuffles for every step
     order = torch.cat([torch.randperm(size, generator=generator) for _ in range(epochs)])
-    return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]  # steps × [b]
+    return [order[s * batch_size : (s + 1) * batch_size] for s in range(steps)]  # steps × [b]
 
 
-def inner_train(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: int, lr: float,
-                optimizer: str, batches: Tensor | None,
-                betas: tuple[float, float] = (0.0, 0.999), eps: float = 1e-8) -> Params:
+def inner_train(
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    steps: int,
+    lr: float,
+    optimizer: str,
+    batches: Tensor | None,
+    betas: tuple[float, float] = (0.0, 0.999),
+    eps: float = 1e-8,
+) -> Params:
     """``steps`` first-order steps of SGD or Adam on the support loss, from ``params``.
 
     Pure: takes and returns a ``dict[str, Tensor]``; the result is detached (Reptile never
@@ -59,8 +69,9 @@ def inner_train(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: i
     b1, b2 = betas
     for t in range(1, steps + 1):
         xb, yb = (x, y) if batches is None else (x[batches[t - 1]], y[batches[t - 1]])  # [b, ...]
-        _, grads = support_gradients(lambda p, xb=xb, yb=yb: task_loss(forward(model, p, xb), yb),
-                                     params, create_graph=False)
+        _, grads = support_gradients(
+            lambda p, xb=xb, yb=yb: task_loss(forward(model, p, xb), yb), params, create_graph=False
+        )
         new: Params = {}
         for name, p in params.items():
             g = grads[name]
@@ -69,8 +80,8 @@ def inner_train(model: nn.Module, params: Params, x: Tensor, y: Tensor, steps: i
             else:
                 m[name] = b1 * m[name] + (1 - b1) * g
                 v2[name] = b2 * v2[name] + (1 - b2) * g * g
-                m_hat = m[name] / (1 - b1 ** t)
-                v_hat = v2[name] / (1 - b2 ** t)
+                m_hat = m[name] / (1 - b1**t)
+                v_hat = v2[name] / (1 - b2**t)
                 step = lr * m_hat / (v_hat.sqrt() + eps)
             new[name] = (p - step).detach()
         params = new
@@ -104,11 +115,20 @@ class Reptile(MetaAlgorithm):
         task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
-    def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int, test_inner_steps: int,
-                 inner_optimizer: str = "sgd", inner_batch_size: int | None = None,
-                 test_inner_batch_size: int | None = None,
-                 inner_betas: Sequence[float] = (0.0, 0.999), inner_eps: float = 1e-8,
-                 seed: int = 0, task_batching: str = "loop") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float,
+        inner_steps: int,
+        test_inner_steps: int,
+        inner_optimizer: str = "sgd",
+        inner_batch_size: int | None = None,
+        test_inner_batch_size: int | None = None,
+        inner_betas: Sequence[float] = (0.0, 0.999),
+        inner_eps: float = 1e-8,
+        seed: int = 0,
+        task_batching: str = "loop",
+    ) -> None:
         super().__init__(task_batching)
         if isinstance(inner_lr, bool) or not inner_lr > 0:
             raise ConfigError(f"algorithm.inner_lr={inner_lr!r} is not allowed: it must be positive.")
@@ -117,15 +137,17 @@ class Reptile(MetaAlgorithm):
         _positive_int("algorithm.inner_batch_size", inner_batch_size, allow_none=True)
         _positive_int("algorithm.test_inner_batch_size", test_inner_batch_size, allow_none=True)
         if inner_optimizer not in INNER_OPTIMIZERS:
-            raise ConfigError(f"algorithm.inner_optimizer={inner_optimizer!r} is not allowed: "
-                              f"choose one of {', '.join(INNER_OPTIMIZERS)}.")
+            raise ConfigError(
+                f"algorithm.inner_optimizer={inner_optimizer!r} is not allowed: "
+                f"choose one of {', '.join(INNER_OPTIMIZERS)}."
+            )
         betas = tuple(inner_betas)
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ConfigError(f"algorithm.inner_betas={list(inner_betas)!r} is not allowed: it "
-                              f"must be two numbers in [0, 1).")
+            raise ConfigError(
+                f"algorithm.inner_betas={list(inner_betas)!r} is not allowed: it must be two numbers in [0, 1)."
+            )
         if not inner_eps > 0:
-            raise ConfigError(f"algorithm.inner_eps={inner_eps!r} is not allowed: it must be "
-                              f"positive.")
+            raise ConfigError(f"algorithm.inner_eps={inner_eps!r} is not allowed: it must be positive.")
         self.model = model
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
         self.test_inner_steps = test_inner_steps
@@ -143,54 +165,69 @@ class Reptile(MetaAlgorithm):
     def end_outer_step(self) -> None:
         self.updates += 1
 
-    def minibatches(self, batch: EpisodeBatch, stream: int, update: int, steps: int,
-                    batch_size: int | None) -> Tensor | None:
+    def minibatches(
+        self, batch: EpisodeBatch, stream: int, update: int, steps: int, batch_size: int | None
+    ) -> Tensor | None:
         """Each task's support examples per inner step, ``[B, steps, b]``, drawn from the
         task's own generator (seed, stream, update, task index); None: the whole support set."""
         size = batch.support_x.shape[1]
         if batch_size is None or batch_size >= size:
             return None
-        return torch.stack([  # [B, steps, b]
-            torch.stack(minibatch_indices(size, batch_size, steps,
-                                          task_generator(self.seed, stream, update, int(i))))
-            for i in batch.index]).to(batch.support_x.device)
+        return torch.stack(
+            [  # [B, steps, b]
+                torch.stack(
+                    minibatch_indices(size, batch_size, steps, task_generator(self.seed, stream, update, int(i)))
+                )
+                for i in batch.index
+            ]
+        ).to(batch.support_x.device)
 
-    def adapt_tasks(self, batch: EpisodeBatch, steps: int, batches: Tensor | None,
-                    score: Callable[[Params, Params, Tensor, Tensor, Tensor], Any]) -> Any:
+    def adapt_tasks(
+        self,
+        batch: EpisodeBatch,
+        steps: int,
+        batches: Tensor | None,
+        score: Callable[[Params, Params, Tensor, Tensor, Tensor], Any],
+    ) -> Any:
         """Run the inner optimiser on every task's support set from the current weights
         and return ``score(θ, θ′, support_x, query_x, query_y)`` per task, stacked."""
         theta = dict(self.model.named_parameters())
 
         def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, *idx: Tensor) -> Any:
-            adapted = inner_train(self.model, theta, sx, sy, steps, self.inner_lr,
-                                  self.inner_optimizer, idx[0] if idx else None,
-                                  self.inner_betas, self.inner_eps)
+            adapted = inner_train(
+                self.model,
+                theta,
+                sx,
+                sy,
+                steps,
+                self.inner_lr,
+                self.inner_optimizer,
+                idx[0] if idx else None,
+                self.inner_betas,
+                self.inner_eps,
+            )
             return score(theta, adapted, sx, qx, qy)
 
         tensors = [batch.support_x, batch.support_y, batch.query_x, batch.query_y]
         return self.map_tasks(one_task, *tensors, *([] if batches is None else [batches]))
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        def score(theta: Params, adapted: Params, sx: Tensor, qx: Tensor,
-                  qy: Tensor) -> tuple[Tensor, Tensor]:
+        def score(theta: Params, adapted: Params, sx: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
             # ½‖θ − stopgrad(θ′)‖²: its gradient w.r.t. θ is θ − θ′
             surrogate = sum(0.5 * (theta[k] - adapted[k]).pow(2).sum() for k in theta)
             return surrogate, query_forward(self.model, adapted, sx, qx).detach()  # [N*Q, N]
 
-        batches = self.minibatches(batch, TRAIN_ORDER, int(self.updates), self.inner_steps,
-                                   self.inner_batch_size)
+        batches = self.minibatches(batch, TRAIN_ORDER, int(self.updates), self.inner_steps, self.inner_batch_size)
         losses, logits = self.adapt_tasks(batch, self.inner_steps, batches, score)
         return MetaOutput(losses.mean(), logits)
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
-        def score(theta: Params, adapted: Params, sx: Tensor, qx: Tensor,
-                  qy: Tensor) -> tuple[Tensor, ...]:
+        def score(theta: Params, adapted: Params, sx: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, ...]:
             before = query_forward(self.model, theta, sx, qx).detach()
             pred = query_forward(self.model, adapted, sx, qx).detach()  # [N*Q, N]
             return task_loss(pred, qy), pred, before
 
-        batches = self.minibatches(batch, EVAL_ORDER, 0, self.test_inner_steps,
-                                   self.test_inner_batch_size)
+        batches = self.minibatches(batch, EVAL_ORDER, 0, self.test_inner_steps, self.test_inner_batch_size)
         with torch.enable_grad():
             losses, logits, before = self.adapt_tasks(batch, self.test_inner_steps, batches, score)
         return MetaOutput(losses.mean(), logits, before)

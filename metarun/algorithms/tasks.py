@@ -24,8 +24,9 @@ TASK_BATCHING = ("loop", "vmap", "auto")
 def check_task_batching(value: str) -> None:
     """``algorithm.task_batching`` must be one of `TASK_BATCHING`."""
     if value not in TASK_BATCHING:
-        raise ConfigError(f"algorithm.task_batching={value!r} is not allowed: choose one of "
-                          f"{', '.join(TASK_BATCHING)}.")
+        raise ConfigError(
+            f"algorithm.task_batching={value!r} is not allowed: choose one of {', '.join(TASK_BATCHING)}."
+        )
 
 
 def running_stats_refusal(module: nn.Module) -> str | None:
@@ -33,9 +34,11 @@ def running_stats_refusal(module: nn.Module) -> str | None:
     place (``model.norm=running``), which vmap cannot write back per task; else None."""
     for name, m in module.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            return (f"its batch norm {name} keeps running statistics (model.norm=running), which "
-                    f"are updated in place and cannot be carried per task under vmap, so use "
-                    f"task_batching=loop or another model.norm")
+            return (
+                f"its batch norm {name} keeps running statistics (model.norm=running), which "
+                f"are updated in place and cannot be carried per task under vmap, so use "
+                f"task_batching=loop or another model.norm"
+            )
     return None
 
 
@@ -58,8 +61,9 @@ def map_tasks(fn: Callable[..., Any], *tensors: Tensor, vmap: bool = False) -> A
     return tree_map(lambda *per_task: torch.stack(per_task), *outputs)
 
 
-def support_gradients(loss: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor],
-                      create_graph: bool) -> tuple[Tensor, dict[str, Tensor]]:
+def support_gradients(
+    loss: Callable[[dict[str, Tensor]], Tensor], params: Mapping[str, Tensor], create_graph: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``(L(params), ∇L(params))`` for a per-task loss, inside or outside vmap.
 
     Outside a transform: `torch.autograd.grad`, keeping the graph when ``create_graph``
@@ -79,4 +83,3 @@ def support_gradients(loss: Callable[[dict[str, Tensor]], Tensor], params: Mappi
         value = loss(leaves)
         grads = torch.autograd.grad(value, list(leaves.values()), create_graph=create_graph)
     return (value if create_graph else value.detach()), dict(zip(leaves, grads))
-

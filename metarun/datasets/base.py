@@ -41,12 +41,14 @@ class ClassImages:
         if ways > self.num_classes:
             raise ConfigError(
                 f"{prefix}ways={ways} is not allowed: split {self.name} has only "
-                f"{self.num_classes} classes, so ways must be at most {self.num_classes}.")
+                f"{self.num_classes} classes, so ways must be at most {self.num_classes}."
+            )
         if shots + queries > self.min_count:
             raise ConfigError(
                 f"{prefix}shots + {prefix}queries = {shots} + {queries} = {shots + queries} is not "
                 f"allowed: split {self.name} has only {self.min_count} images in its smallest "
-                f"class, so shots + queries must be at most {self.min_count}.")
+                f"class, so shots + queries must be at most {self.min_count}."
+            )
 
     def episode(self, generator: torch.Generator, ways: int, shots: int, queries: int) -> Episode:
         """N classes, then K support and Q query images of each, disjoint; labels 0..N-1.

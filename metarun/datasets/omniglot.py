@@ -23,6 +23,7 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 PARTS = ("images_background", "images_evaluation")
 # Where `download=True` fetches the archives, and their md5 (the same as torchvision's).
-OFFICIAL = {
+OFFICIAL: dict[str, Any] = {
     "base_url": "https://github.com/brendenlake/omniglot/raw/master/python",
     "md5": {
         "images_background": "68d2efa1b9178cc56df9314c21c6e718",
@@ -53,8 +54,10 @@ CHUNK = 2000  # images per decoding task
 # Errors of a truncated or corrupt archive: zip structure, deflate stream, PNG decoding
 # (PIL raises OSError/UnidentifiedImageError, or SyntaxError for a broken chunk).
 CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError, OSError, SyntaxError)
-FETCH_HINT = ("put the official images_background.zip and images_evaluation.zip from "
-              "github.com/brendenlake/omniglot there or set METARUN_DATA_DIR to a folder with omniglot/")
+FETCH_HINT = (
+    "put the official images_background.zip and images_evaluation.zip from "
+    "github.com/brendenlake/omniglot there or set METARUN_DATA_DIR to a folder with omniglot/"
+)
 
 
 def prepare_image(image: Image.Image, size: int) -> np.ndarray:
@@ -92,15 +95,19 @@ class Omniglot:
     channels = 1
     prepare_image = staticmethod(prepare_image)
 
-    def __init__(self, root: str, cache_dir: str, image_size: int = 28,
-                 split_scheme: str = "vinyals", rotations: bool = True,
-                 download: bool = True) -> None:
+    def __init__(
+        self,
+        root: str,
+        cache_dir: str,
+        image_size: int = 28,
+        split_scheme: str = "vinyals",
+        rotations: bool = True,
+        download: bool = True,
+    ) -> None:
         if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0:
-            raise ConfigError(
-                f"dataset.image_size={image_size!r} is not allowed: it must be a positive integer.")
+            raise ConfigError(f"dataset.image_size={image_size!r} is not allowed: it must be a positive integer.")
         if split_scheme not in SCHEMES:
-            raise ConfigError(
-                f"dataset.split_scheme={split_scheme!r} is not allowed: use one of {', '.join(SCHEMES)}.")
+            raise ConfigError(f"dataset.split_scheme={split_scheme!r} is not allowed: use one of {', '.join(SCHEMES)}.")
         self.root = Path(root).expanduser().resolve()
         self.cache_dir = Path(cache_dir).expanduser().resolve()
         self.image_size, self.split_scheme = image_size, split_scheme
@@ -112,7 +119,8 @@ class Omniglot:
         if missing:
             raise ConfigError(
                 f"dataset.split_scheme=vinyals needs all 1623 Omniglot characters but dataset.root="
-                f"{self.root} lacks {len(missing)} of them (e.g. {missing[0]}), so {FETCH_HINT}.")
+                f"{self.root} lacks {len(missing)} of them (e.g. {missing[0]}), so {FETCH_HINT}."
+            )
         self._splits: dict[str, ClassImages] = {}
 
     def classes(self, name: str) -> list[str]:
@@ -123,17 +131,19 @@ class Omniglot:
         """The "train", "val" or "test" split: uint8 ``[N, 1, H, W]``, built once."""
         if name not in self._splits:
             classes = self._class_list(name)
-            members = torch.split(torch.argsort(self.labels, stable=True),
-                                  torch.bincount(self.labels).tolist())  # image ids per character
+            members = torch.split(
+                torch.argsort(self.labels, stable=True), torch.bincount(self.labels).tolist()
+            )  # image ids per character
             label_of = {key: i for i, key in enumerate(self.keys)}
             # torch.rot90 on dims (H, W) turns counter-clockwise, as PIL's rotate(90 * turns).
             # index_select: advanced indexing x[ids] can be ~1000x slower here (OpenMP).
-            blocks = [torch.rot90(self.images.index_select(0, members[label_of[key]]), turns, dims=(-2, -1))
-                      for key, turns in classes]  # each [20, 1, H, W]
+            blocks = [
+                torch.rot90(self.images.index_select(0, members[label_of[key]]), turns, dims=(-2, -1))
+                for key, turns in classes
+            ]  # each [20, 1, H, W]
             sizes = torch.tensor([len(block) for block in blocks])  # [num_classes]
             labels = torch.repeat_interleave(torch.arange(len(classes)), sizes)  # [N]
-            self._splits[name] = ClassImages(torch.cat(blocks), labels,
-                                             f"omniglot/{self.split_scheme}/{name}")
+            self._splits[name] = ClassImages(torch.cat(blocks), labels, f"omniglot/{self.split_scheme}/{name}")
         return self._splits[name]
 
     def _class_list(self, name: str) -> list[tuple[str, int]]:
@@ -142,13 +152,12 @@ class Omniglot:
             raise ValueError(f"split {name!r} is not one of {SPLITS}")
         if self.split_scheme == "vinyals":
             return [(key, turns) for key in self._vinyals[name] for turns in range(4)]
-        background, evaluation = self.keys[: self.num_background], self.keys[self.num_background:]
+        background, evaluation = self.keys[: self.num_background], self.keys[self.num_background :]
         val_alphabets = set(sorted({key.split("/")[0] for key in background})[-LAKE_VAL_ALPHABETS:])
         if name == "test":
             characters = evaluation
         else:
-            characters = [key for key in background
-                          if (key.split("/")[0] in val_alphabets) == (name == "val")]
+            characters = [key for key in background if (key.split("/")[0] in val_alphabets) == (name == "val")]
         return [(key, turns) for key in characters for turns in (range(4) if self.rotations else (0,))]
 
     def _source(self, part: str) -> Path:
@@ -161,15 +170,16 @@ class Omniglot:
         if not self.download:
             raise ConfigError(
                 f"dataset.root={self.root} has no {archive.name} (nor an extracted {part}/ folder) and "
-                f"dataset.download=false, so {FETCH_HINT}.")
+                f"dataset.download=false, so {FETCH_HINT}."
+            )
         url = f"{OFFICIAL['base_url']}/{archive.name}"
         try:
             _download(url, archive, OFFICIAL["md5"][part])
         except (OSError, http.client.HTTPException) as error:
             reason = error.reason if isinstance(error, urllib.error.URLError) else error
             raise ConfigError(
-                f"dataset.root={self.root} has no {archive.name}; downloading {url} failed "
-                f"({reason}), so {FETCH_HINT}.") from error
+                f"dataset.root={self.root} has no {archive.name}; downloading {url} failed ({reason}), so {FETCH_HINT}."
+            ) from error
         return archive
 
     def _load(self, sources: list[Path]) -> tuple[Tensor, Tensor, list[str], int]:
@@ -188,8 +198,14 @@ class Omniglot:
         start = time.perf_counter()
         images, labels, keys, num_background = self._decode(sources)
         log.info("Omniglot: decoded %d images in %.1f s", len(labels), time.perf_counter() - start)
-        data = {"format": CACHE_FORMAT, "sources": fingerprint, "images": images, "labels": labels,
-                "keys": keys, "num_background": num_background}
+        data = {
+            "format": CACHE_FORMAT,
+            "sources": fingerprint,
+            "images": images,
+            "labels": labels,
+            "keys": keys,
+            "num_background": num_background,
+        }
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{cache.name}.", suffix=".tmp")
@@ -215,15 +231,14 @@ class Omniglot:
                     names = [p.relative_to(source).as_posix() for p in (source / part).glob("*/*/*.png")]
             except CORRUPT as error:
                 raise self._corrupt(source, error) from error
-            members = sorted(n for n in names if n.endswith(".png") and n.split("/")[0] == part
-                             and n.count("/") == 3)
+            members = sorted(n for n in names if n.endswith(".png") and n.split("/")[0] == part and n.count("/") == 3)
             if not members:
                 raise ConfigError(
                     f"dataset.root={self.root}: {source} holds no {part}/<Alphabet>/<character>/*.png "
-                    f"images, so delete it and {FETCH_HINT}.")
+                    f"images, so delete it and {FETCH_HINT}."
+                )
             tasks.append((source, members))
-        chunks = [(source, members[i: i + CHUNK]) for source, members in tasks
-                  for i in range(0, len(members), CHUNK)]
+        chunks = [(source, members[i : i + CHUNK]) for source, members in tasks for i in range(0, len(members), CHUNK)]
         total = sum(len(members) for _, members in tasks)
         # Linux only: fork, as the workers run only zipfile and PIL and so skip re-importing
         # torch (~2 s each with spawn); on 2 cores this decodes ~1.6x faster than in-process.
@@ -232,7 +247,8 @@ class Omniglot:
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else None
         with pool or contextlib.nullcontext():
             results = (pool.map if pool else map)(
-                _decode_chunk, *zip(*chunks), [self.image_size] * len(chunks))  # lazy, in order
+                _decode_chunk, *zip(*chunks), [self.image_size] * len(chunks)
+            )  # lazy, in order
             arrays = []
             for source, _ in chunks:
                 try:
@@ -240,8 +256,9 @@ class Omniglot:
                 except CORRUPT as error:
                     raise self._corrupt(source, error) from error
         images = torch.from_numpy(np.concatenate(arrays)).unsqueeze(1)  # [N, H, W] -> [N, 1, H, W]
-        characters = ["/".join(member.split("/")[1:3])
-                      for _, members in tasks for member in members]  # [N] Alphabet/characterNN
+        characters = [
+            "/".join(member.split("/")[1:3]) for _, members in tasks for member in members
+        ]  # [N] Alphabet/characterNN
         keys = list(dict.fromkeys(characters))  # sorted: background keys, then evaluation keys
         label_of = {key: i for i, key in enumerate(keys)}
         labels = torch.tensor([label_of[c] for c in characters], dtype=torch.long)  # [N]
@@ -251,7 +268,8 @@ class Omniglot:
     def _corrupt(self, source: Path, error: BaseException) -> ConfigError:
         return ConfigError(
             f"dataset.root={self.root}: {source} is truncated or corrupt ({type(error).__name__}: "
-            f"{error}), so delete it and download it again (dataset.download=true) or {FETCH_HINT}.")
+            f"{error}), so delete it and download it again (dataset.download=true) or {FETCH_HINT}."
+        )
 
 
 def _decode_chunk(source: Path, members: list[str], size: int) -> np.ndarray:
@@ -289,7 +307,8 @@ def _download(url: str, target: Path, md5: str) -> None:
         if digest.hexdigest() != md5:
             raise ConfigError(
                 f"dataset.root={target.parent}: {url} has md5 {digest.hexdigest()} but the official "
-                f"{target.name} has md5 {md5}, so it was deleted; retry, or put the official archive there.")
+                f"{target.name} has md5 {md5}, so it was deleted; retry, or put the official archive there."
+            )
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -35,20 +35,33 @@ class Conv4(nn.Module):
     TaskNorm layer uses (None: the whole batch); the other norms ignore it. ``uses_context`` says whether it matters.
     """
 
-    def __init__(self, in_channels: int = 1, image_size: int = 28, hidden: int = 64,
-                 out_features: int | None = None, norm: str = "transductive",
-                 pooled_blocks: int = 4, channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        hidden: int = 64,
+        out_features: int | None = None,
+        norm: str = "transductive",
+        pooled_blocks: int = 4,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
         if out_features is not None and out_features <= 0:
-            raise ConfigError(f"model.out_features={out_features} is not allowed: it must be "
-                              f"a positive number of classes or null for an embedding.")
+            raise ConfigError(
+                f"model.out_features={out_features} is not allowed: it must be "
+                f"a positive number of classes or null for an embedding."
+            )
         if isinstance(pooled_blocks, bool) or pooled_blocks not in range(5):
-            raise ConfigError(f"model.pooled_blocks={pooled_blocks!r} is not allowed: it must be "
-                              f"an integer from 0 to 4.")
+            raise ConfigError(
+                f"model.pooled_blocks={pooled_blocks!r} is not allowed: it must be an integer from 0 to 4."
+            )
         blocks = []
         for i in range(4):
-            blocks += [nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1),
-                       batch_norm(hidden, norm), nn.ReLU()]
+            blocks += [
+                nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1),
+                batch_norm(hidden, norm),
+                nn.ReLU(),
+            ]
             if i < pooled_blocks:
                 blocks.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*blocks)
@@ -57,8 +70,10 @@ class Conv4(nn.Module):
         for _ in range(pooled_blocks):
             side //= 2  # each max-pool floors the side
         if side < 1:
-            raise ConfigError(f"model.image_size={image_size} is not allowed: {pooled_blocks} 2x2 "
-                              f"poolings need at least {2 ** pooled_blocks} pixels.")
+            raise ConfigError(
+                f"model.image_size={image_size} is not allowed: {pooled_blocks} 2x2 "
+                f"poolings need at least {2**pooled_blocks} pixels."
+            )
         self.feature_shape = (hidden, side, side)  # [C, h, w] of features(x)
         self.embedding_dim = hidden * side * side
         self.head = None if out_features is None else nn.Linear(self.embedding_dim, out_features)

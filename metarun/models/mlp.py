@@ -14,8 +14,7 @@ class MLP(nn.Module):
         out_features: output dimension, or None to end at the last hidden layer.
     """
 
-    def __init__(self, in_features: int = 1, hidden: tuple[int, ...] = (40, 40),
-                 out_features: int | None = 1) -> None:
+    def __init__(self, in_features: int = 1, hidden: tuple[int, ...] = (40, 40), out_features: int | None = 1) -> None:
         super().__init__()
         widths = [in_features, *hidden]
         layers: list[nn.Module] = []

@@ -14,8 +14,7 @@ from metarun.episodes import TEST, EpisodeBatch, EpisodeSampler, TaskSource, col
 from metarun.train import build
 
 
-def meta_train(algorithm: MetaAlgorithm, sampler: EpisodeSampler, source: TaskSource,
-               steps: int, lr: float) -> None:
+def meta_train(algorithm: MetaAlgorithm, sampler: EpisodeSampler, source: TaskSource, steps: int, lr: float) -> None:
     """``steps`` Adam outer steps on the sampler's seeded training meta-batches."""
     opt = torch.optim.Adam(algorithm.parameters(), lr=lr)
     algorithm.train()
@@ -27,23 +26,31 @@ def meta_train(algorithm: MetaAlgorithm, sampler: EpisodeSampler, source: TaskSo
         algorithm.end_outer_step()
 
 
-def episode_accuracy(algorithm: MetaAlgorithm, sampler: EpisodeSampler, source: TaskSource,
-                     episodes: int = 100, chunk: int = 20) -> float:
+def episode_accuracy(
+    algorithm: MetaAlgorithm, sampler: EpisodeSampler, source: TaskSource, episodes: int = 100, chunk: int = 20
+) -> float:
     """Mean query accuracy on the first ``episodes`` fixed test episodes."""
     algorithm.eval()
     correct = []
     for start in range(0, episodes, chunk):
-        batch = collate_episodes([sampler.eval_episode(source, TEST, i)
-                                  for i in range(start, min(start + chunk, episodes))])
+        batch = collate_episodes(
+            [sampler.eval_episode(source, TEST, i) for i in range(start, min(start + chunk, episodes))]
+        )
         logits = algorithm.predict(batch).query_logits  # [E, N*Q, N]
         correct.append((logits.argmax(-1) == batch.query_y).float().flatten())
     algorithm.train()
     return torch.cat(correct).mean().item()
 
 
-def assert_learns(algorithm: MetaAlgorithm, sampler: EpisodeSampler, test: TaskSource,
-                  fit: Callable[[], None], at_least: float, gain: float,
-                  episodes: int = 100) -> tuple[float, float]:
+def assert_learns(
+    algorithm: MetaAlgorithm,
+    sampler: EpisodeSampler,
+    test: TaskSource,
+    fit: Callable[[], None],
+    at_least: float,
+    gain: float,
+    episodes: int = 100,
+) -> tuple[float, float]:
     """Test accuracy of the untrained learner, then ``fit()``, then of the trained one, on
     the same fixed test episodes: trained ≥ ``at_least`` and ≥ untrained + ``gain`` (an
     untrained learner adapted at test time can already be far above chance)."""
@@ -64,8 +71,9 @@ def tiny_batch(tasks: int = 2, shots: int = 3, queries: int = 4) -> EpisodeBatch
     return batch
 
 
-def meta_gradient(algorithm: MetaAlgorithm, batch: EpisodeBatch,
-                  params: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
+def meta_gradient(
+    algorithm: MetaAlgorithm, batch: EpisodeBatch, params: Iterable[torch.Tensor] | None = None
+) -> torch.Tensor:
     """Autograd's gradient of the meta-loss w.r.t. ``params`` (default: all), flattened."""
     params = list(algorithm.parameters() if params is None else params)
     algorithm.zero_grad()
@@ -77,8 +85,7 @@ def meta_loss_value(algorithm: MetaAlgorithm, batch: EpisodeBatch) -> Callable[[
     return lambda: algorithm.meta_loss(batch).loss.item()
 
 
-def finite_difference(loss: Callable[[], float], params: Iterable[torch.Tensor],
-                      eps: float = 1e-6) -> torch.Tensor:
+def finite_difference(loss: Callable[[], float], params: Iterable[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
     """Central differences (loss(θ + ε) − loss(θ − ε)) / 2ε, coordinate by coordinate."""
     out = []
     for p in params:

@@ -14,8 +14,13 @@ pytestmark = pytest.mark.slow  # launches processes or runs every algorithm
 
 IMAGE = algorithms("classification")  # derived from conf/algorithm/
 REGRESSION = algorithms("regression")
-SMALL_OMNIGLOT = ["dataset=omniglot", "model.hidden=8", "sampler.ways=3", "sampler.queries=2",
-                  "sampler.meta_batch_size=2"]
+SMALL_OMNIGLOT = [
+    "dataset=omniglot",
+    "model.hidden=8",
+    "sampler.ways=3",
+    "sampler.queries=2",
+    "sampler.meta_batch_size=2",
+]
 
 
 def check(results: dict, precision: str = "bf16-mixed", world_size: int = 1) -> None:
@@ -48,5 +53,4 @@ def test_image_algorithms_under_ddp(algorithm, tmp_path, omniglot_available):
 @pytest.mark.parametrize("algorithm", REGRESSION)
 def test_regression_algorithms_under_ddp(algorithm, tmp_path):
     extra = NEEDS.get((algorithm, "regression"), [])
-    check(run_metarun(tmp_path, *TINY, *DDP, f"algorithm={algorithm}", *extra), precision="32-true",
-          world_size=2)
+    check(run_metarun(tmp_path, *TINY, *DDP, f"algorithm={algorithm}", *extra), precision="32-true", world_size=2)

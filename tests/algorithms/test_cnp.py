@@ -62,8 +62,7 @@ def test_likelihood_matches_a_hand_computed_gaussian_log_density():
     assert out.loss.item() == pytest.approx(-train_ll, rel=1e-12)
     assert out.extra["log_likelihood"].item() == pytest.approx(train_ll, rel=1e-12)
     qx, qy = ep.query_x[:, 0].tolist(), ep.query_y[:, 0].tolist()
-    torch.testing.assert_close(out.query_logits[0, :, 0], torch.tensor([r + 2 * x for x in qx],
-                                                                        dtype=torch.float64))
+    torch.testing.assert_close(out.query_logits[0, :, 0], torch.tensor([r + 2 * x for x in qx], dtype=torch.float64))
     test_ll = sum(density(x, y) for x, y in zip(qx, qy)) / len(qx)
     pred = alg.predict(batch)
     assert pred.extra["log_likelihood"].item() == pytest.approx(test_ll, rel=1e-12)
@@ -85,20 +84,22 @@ def test_context_order_does_not_matter_and_the_loss_has_gradients():
     ep = one_episode(k=3)
     batch = collate_episodes([ep])
     perm = torch.tensor([2, 0, 1])
-    shuffled = collate_episodes([Episode(ep.support_x[perm], ep.support_y[perm], ep.query_x,
-                                         ep.query_y)])
+    shuffled = collate_episodes([Episode(ep.support_x[perm], ep.support_y[perm], ep.query_x, ep.query_y)])
     torch.testing.assert_close(alg.predict(shuffled).query_logits, alg.predict(batch).query_logits)
     alg.meta_loss(batch).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in alg.parameters())
 
 
-@pytest.mark.parametrize("key, kwargs", [
-    ("model.in_features", {"model": MLP(8, (4,), 2)}),
-    ("model.out_features", {"model": MLP(9, (4,), 1)}),
-    ("algorithm.encoder.in_features", {"encoder": MLP(3, (4,), 8)}),
-    ("algorithm.x_dim", {"x_dim": 0}),
-    ("algorithm.min_std", {"min_std": 1.0}),
-])
+@pytest.mark.parametrize(
+    "key, kwargs",
+    [
+        ("model.in_features", {"model": MLP(8, (4,), 2)}),
+        ("model.out_features", {"model": MLP(9, (4,), 1)}),
+        ("algorithm.encoder.in_features", {"encoder": MLP(3, (4,), 8)}),
+        ("algorithm.x_dim", {"x_dim": 0}),
+        ("algorithm.min_std", {"min_std": 1.0}),
+    ],
+)
 def test_bad_settings_name_the_key(key, kwargs):
     settings = {"model": MLP(9, (4,), 2), "encoder": MLP(2, (4,), 8)} | kwargs
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

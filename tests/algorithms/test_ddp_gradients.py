@@ -31,18 +31,14 @@ REGRESSION = algorithms("regression")
 
 
 def configs(omniglot: bool) -> dict[str, list[str]]:
-    out = {f"{a}_sinusoid": [f"algorithm={a}", *NEEDS.get((a, "regression"), [])]
-           for a in REGRESSION}
+    out = {f"{a}_sinusoid": [f"algorithm={a}", *NEEDS.get((a, "regression"), [])] for a in REGRESSION}
     if omniglot:
         for a in IMAGE:
-            out[f"{a}_omniglot"] = [f"algorithm={a}", *SMALL_OMNIGLOT,
-                                    *NEEDS.get((a, "classification"), [])]
-    return {name: [*TINY, *overrides, f"sampler.meta_batch_size={META_BATCH}"]
-            for name, overrides in out.items()}
+            out[f"{a}_omniglot"] = [f"algorithm={a}", *SMALL_OMNIGLOT, *NEEDS.get((a, "classification"), [])]
+    return {name: [*TINY, *overrides, f"sampler.meta_batch_size={META_BATCH}"] for name, overrides in out.items()}
 
 
-def meta_gradient(overrides: list[str], output_dir: Path, rank: int = 0,
-                  world_size: int = 1) -> list[torch.Tensor]:
+def meta_gradient(overrides: list[str], output_dir: Path, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
     """This rank's gradient of the meta-loss of training step 0 (zeros where unused)."""
     objects = build(compose_config(overrides, output_dir))
     algorithm, sampler = objects["algorithm"], objects["sampler"]

@@ -30,8 +30,13 @@ def point_batch() -> tuple:
     """One 2-way 1-shot episode on points whose labels 0, 1 are split classes 3 and 1."""
     support = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
     query = torch.tensor([[3.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
-    episode = Episode(support.view(2, 1, 1, 2), torch.tensor([0, 1]), query.view(2, 1, 1, 2),
-                      torch.tensor([0, 1]), classes=torch.tensor([3, 1]))
+    episode = Episode(
+        support.view(2, 1, 1, 2),
+        torch.tensor([0, 1]),
+        query.view(2, 1, 1, 2),
+        torch.tensor([0, 1]),
+        classes=torch.tensor([3, 1]),
+    )
     points = torch.cat([support, query])  # [4, 2] in batch order: support then query
     return collate_episodes([episode]), points, torch.tensor([3, 1, 3, 1])
 
@@ -74,8 +79,11 @@ def test_fitted_head_separates_the_support_and_leaves_the_embedding_alone(head):
     alg = FineTune(model, num_train_classes=10, head=head, finetune_steps=100, finetune_lr=0.1)
     before = [p.detach().clone() for p in alg.parameters()]
     weight, bias = alg.fit_head(support, y, alg.initial_head(4, 4, support))
-    logits = (10.0 * F.normalize(support, dim=-1) @ F.normalize(weight, dim=-1).T
-              if head == "cosine" else support @ weight.T + bias)
+    logits = (
+        10.0 * F.normalize(support, dim=-1) @ F.normalize(weight, dim=-1).T
+        if head == "cosine"
+        else support @ weight.T + bias
+    )
     assert torch.equal(logits.argmax(-1), y)
     assert not weight.requires_grad
     assert all(torch.equal(a, b) for a, b in zip(before, alg.parameters()))
@@ -115,16 +123,30 @@ def test_learns_omniglot_5way_1shot(omniglot_available, make_config, head):
 
     Measured: linear 0.752, cosine 0.688 (threshold 0.55; chance 0.20), ~23 s each.
     """
-    cfg = make_config("dataset=omniglot", "algorithm=finetune", f"algorithm.head={head}",
-                      "algorithm.num_train_classes=100", "model.hidden=32", "model.norm=running",
-                      "sampler.train_ways=20", "sampler.train_shots=1", "sampler.train_queries=1",
-                      "sampler.meta_batch_size=2", "sampler.queries=1")
+    cfg = make_config(
+        "dataset=omniglot",
+        "algorithm=finetune",
+        f"algorithm.head={head}",
+        "algorithm.num_train_classes=100",
+        "model.hidden=32",
+        "model.norm=running",
+        "sampler.train_ways=20",
+        "sampler.train_shots=1",
+        "sampler.train_queries=1",
+        "sampler.meta_batch_size=2",
+        "sampler.queries=1",
+    )
     objects = build(cfg)
     alg, sampler = objects["algorithm"], objects["sampler"]
     splits = objects["datamodule"].splits
     train = splits["train"]
     keep = train.labels < 100
     first_classes = ClassImages(train.images[keep], train.labels[keep], "omniglot/train[:100]")
-    assert_learns(alg, sampler, splits["test"],
-                  lambda: meta_train(alg, sampler, first_classes, steps=150, lr=0.01),
-                  at_least=0.55, gain=0.15)
+    assert_learns(
+        alg,
+        sampler,
+        splits["test"],
+        lambda: meta_train(alg, sampler, first_classes, steps=150, lr=0.01),
+        at_least=0.55,
+        gain=0.15,
+    )

@@ -60,9 +60,16 @@ def test_fixed_minus_lr_gradient_update_is_sgd(steps, first_order):
 
 def test_preprocessing_is_the_papers():
     g = torch.tensor([2.0, -1e-3, 1e-6, -1e-6, 0.0], dtype=torch.float64)
-    expected = torch.tensor([[math.log(2.0) / 10, 1.0], [math.log(1e-3) / 10, -1.0],
-                             [-1.0, math.exp(10) * 1e-6], [-1.0, -math.exp(10) * 1e-6],
-                             [-1.0, 0.0]], dtype=torch.float64)
+    expected = torch.tensor(
+        [
+            [math.log(2.0) / 10, 1.0],
+            [math.log(1e-3) / 10, -1.0],
+            [-1.0, math.exp(10) * 1e-6],
+            [-1.0, -math.exp(10) * 1e-6],
+            [-1.0, 0.0],
+        ],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(preprocess(g), expected, rtol=1e-14, atol=0)
 
 
@@ -79,7 +86,8 @@ def test_update_is_coordinate_wise(variant):
     with torch.no_grad():
         for _ in range(3):
             grad = torch.randn(size, generator=g, dtype=torch.float64) * 10 ** torch.randint(
-                -6, 1, (size,), generator=g)
+                -6, 1, (size,), generator=g
+            )
             loss = torch.rand((), generator=g, dtype=torch.float64)
             theta, state = alg.update(grad, loss, theta, state)
             theta_p, state_p = alg.update(grad[perm], loss, theta_p, state_p)
@@ -99,25 +107,37 @@ def test_ravi_cell_state_is_the_parameters():
     torch.testing.assert_close(new, sigma5 * theta - 0.1 * grad, rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("variant, steps, first_order, preprocess_inputs", [
-    ("andrychowicz", 2, False, True), ("andrychowicz", 2, True, True),
-    ("andrychowicz", 2, False, False), ("ravi", 2, False, True)])
-def test_meta_gradient_matches_finite_differences(variant, steps, first_order,
-                                                  preprocess_inputs):
+@pytest.mark.parametrize(
+    "variant, steps, first_order, preprocess_inputs",
+    [
+        ("andrychowicz", 2, False, True),
+        ("andrychowicz", 2, True, True),
+        ("andrychowicz", 2, False, False),
+        ("ravi", 2, False, True),
+    ],
+)
+def test_meta_gradient_matches_finite_differences(variant, steps, first_order, preprocess_inputs):
     """w.r.t. every optimiser weight and the initialisation, through the unrolled loop.
 
     first_order: the reference is the same loss with the gradient inputs held constant,
     obtained by finite differences of a loss whose inner gradients are precomputed."""
     batch = tiny_batch()
-    alg = LSTMOptimizer(tiny_mlp(), steps, steps, hidden=3, layers=2, variant=variant,
-                        output_scale=0.5, preprocess=preprocess_inputs,
-                        first_order=first_order).double()
+    alg = LSTMOptimizer(
+        tiny_mlp(),
+        steps,
+        steps,
+        hidden=3,
+        layers=2,
+        variant=variant,
+        output_scale=0.5,
+        preprocess=preprocess_inputs,
+        first_order=first_order,
+    ).double()
     if variant == "ravi":  # move the gates off their symmetric start
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for gate in (alg.input_gate, alg.forget_gate):
-                gate.weight.copy_(0.3 * torch.randn(gate.weight.shape, generator=g,
-                                                    dtype=torch.float64))
+                gate.weight.copy_(0.3 * torch.randn(gate.weight.shape, generator=g, dtype=torch.float64))
     analytic = meta_gradient(alg, batch)
 
     if first_order:
@@ -143,8 +163,9 @@ def frozen_gradients(alg: LSTMOptimizer, batch) -> list[list[torch.Tensor]]:
             grads.append(grad.detach())
             return alg.update(grad, loss, theta, state)
 
-        lstm_adapt(alg.model, params_of(alg.model), task.support_x, task.support_y,
-                   alg.inner_steps, record, first_order=True)
+        lstm_adapt(
+            alg.model, params_of(alg.model), task.support_x, task.support_y, alg.inner_steps, record, first_order=True
+        )
         out.append(grads)
     return out
 
@@ -159,8 +180,9 @@ def frozen_loss(alg: LSTMOptimizer, batch, frozen) -> torch.Tensor:
             return alg.update(next(grads), loss, theta, state)
 
         theta = dict(alg.model.named_parameters())
-        adapted = lstm_adapt(alg.model, theta, task.support_x, task.support_y,
-                             alg.inner_steps, replay, first_order=True)
+        adapted = lstm_adapt(
+            alg.model, theta, task.support_x, task.support_y, alg.inner_steps, replay, first_order=True
+        )
         losses.append(task_loss(forward(alg.model, adapted, task.query_x), task.query_y))
     return torch.stack(losses).mean()
 
@@ -169,8 +191,7 @@ def test_meta_parameters_are_the_lstm_and_the_initialisation():
     model = tiny_mlp()
     alg = LSTMOptimizer(model, 1, 1, hidden=20, layers=2)
     names = [n for n, _ in alg.named_parameters()]
-    assert [n for n in names if n.startswith("model.")] == [
-        "model." + n for n, _ in model.named_parameters()]
+    assert [n for n in names if n.startswith("model.")] == ["model." + n for n, _ in model.named_parameters()]
     lstm = sum(p.numel() for n, p in alg.named_parameters() if not n.startswith("model."))
     # two LSTM cells (4 gates, input 2 then 20, hidden 20, two biases) and the linear head
     assert lstm == 4 * 20 * (2 + 20 + 2) + 4 * 20 * (20 + 20 + 2) + 20 + 1
@@ -193,15 +214,18 @@ def test_predict_writes_no_parameter_and_keeps_no_graph(variant):
     assert out.query_logits.shape == out.query_logits_before.shape == batch.query_y.shape
 
 
-@pytest.mark.parametrize("key, kwargs", [
-    ("algorithm.inner_steps", {"inner_steps": 0}),
-    ("algorithm.test_inner_steps", {"test_inner_steps": -1}),
-    ("algorithm.hidden", {"hidden": 0}),
-    ("algorithm.layers", {"layers": 0}),
-    ("algorithm.output_scale", {"output_scale": 0.0}),
-    ("algorithm.variant", {"variant": "adam"}),
-    ("algorithm.output_scale", {"variant": "ravi", "output_scale": 1.0}),
-])
+@pytest.mark.parametrize(
+    "key, kwargs",
+    [
+        ("algorithm.inner_steps", {"inner_steps": 0}),
+        ("algorithm.test_inner_steps", {"test_inner_steps": -1}),
+        ("algorithm.hidden", {"hidden": 0}),
+        ("algorithm.layers", {"layers": 0}),
+        ("algorithm.output_scale", {"output_scale": 0.0}),
+        ("algorithm.variant", {"variant": "adam"}),
+        ("algorithm.output_scale", {"variant": "ravi", "output_scale": 1.0}),
+    ],
+)
 def test_bad_settings_name_the_key(key, kwargs):
     settings = {"inner_steps": 1, "test_inner_steps": 1} | kwargs
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -224,16 +248,28 @@ def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
     Measured: 0.19 before training (the untrained LSTM's updates are noise), 0.52 after
     (threshold 0.40; 0.59 after 100 steps, 0.59 after 80 second-order steps of 3).
     """
-    cfg = make_config("dataset=omniglot", "algorithm=lstm_optimizer", "model.hidden=16",
-                      "sampler.meta_batch_size=4", "sampler.train_queries=1", "sampler.queries=1",
-                      "algorithm.inner_steps=2", "algorithm.test_inner_steps=3",
-                      "algorithm.first_order=true")
+    cfg = make_config(
+        "dataset=omniglot",
+        "algorithm=lstm_optimizer",
+        "model.hidden=16",
+        "sampler.meta_batch_size=4",
+        "sampler.train_queries=1",
+        "sampler.queries=1",
+        "algorithm.inner_steps=2",
+        "algorithm.test_inner_steps=3",
+        "algorithm.first_order=true",
+    )
     objects = build(cfg)
     alg, sampler = objects["algorithm"], objects["sampler"]
     splits = objects["datamodule"].splits
-    assert_learns(alg, sampler, splits["test"],
-                  lambda: meta_train(alg, sampler, splits["train"], steps=60, lr=0.005),
-                  at_least=0.40, gain=0.15)
+    assert_learns(
+        alg,
+        sampler,
+        splits["test"],
+        lambda: meta_train(alg, sampler, splits["train"], steps=60, lr=0.005),
+        at_least=0.40,
+        gain=0.15,
+    )
 
 
 def test_ravi_variant_learns_sinusoid(make_config):
@@ -244,13 +280,13 @@ def test_ravi_variant_learns_sinusoid(make_config):
     below 0.6 × the untrained MSE). With the default initial step 0.1 the untrained
     learner diverges on the steepest sine waves, so the sinusoid needs the smaller start.
     """
-    cfg = make_config("algorithm=lstm_optimizer", "algorithm.variant=ravi",
-                      "algorithm.output_scale=0.01", "sampler.meta_batch_size=4")
+    cfg = make_config(
+        "algorithm=lstm_optimizer", "algorithm.variant=ravi", "algorithm.output_scale=0.01", "sampler.meta_batch_size=4"
+    )
     objects = build(cfg)
     alg, sampler = objects["algorithm"], objects["sampler"]
     source = objects["datamodule"].splits["train"]
-    test = collate_episodes([sampler.eval_episode(objects["datamodule"].splits["test"], TEST, i)
-                             for i in range(50)])
+    test = collate_episodes([sampler.eval_episode(objects["datamodule"].splits["test"], TEST, i) for i in range(50)])
     before = alg.predict(test).loss.item()
     meta_train(alg, sampler, source, steps=150, lr=0.01)
     after = alg.predict(test).loss.item()

@@ -75,12 +75,15 @@ def test_inner_loop_is_pure_and_predict_adapts():
     assert out.query_logits.shape == batch.query_y.shape
 
 
-@pytest.mark.parametrize("key, kwargs", [
-    ("algorithm.inner_lr", {"inner_lr": 0.0}),
-    ("algorithm.inner_lr", {"inner_lr": -0.1}),
-    ("algorithm.inner_steps", {"inner_steps": 0}),
-    ("algorithm.test_inner_steps", {"test_inner_steps": -1}),
-])
+@pytest.mark.parametrize(
+    "key, kwargs",
+    [
+        ("algorithm.inner_lr", {"inner_lr": 0.0}),
+        ("algorithm.inner_lr", {"inner_lr": -0.1}),
+        ("algorithm.inner_steps", {"inner_steps": 0}),
+        ("algorithm.test_inner_steps", {"test_inner_steps": -1}),
+    ],
+)
 def test_bad_settings_name_the_key(key, kwargs):
     settings = {"inner_lr": 0.1, "inner_steps": 1, "test_inner_steps": 1} | kwargs
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

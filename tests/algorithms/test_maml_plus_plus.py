@@ -36,8 +36,7 @@ def tiny_mlp(seed: int = 0, norm: str | None = None) -> nn.Module:
 
 def as_maml(model: nn.Module, steps: int, **kwargs) -> MAMLPlusPlus:
     """MAML++ with every addition switched off."""
-    settings = dict(multi_step_loss_epochs=0, first_order_epochs=0, learn_inner_lr=False,
-                    per_step_bn=False) | kwargs
+    settings = dict(multi_step_loss_epochs=0, first_order_epochs=0, learn_inner_lr=False, per_step_bn=False) | kwargs
     return MAMLPlusPlus(model, 0.1, steps, steps, **settings)
 
 
@@ -46,6 +45,7 @@ def backward_grads(alg, batch) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ multi-step loss weights
+
 
 @pytest.mark.parametrize("steps, epochs", [(1, 10), (2, 1), (5, 10), (5, 15)])
 def test_msl_weights_sum_to_one_and_anneal_towards_the_last_step(steps, epochs):
@@ -88,18 +88,18 @@ def test_multi_step_loss_is_the_weighted_sum_of_every_steps_query_loss():
         task = batch.task(i)
         for s, w in enumerate(weights):
             adapted = adapt(alg.model, theta, task.support_x, task.support_y, s + 1, 0.1, False)
-            expected = expected + w * task_loss(forward(alg.model, adapted, task.query_x),
-                                                task.query_y) / len(batch)
-    expected_grads = torch.cat([g.flatten() for g in torch.autograd.grad(expected,
-                                                                         list(theta.values()))])
+            expected = expected + w * task_loss(forward(alg.model, adapted, task.query_x), task.query_y) / len(batch)
+    expected_grads = torch.cat([g.flatten() for g in torch.autograd.grad(expected, list(theta.values()))])
     loss = alg.meta_loss(batch).loss
     torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
     loss.backward()
-    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in alg.model.parameters()]),
-                               expected_grads, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(
+        torch.cat([p.grad.flatten() for p in alg.model.parameters()]), expected_grads, rtol=1e-11, atol=1e-13
+    )
 
 
 # ------------------------------------------------------------------ the MAML special case
+
 
 @pytest.mark.parametrize("norm", [None, "batch"])
 @pytest.mark.parametrize("steps, msl_epochs", [(1, 0), (1, 10), (3, 0)])
@@ -109,15 +109,13 @@ def test_fixed_rates_shared_norm_and_no_annealing_is_maml(norm, steps, msl_epoch
     batch = tiny_batch()
     plus = as_maml(tiny_mlp(norm=norm), steps, multi_step_loss_epochs=msl_epochs)
     maml = MAML(tiny_mlp(norm=norm), inner_lr=0.1, inner_steps=steps, test_inner_steps=steps)
-    torch.testing.assert_close(plus.meta_loss(batch).loss, maml.meta_loss(batch).loss,
-                               rtol=1e-14, atol=0)
-    torch.testing.assert_close(backward_grads(plus, batch), backward_grads(maml, batch),
-                               rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(plus.predict(batch).query_logits, maml.predict(batch).query_logits,
-                               rtol=1e-13, atol=0)
+    torch.testing.assert_close(plus.meta_loss(batch).loss, maml.meta_loss(batch).loss, rtol=1e-14, atol=0)
+    torch.testing.assert_close(backward_grads(plus, batch), backward_grads(maml, batch), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(plus.predict(batch).query_logits, maml.predict(batch).query_logits, rtol=1e-13, atol=0)
 
 
 # ------------------------------------------------------------------ derivative-order annealing
+
 
 def test_first_order_during_the_first_epochs_then_second_order():
     batch = tiny_batch()
@@ -129,8 +127,7 @@ def test_first_order_during_the_first_epochs_then_second_order():
     for step in range(3):  # epoch 0, 0, 1
         assert int(alg.outer_step) == step and alg.uses_first_order(alg.epoch) == (step < 2)
         reference = fomaml if step < 2 else maml
-        torch.testing.assert_close(backward_grads(alg, batch), backward_grads(reference, batch),
-                                   rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(backward_grads(alg, batch), backward_grads(reference, batch), rtol=1e-12, atol=1e-14)
         alg.end_outer_step()
     assert int(alg.outer_step) == 3
 
@@ -155,6 +152,7 @@ def test_the_step_counter_advances_once_per_outer_update_and_is_checkpointed():
 
 # ------------------------------------------------------------------ full MAML++
 
+
 def randomise(alg: MAMLPlusPlus, seed: int = 1) -> None:
     """Distinct rates and batch-norm rows per step, so a wrong index would show."""
     g = torch.Generator().manual_seed(seed)
@@ -170,8 +168,7 @@ def randomise(alg: MAMLPlusPlus, seed: int = 1) -> None:
 def test_loss_by_hand_with_per_step_rates_and_norm_rows():
     """Σ_s w_s L_q(θ_{s+1}; bn_s), θ_{s+1} = θ_s − α_{p,s} ∇L_support(θ_s; bn_s), written out."""
     batch = tiny_batch()
-    alg = MAMLPlusPlus(tiny_mlp(norm="batch"), 0.1, 2, 2, multi_step_loss_epochs=10,
-                       steps_per_epoch=1)
+    alg = MAMLPlusPlus(tiny_mlp(norm="batch"), 0.1, 2, 2, multi_step_loss_epochs=10, steps_per_epoch=1)
     alg.outer_step.fill_(6)
     randomise(alg)
     alg.eval()
@@ -185,8 +182,7 @@ def test_loss_by_hand_with_per_step_rates_and_norm_rows():
             bn = {"1.weight": norm.weight[s], "1.bias": norm.bias[s]}
             support = task_loss(forward(alg.model, theta, task.support_x, bn), task.support_y)
             g = torch.autograd.grad(support, list(theta.values()), create_graph=True)
-            theta = {k: v - alg.inner_lrs[k.replace(".", "__")][s] * gk
-                     for (k, v), gk in zip(theta.items(), g)}
+            theta = {k: v - alg.inner_lrs[k.replace(".", "__")][s] * gk for (k, v), gk in zip(theta.items(), g)}
             query = task_loss(forward(alg.model, theta, task.query_x, bn), task.query_y)
             expected = expected + weights[s] * query / len(batch)
     torch.testing.assert_close(alg.meta_loss(batch).loss, expected, rtol=1e-13, atol=0)
@@ -197,15 +193,14 @@ def test_meta_gradient_matches_finite_differences(steps):
     """MSL on, learned per-step rates, per-step batch norm, second order: the gradient w.r.t.
     θ, every rate and every batch-norm row."""
     batch = tiny_batch()
-    alg = MAMLPlusPlus(tiny_mlp(norm="batch"), 0.1, steps, steps, multi_step_loss_epochs=10,
-                       steps_per_epoch=1)
+    alg = MAMLPlusPlus(tiny_mlp(norm="batch"), 0.1, steps, steps, multi_step_loss_epochs=10, steps_per_epoch=1)
     alg.outer_step.fill_(3)  # non-uniform weights at epoch 3
     randomise(alg)
     alg.eval()  # freezes the step counter (epoch 3); batch statistics either way
     params = [p for p in alg.parameters() if p.requires_grad]
-    torch.testing.assert_close(meta_gradient(alg, batch, params),
-                               finite_difference(meta_loss_value(alg, batch), params),
-                               rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(
+        meta_gradient(alg, batch, params), finite_difference(meta_loss_value(alg, batch), params), rtol=1e-6, atol=1e-8
+    )
 
 
 def test_per_step_batch_norm_parameters_and_running_statistics():
@@ -218,8 +213,7 @@ def test_per_step_batch_norm_parameters_and_running_statistics():
     # the backbone's own affine parameters are replaced, frozen, and never adapted
     assert not model[1].weight.requires_grad and not model[1].bias.requires_grad
     assert alg.adapted_names == ["0.weight", "0.bias", "3.weight", "3.bias"]
-    assert set(alg.step_norm(2)) == {"1.weight", "1.bias", "1.running_mean", "1.running_var",
-                                     "1.num_batches_tracked"}
+    assert set(alg.step_norm(2)) == {"1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"}
     assert torch.equal(alg.step_norm(4)["1.weight"], norm.weight[2])  # test steps past S
     alg.train()
     alg.meta_loss(batch).loss.backward()
@@ -243,8 +237,7 @@ def test_fixed_rates_are_not_learned():
     assert all(not lr.requires_grad for lr in alg.inner_lrs.values())
     alg.meta_loss(tiny_batch()).loss.backward()
     assert all(lr.grad is None for lr in alg.inner_lrs.values())
-    assert torch.equal(alg.step_learning_rates(1)["0.weight"],
-                       torch.tensor(0.1, dtype=torch.float64))
+    assert torch.equal(alg.step_learning_rates(1)["0.weight"], torch.tensor(0.1, dtype=torch.float64))
 
 
 def test_conv4_gets_a_row_per_step_for_each_of_its_four_norms():
@@ -254,18 +247,20 @@ def test_conv4_gets_a_row_per_step_for_each_of_its_four_norms():
     assert len(alg.inner_lrs) == 10 and all(lr.shape == (5,) for lr in alg.inner_lrs.values())
 
 
-@pytest.mark.parametrize("key, kwargs", [
-    ("algorithm.inner_lr", {"inner_lr": 0.0}),
-    ("algorithm.inner_steps", {"inner_steps": 0}),
-    ("algorithm.test_inner_steps", {"test_inner_steps": 0}),
-    ("algorithm.multi_step_loss_epochs", {"multi_step_loss_epochs": -1}),
-    ("algorithm.first_order_epochs", {"first_order_epochs": -1}),
-    ("algorithm.steps_per_epoch", {"steps_per_epoch": 0}),
-    ("algorithm.per_step_bn", {"per_step_bn": True}),  # the MLP has no batch norm
-])
+@pytest.mark.parametrize(
+    "key, kwargs",
+    [
+        ("algorithm.inner_lr", {"inner_lr": 0.0}),
+        ("algorithm.inner_steps", {"inner_steps": 0}),
+        ("algorithm.test_inner_steps", {"test_inner_steps": 0}),
+        ("algorithm.multi_step_loss_epochs", {"multi_step_loss_epochs": -1}),
+        ("algorithm.first_order_epochs", {"first_order_epochs": -1}),
+        ("algorithm.steps_per_epoch", {"steps_per_epoch": 0}),
+        ("algorithm.per_step_bn", {"per_step_bn": True}),  # the MLP has no batch norm
+    ],
+)
 def test_bad_settings_name_the_key(key, kwargs):
-    settings = {"inner_lr": 0.1, "inner_steps": 2, "test_inner_steps": 2,
-                "per_step_bn": False} | kwargs
+    settings = {"inner_lr": 0.1, "inner_steps": 2, "test_inner_steps": 2, "per_step_bn": False} | kwargs
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         MAMLPlusPlus(tiny_mlp(), **settings)
 
@@ -278,15 +273,29 @@ def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
 
     Measured: 0.37 before training, 0.73 after (threshold 0.55).
     """
-    cfg = make_config("dataset=omniglot", "algorithm=maml_plus_plus", "model.hidden=16",
-                      "sampler.meta_batch_size=4", "sampler.train_queries=1", "sampler.queries=1",
-                      "algorithm.inner_lr=0.4", "algorithm.inner_steps=2",
-                      "algorithm.test_inner_steps=2", "algorithm.multi_step_loss_epochs=2",
-                      "algorithm.first_order_epochs=1", "algorithm.steps_per_epoch=40")
+    cfg = make_config(
+        "dataset=omniglot",
+        "algorithm=maml_plus_plus",
+        "model.hidden=16",
+        "sampler.meta_batch_size=4",
+        "sampler.train_queries=1",
+        "sampler.queries=1",
+        "algorithm.inner_lr=0.4",
+        "algorithm.inner_steps=2",
+        "algorithm.test_inner_steps=2",
+        "algorithm.multi_step_loss_epochs=2",
+        "algorithm.first_order_epochs=1",
+        "algorithm.steps_per_epoch=40",
+    )
     objects = build(cfg)
     alg, sampler = objects["algorithm"], objects["sampler"]
     splits = objects["datamodule"].splits
-    assert_learns(alg, sampler, splits["test"],
-                  lambda: meta_train(alg, sampler, splits["train"], steps=80, lr=0.005),
-                  at_least=0.55, gain=0.15)
+    assert_learns(
+        alg,
+        sampler,
+        splits["test"],
+        lambda: meta_train(alg, sampler, splits["train"], steps=80, lr=0.005),
+        at_least=0.55,
+        gain=0.15,
+    )
     assert int(alg.outer_step) == 80

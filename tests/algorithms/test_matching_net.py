@@ -21,8 +21,7 @@ def point_episode() -> Episode:
     """3-way 1-shot on 2-D points stored as [C=1, H=1, W=2] images."""
     support = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
     query = torch.tensor([[3.0, 1.0], [-1.0, 3.0]], dtype=torch.float64)
-    return Episode(support.view(3, 1, 1, 2), torch.tensor([0, 1, 2]),
-                   query.view(2, 1, 1, 2), torch.tensor([0, 1]))
+    return Episode(support.view(3, 1, 1, 2), torch.tensor([0, 1, 2]), query.view(2, 1, 1, 2), torch.tensor([0, 1]))
 
 
 def test_one_shot_is_a_softmax_over_cosines_and_cosine_nearest_neighbour():
@@ -30,8 +29,7 @@ def test_one_shot_is_a_softmax_over_cosines_and_cosine_nearest_neighbour():
     out = MatchingNet(nn.Flatten()).meta_loss(batch)
     r2, r10 = math.sqrt(2), math.sqrt(10)
     # cosines of (3, 1) with (1, 0), (0, 1), (1, 1); of (-1, 3) with the same
-    cos = torch.tensor([[[3 / r10, 1 / r10, 4 / (r10 * r2)],
-                         [-1 / r10, 3 / r10, 2 / (r10 * r2)]]], dtype=torch.float64)
+    cos = torch.tensor([[[3 / r10, 1 / r10, 4 / (r10 * r2)], [-1 / r10, 3 / r10, 2 / (r10 * r2)]]], dtype=torch.float64)
     torch.testing.assert_close(out.query_logits.exp(), F.softmax(cos, -1))
     assert out.query_logits.argmax(-1).tolist() == [[0, 1]] == cos.argmax(-1).tolist()
     loss = -(math.log(F.softmax(cos[0, 0], -1)[0]) + math.log(F.softmax(cos[0, 1], -1)[1])) / 2
@@ -50,16 +48,20 @@ def test_k_shot_class_probability_is_the_attention_mass_of_its_shots():
     torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(4, dtype=torch.float64))
 
 
-def episode_batch(generator: torch.Generator, tasks: int = 2, ways: int = 3, shots: int = 2,
-                  queries: int = 2, dim: int = 4):
+def episode_batch(
+    generator: torch.Generator, tasks: int = 2, ways: int = 3, shots: int = 2, queries: int = 2, dim: int = 4
+):
     """Random float64 "images" [C=1, H=1, W=dim] with labels 0..ways-1."""
     episodes = []
     for _ in range(tasks):
-        episodes.append(Episode(
-            torch.randn(ways * shots, 1, 1, dim, generator=generator, dtype=torch.float64),
-            torch.arange(ways).repeat_interleave(shots),
-            torch.randn(ways * queries, 1, 1, dim, generator=generator, dtype=torch.float64),
-            torch.arange(ways).repeat_interleave(queries)))
+        episodes.append(
+            Episode(
+                torch.randn(ways * shots, 1, 1, dim, generator=generator, dtype=torch.float64),
+                torch.arange(ways).repeat_interleave(shots),
+                torch.randn(ways * queries, 1, 1, dim, generator=generator, dtype=torch.float64),
+                torch.arange(ways).repeat_interleave(queries),
+            )
+        )
     return collate_episodes(episodes)
 
 
@@ -75,8 +77,9 @@ class LinearEmbedding(nn.Module):
         return x.flatten(1) @ self.weight.T  # [M, D]
 
 
-def directional_derivative_check(alg: nn.Module, batch, generator: torch.Generator,
-                                 directions: int = 4, eps: float = 1e-6) -> None:
+def directional_derivative_check(
+    alg: nn.Module, batch, generator: torch.Generator, directions: int = 4, eps: float = 1e-6
+) -> None:
     """Autograd's gradient · v against central differences along random directions v."""
     params = list(alg.parameters())
     alg.zero_grad()
@@ -128,13 +131,18 @@ def test_full_context_embeddings_follow_the_appendix_equations():
     zero = torch.zeros(dim, dtype=torch.float64)
     fwd, (h, c) = [], (zero, zero)
     for i in range(s):
-        h, c = lstm_cell(g_prime[i], h, c, lstm.weight_ih_l0, lstm.weight_hh_l0,
-                         lstm.bias_ih_l0 + lstm.bias_hh_l0)
+        h, c = lstm_cell(g_prime[i], h, c, lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)
         fwd.append(h)
     bwd, (h, c) = [None] * s, (zero, zero)
     for i in reversed(range(s)):
-        h, c = lstm_cell(g_prime[i], h, c, lstm.weight_ih_l0_reverse, lstm.weight_hh_l0_reverse,
-                         lstm.bias_ih_l0_reverse + lstm.bias_hh_l0_reverse)
+        h, c = lstm_cell(
+            g_prime[i],
+            h,
+            c,
+            lstm.weight_ih_l0_reverse,
+            lstm.weight_hh_l0_reverse,
+            lstm.bias_ih_l0_reverse + lstm.bias_hh_l0_reverse,
+        )
         bwd[i] = h
     g_full = g_prime + torch.stack(fwd) + torch.stack(bwd)
     torch.testing.assert_close(fce.embed_support(g_prime), g_full)
@@ -146,8 +154,7 @@ def test_full_context_embeddings_follow_the_appendix_equations():
     h, c = f_prime, torch.zeros(m, dim, dtype=torch.float64)
     for _ in range(steps):
         r = F.softmax(h @ g_full.T, -1) @ g_full  # r_{k-1} = Σ a(h_{k-1}, g(x_i)) g(x_i)
-        h_hat, c = lstm_cell(f_prime, torch.cat([h, r], -1), c, w_x, w_hr,
-                             cell.bias_ih + cell.bias_hh)
+        h_hat, c = lstm_cell(f_prime, torch.cat([h, r], -1), c, w_x, w_hr, cell.bias_ih + cell.bias_hh)
         h = h_hat + f_prime
     torch.testing.assert_close(fce.embed_query(f_prime, g_full), h)
 
@@ -156,32 +163,47 @@ def test_fce_shapes_and_any_number_of_ways():
     g = torch.Generator().manual_seed(3)
     alg = MatchingNet(Conv4(hidden=8, image_size=16), fce=True, fce_lstm_layers=2)
     alg.check_episode_shape(5, 20)
-    episodes = [Episode(torch.rand(4 * 2, 1, 16, 16, generator=g), torch.arange(4).repeat_interleave(2),
-                        torch.rand(4 * 3, 1, 16, 16, generator=g), torch.arange(4).repeat_interleave(3))]
+    episodes = [
+        Episode(
+            torch.rand(4 * 2, 1, 16, 16, generator=g),
+            torch.arange(4).repeat_interleave(2),
+            torch.rand(4 * 3, 1, 16, 16, generator=g),
+            torch.arange(4).repeat_interleave(3),
+        )
+    ]
     out = alg.meta_loss(collate_episodes(episodes * 2))
     assert out.query_logits.shape == (2, 12, 4)
     torch.testing.assert_close(out.query_logits.exp().sum(-1), torch.ones(2, 12))
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"model": Conv4(hidden=8, out_features=5)}, "model.out_features"),
-    ({"model": nn.Flatten(), "fce": True}, "algorithm.fce"),
-    ({"model": nn.Flatten(), "attention_steps": 0}, "algorithm.attention_steps"),
-    ({"model": nn.Flatten(), "fce_lstm_layers": 0}, "algorithm.fce_lstm_layers"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"model": Conv4(hidden=8, out_features=5)}, "model.out_features"),
+        ({"model": nn.Flatten(), "fce": True}, "algorithm.fce"),
+        ({"model": nn.Flatten(), "attention_steps": 0}, "algorithm.attention_steps"),
+        ({"model": nn.Flatten(), "fce_lstm_layers": 0}, "algorithm.fce_lstm_layers"),
+    ],
+)
 def test_bad_settings_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         MatchingNet(**kwargs)
-
 
 
 @pytest.mark.slow
 def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
     """100 Adam steps of 8 tasks, 5-way 1-shot: from ~48 % (untrained) to ~72 % on 100 fixed
     5-way 1-shot test episodes; asserted ≥ 60 % and ≥ 10 points above the untrained net."""
-    objects = build(make_config("dataset=omniglot", "algorithm=matching_net", "model.hidden=32",
-                                "sampler.queries=5", "sampler.train_queries=2",
-                                "sampler.meta_batch_size=8"))
+    objects = build(
+        make_config(
+            "dataset=omniglot",
+            "algorithm=matching_net",
+            "model.hidden=32",
+            "sampler.queries=5",
+            "sampler.train_queries=2",
+            "sampler.meta_batch_size=8",
+        )
+    )
     alg, sampler = objects["algorithm"], objects["sampler"]
     splits = objects["datamodule"].splits
     before = episode_accuracy(alg, sampler, splits["test"])

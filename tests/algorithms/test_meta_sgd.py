@@ -40,17 +40,14 @@ def rate_grads(alg: MetaSGD) -> torch.Tensor:
 @pytest.mark.parametrize("steps, first_order", [(1, False), (3, False), (2, True)])
 def test_equal_rates_are_maml(steps, first_order):
     batch = tiny_batch()
-    sgd = MetaSGD(tiny_mlp(), init_inner_lr=0.1, inner_steps=steps, test_inner_steps=steps,
-                  first_order=first_order)
-    maml = MAML(tiny_mlp(), inner_lr=0.1, inner_steps=steps, test_inner_steps=steps,
-                first_order=first_order)
+    sgd = MetaSGD(tiny_mlp(), init_inner_lr=0.1, inner_steps=steps, test_inner_steps=steps, first_order=first_order)
+    maml = MAML(tiny_mlp(), inner_lr=0.1, inner_steps=steps, test_inner_steps=steps, first_order=first_order)
     out_sgd, out_maml = sgd.meta_loss(batch), maml.meta_loss(batch)
     torch.testing.assert_close(out_sgd.loss, out_maml.loss, rtol=1e-14, atol=0)
     out_sgd.loss.backward()
     out_maml.loss.backward()
     torch.testing.assert_close(model_grads(sgd), model_grads(maml), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(sgd.predict(batch).query_logits, maml.predict(batch).query_logits,
-                               rtol=1e-14, atol=0)
+    torch.testing.assert_close(sgd.predict(batch).query_logits, maml.predict(batch).query_logits, rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("steps", [1, 2])
@@ -62,9 +59,12 @@ def test_meta_gradient_matches_finite_differences(steps):
     with torch.no_grad():
         for lr in alg.inner_lrs.values():
             lr.copy_(torch.empty(lr.shape, dtype=lr.dtype).uniform_(0.005, 0.1, generator=g))
-    torch.testing.assert_close(meta_gradient(alg, batch),
-                               finite_difference(meta_loss_value(alg, batch), alg.parameters()),
-                               rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(
+        meta_gradient(alg, batch),
+        finite_difference(meta_loss_value(alg, batch), alg.parameters()),
+        rtol=1e-6,
+        atol=1e-8,
+    )
 
 
 def test_one_step_rate_gradient_closed_form():
@@ -76,12 +76,13 @@ def test_one_step_rate_gradient_closed_form():
     for i in range(len(batch)):
         task = batch.task(i)
         theta = {k: v.detach().requires_grad_() for k, v in alg.model.named_parameters()}
-        g_s = torch.autograd.grad(task_loss(forward(alg.model, theta, task.support_x),
-                                            task.support_y), list(theta.values()))
-        adapted = {k: (v - 0.05 * g).detach().requires_grad_()
-                   for (k, v), g in zip(theta.items(), g_s)}
-        g_q = torch.autograd.grad(task_loss(forward(alg.model, adapted, task.query_x),
-                                            task.query_y), list(adapted.values()))
+        g_s = torch.autograd.grad(
+            task_loss(forward(alg.model, theta, task.support_x), task.support_y), list(theta.values())
+        )
+        adapted = {k: (v - 0.05 * g).detach().requires_grad_() for (k, v), g in zip(theta.items(), g_s)}
+        g_q = torch.autograd.grad(
+            task_loss(forward(alg.model, adapted, task.query_x), task.query_y), list(adapted.values())
+        )
         expected -= torch.cat([(a * b).flatten() for a, b in zip(g_q, g_s)]) / len(batch)
     torch.testing.assert_close(rate_grads(alg), expected, rtol=1e-10, atol=1e-12)
 
@@ -96,8 +97,7 @@ def test_one_rate_tensor_per_parameter_learned_jointly():
         assert rates[name].shape == p.shape and torch.all(rates[name] == 0.4)
     learned = {id(p) for p in alg.parameters()}
     assert all(id(r) in learned for r in rates.values())  # the optimiser sees the rates
-    assert (sum(p.numel() for p in alg.parameters())
-            == 2 * sum(p.numel() for p in model.parameters()))
+    assert sum(p.numel() for p in alg.parameters()) == 2 * sum(p.numel() for p in model.parameters())
 
 
 def test_predict_writes_no_parameter_and_adapts():
@@ -107,16 +107,18 @@ def test_predict_writes_no_parameter_and_adapts():
     out = alg.predict(batch)
     for p, q in zip(alg.parameters(), before):
         assert torch.equal(p, q)
-    assert ((out.query_logits - batch.query_y).pow(2).mean()
-            < (out.query_logits_before - batch.query_y).pow(2).mean())
+    assert (out.query_logits - batch.query_y).pow(2).mean() < (out.query_logits_before - batch.query_y).pow(2).mean()
 
 
-@pytest.mark.parametrize("key, kwargs", [
-    ("algorithm.init_inner_lr", {"init_inner_lr": 0.0}),
-    ("algorithm.init_inner_lr", {"init_inner_lr": -0.1}),
-    ("algorithm.inner_steps", {"inner_steps": 0}),
-    ("algorithm.test_inner_steps", {"test_inner_steps": 0}),
-])
+@pytest.mark.parametrize(
+    "key, kwargs",
+    [
+        ("algorithm.init_inner_lr", {"init_inner_lr": 0.0}),
+        ("algorithm.init_inner_lr", {"init_inner_lr": -0.1}),
+        ("algorithm.inner_steps", {"inner_steps": 0}),
+        ("algorithm.test_inner_steps", {"test_inner_steps": 0}),
+    ],
+)
 def test_bad_settings_name_the_key(key, kwargs):
     settings = {"init_inner_lr": 0.1, "inner_steps": 1, "test_inner_steps": 1} | kwargs
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -137,12 +139,23 @@ def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
 
     Measured: 0.25 before training, 0.59 after (threshold 0.45).
     """
-    cfg = make_config("dataset=omniglot", "algorithm=meta_sgd", "model.hidden=16",
-                      "sampler.meta_batch_size=4", "sampler.train_queries=1", "sampler.queries=1",
-                      "algorithm.init_inner_lr=0.4")
+    cfg = make_config(
+        "dataset=omniglot",
+        "algorithm=meta_sgd",
+        "model.hidden=16",
+        "sampler.meta_batch_size=4",
+        "sampler.train_queries=1",
+        "sampler.queries=1",
+        "algorithm.init_inner_lr=0.4",
+    )
     objects = build(cfg)
     alg, sampler = objects["algorithm"], objects["sampler"]
     splits = objects["datamodule"].splits
-    assert_learns(alg, sampler, splits["test"],
-                  lambda: meta_train(alg, sampler, splits["train"], steps=80, lr=0.005),
-                  at_least=0.45, gain=0.15)
+    assert_learns(
+        alg,
+        sampler,
+        splits["test"],
+        lambda: meta_train(alg, sampler, splits["train"], steps=80, lr=0.005),
+        at_least=0.45,
+        gain=0.15,
+    )

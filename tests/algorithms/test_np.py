@@ -30,8 +30,7 @@ def tiny_np(deterministic: bool = False, samples: int = 4) -> NeuralProcess:
     latent = 3
     det = MLP(2, (8,), 5).double() if deterministic else None
     decoder = MLP(latent + 1 + (5 if deterministic else 0), (8,), 2).double()
-    return NeuralProcess(decoder, MLP(2, (8,), 2 * latent).double(), latent, det,
-                         test_samples=samples, seed=7)
+    return NeuralProcess(decoder, MLP(2, (8,), 2 * latent).double(), latent, det, test_samples=samples, seed=7)
 
 
 def test_kl_matches_the_closed_form():
@@ -42,12 +41,11 @@ def test_kl_matches_the_closed_form():
     g = torch.Generator().manual_seed(0)
     mq, mp = (torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(2))
     sq, sp = (torch.rand(4, 6, generator=g, dtype=torch.float64) + 0.1 for _ in range(2))
-    expected = torch.distributions.kl_divergence(torch.distributions.Normal(mq, sq),
-                                                 torch.distributions.Normal(mp, sp)).sum(-1)
-    torch.testing.assert_close(kl_diagonal_gaussians(mq, sq, mp, sp), expected,
-                               rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(kl_diagonal_gaussians(mq, sq, mq, sq),
-                               torch.zeros(4, dtype=torch.float64))
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mq, sq), torch.distributions.Normal(mp, sp)
+    ).sum(-1)
+    torch.testing.assert_close(kl_diagonal_gaussians(mq, sq, mp, sp), expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kl_diagonal_gaussians(mq, sq, mq, sq), torch.zeros(4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -83,8 +81,9 @@ def test_elbo_recomputed_by_hand_with_the_same_noise(deterministic):
 
         mean, std = decode(z, xt)
         log_lik = torch.distributions.Normal(mean, std).log_prob(yt).sum()
-        kl = torch.distributions.kl_divergence(torch.distributions.Normal(mt, st),
-                                               torch.distributions.Normal(mc, sc)).sum()
+        kl = torch.distributions.kl_divergence(
+            torch.distributions.Normal(mt, st), torch.distributions.Normal(mc, sc)
+        ).sum()
         expected.append((log_lik - kl) / xt.shape[0])
         preds.append(decode(mc, t.query_x)[0])
     torch.testing.assert_close(out.loss, -torch.stack(expected).mean(), rtol=1e-12, atol=1e-14)
@@ -143,15 +142,17 @@ def test_test_likelihood_is_the_monte_carlo_mixture_estimate():
     torch.testing.assert_close(alg.predict(batch).query_logits, out.query_logits)  # fixed noise
 
 
-@pytest.mark.parametrize("key, change", [
-    ("model.in_features", lambda kw: kw | {"deterministic_encoder": MLP(2, (4,), 5)}),
-    ("model.in_features", lambda kw: kw | {"model": MLP(5, (4,), 2)}),
-    ("model.out_features", lambda kw: kw | {"model": MLP(4, (4,), 3)}),
-    ("algorithm.latent_encoder.out_features", lambda kw: kw | {"latent_dim": 4}),
-    ("algorithm.deterministic_encoder.in_features",
-     lambda kw: kw | {"deterministic_encoder": MLP(3, (4,), 5)}),
-    ("algorithm.test_samples", lambda kw: kw | {"test_samples": 0}),
-])
+@pytest.mark.parametrize(
+    "key, change",
+    [
+        ("model.in_features", lambda kw: kw | {"deterministic_encoder": MLP(2, (4,), 5)}),
+        ("model.in_features", lambda kw: kw | {"model": MLP(5, (4,), 2)}),
+        ("model.out_features", lambda kw: kw | {"model": MLP(4, (4,), 3)}),
+        ("algorithm.latent_encoder.out_features", lambda kw: kw | {"latent_dim": 4}),
+        ("algorithm.deterministic_encoder.in_features", lambda kw: kw | {"deterministic_encoder": MLP(3, (4,), 5)}),
+        ("algorithm.test_samples", lambda kw: kw | {"test_samples": 0}),
+    ],
+)
 def test_bad_settings_name_the_key(key, change):
     settings = change({"model": MLP(4, (4,), 2), "latent_encoder": MLP(2, (4,), 6), "latent_dim": 3})
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -174,8 +175,7 @@ def test_module_reports_the_log_likelihood(make_config, tmp_path):
     metrics = objects["trainer"].callback_metrics
     assert {"test/log_likelihood", "test/log_likelihood_ci95", "test/mse"} <= set(metrics)
     assert list(results["test"]) == ["mse", "log_likelihood"]
-    assert results["test"]["log_likelihood"]["mean"] == pytest.approx(
-        float(metrics["test/log_likelihood"]))
+    assert results["test"]["log_likelihood"]["mean"] == pytest.approx(float(metrics["test/log_likelihood"]))
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/elbo", "train/kl", "val/log_likelihood"} <= set(header)
 

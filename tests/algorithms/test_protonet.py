@@ -19,8 +19,7 @@ def point_episode() -> Episode:
     """2-way 2-shot on 2-D points stored as [C=1, H=1, W=2] images."""
     support = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 4.0]])
     query = torch.tensor([[1.0, 1.0], [0.0, 3.0]])
-    return Episode(support.view(4, 1, 1, 2), torch.tensor([0, 0, 1, 1]),
-                   query.view(2, 1, 1, 2), torch.tensor([0, 1]))
+    return Episode(support.view(4, 1, 1, 2), torch.tensor([0, 0, 1, 1]), query.view(2, 1, 1, 2), torch.tensor([0, 1]))
 
 
 def test_hand_computed_episode():
@@ -39,8 +38,7 @@ def test_logits_are_negative_squared_distances_to_class_means():
     labels = torch.tensor([0, 1, 2, 0, 1, 2]).expand(3, 6)
     logits = prototype_logits(support, labels, query, 3)
     protos = torch.stack([support[:, labels[0] == c].mean(1) for c in range(3)], 1)  # [B, N, D]
-    torch.testing.assert_close(logits, -((query[:, :, None] - protos[:, None]) ** 2).sum(-1),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, -((query[:, :, None] - protos[:, None]) ** 2).sum(-1), rtol=1e-5, atol=1e-5)
     assert F.softmax(logits, -1).sum(-1).allclose(torch.ones(3, 4))
 
 
@@ -52,5 +50,6 @@ def test_any_number_of_ways_at_test_and_no_head():
 
 def test_a_regression_dataset_is_refused_before_training(make_config):
     from metarun.train import build
+
     with pytest.raises(ConfigError, match=r"algorithm=ProtoNet is not allowed with dataset=Sinusoid"):
         build(make_config("algorithm=protonet"))

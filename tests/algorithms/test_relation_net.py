@@ -14,17 +14,19 @@ from metarun.train import build
 from tests.algorithms.learning import episode_accuracy, meta_train
 
 
-def random_batch(generator: torch.Generator, tasks: int, ways: int, shots: int, queries: int,
-                 side: int = 28):
+def random_batch(generator: torch.Generator, tasks: int, ways: int, shots: int, queries: int, side: int = 28):
     """Random images with labels 0..ways-1, support shuffled within the episode."""
     episodes = []
     for _ in range(tasks):
         order = torch.randperm(ways * shots, generator=generator)
-        episodes.append(Episode(
-            torch.rand(ways * shots, 1, side, side, generator=generator),
-            torch.arange(ways).repeat_interleave(shots)[order],
-            torch.rand(ways * queries, 1, side, side, generator=generator),
-            torch.arange(ways).repeat_interleave(queries)))
+        episodes.append(
+            Episode(
+                torch.rand(ways * shots, 1, side, side, generator=generator),
+                torch.arange(ways).repeat_interleave(shots)[order],
+                torch.rand(ways * queries, 1, side, side, generator=generator),
+                torch.arange(ways).repeat_interleave(queries),
+            )
+        )
     return collate_episodes(episodes)
 
 
@@ -94,8 +96,9 @@ def test_scores_do_not_depend_on_the_order_of_the_support_set():
     batch = random_batch(g, tasks=1, ways=3, shots=3, queries=2)
     alg = seeded(lambda: RelationNet(Conv4(hidden=8, pooled_blocks=2)))
     order = torch.randperm(9, generator=g)
-    shuffled = collate_episodes([Episode(batch.support_x[0, order], batch.support_y[0, order],
-                                         batch.query_x[0], batch.query_y[0])])
+    shuffled = collate_episodes(
+        [Episode(batch.support_x[0, order], batch.support_y[0, order], batch.query_x[0], batch.query_y[0])]
+    )
     torch.testing.assert_close(alg.predict(shuffled).query_logits, alg.predict(batch).query_logits)
 
 
@@ -114,19 +117,25 @@ def test_conv4_pooled_blocks_keeps_the_default_backbone():
     assert [type(m).__name__ for m in default.features][:4] == ["Conv2d", "BatchStatNorm2d", "ReLU", "MaxPool2d"]
     assert isinstance(default.features[1], nn.BatchNorm2d)
     assert [k for k in default.state_dict() if k.endswith("weight")][:3] == [
-        "features.0.weight", "features.1.weight", "features.4.weight"]  # checkpoint keys unchanged
+        "features.0.weight",
+        "features.1.weight",
+        "features.4.weight",
+    ]  # checkpoint keys unchanged
     two = Conv4(hidden=8, pooled_blocks=2)
     assert two.feature_shape == (8, 7, 7) and two(torch.rand(3, 1, 28, 28)).shape == (3, 8 * 49)
     with pytest.raises(ConfigError, match="model.pooled_blocks"):
         Conv4(pooled_blocks=5)
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({"model": Conv4(hidden=8, out_features=5)}, "model.out_features"),
-    ({"model": nn.Flatten()}, "model=Flatten"),
-    ({"model": Conv4(hidden=8), "relation_hidden": 0}, "algorithm.relation_hidden"),
-    ({"model": Conv4(hidden=8), "norm": "layer"}, "algorithm.norm"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"model": Conv4(hidden=8, out_features=5)}, "model.out_features"),
+        ({"model": nn.Flatten()}, "model=Flatten"),
+        ({"model": Conv4(hidden=8), "relation_hidden": 0}, "algorithm.relation_hidden"),
+        ({"model": Conv4(hidden=8), "norm": "layer"}, "algorithm.norm"),
+    ],
+)
 def test_bad_settings_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         RelationNet(**kwargs)
@@ -136,14 +145,20 @@ def test_any_number_of_ways_at_test():
     RelationNet(Conv4(hidden=8, pooled_blocks=2)).check_episode_shape(5, 20)
 
 
-
 @pytest.mark.slow
 def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
     """150 Adam steps of 4 tasks, 5-way 1-shot (16 channels): from ~20 % (untrained relation
     module) to ~79 % on 100 fixed 5-way 1-shot test episodes; asserted ≥ 65 %."""
-    objects = build(make_config("dataset=omniglot", "algorithm=relation_net", "model.hidden=16",
-                                "sampler.queries=5", "sampler.train_queries=2",
-                                "sampler.meta_batch_size=4"))
+    objects = build(
+        make_config(
+            "dataset=omniglot",
+            "algorithm=relation_net",
+            "model.hidden=16",
+            "sampler.queries=5",
+            "sampler.train_queries=2",
+            "sampler.meta_batch_size=4",
+        )
+    )
     alg, sampler = objects["algorithm"], objects["sampler"]
     splits = objects["datamodule"].splits
     before = episode_accuracy(alg, sampler, splits["test"])

@@ -34,9 +34,15 @@ def tiny_mlp(seed: int = 0) -> nn.Module:
 
 
 def reptile(optimizer: str = "sgd", batch_size: int | None = None, steps: int = 3) -> Reptile:
-    return Reptile(tiny_mlp(), inner_lr=0.05 if optimizer == "sgd" else 0.01, inner_steps=steps,
-                   test_inner_steps=steps, inner_optimizer=optimizer, inner_batch_size=batch_size,
-                   inner_betas=(0.0, 0.999))
+    return Reptile(
+        tiny_mlp(),
+        inner_lr=0.05 if optimizer == "sgd" else 0.01,
+        inner_steps=steps,
+        test_inner_steps=steps,
+        inner_optimizer=optimizer,
+        inner_batch_size=batch_size,
+        inner_betas=(0.0, 0.999),
+    )
 
 
 def manual_inner_loop(alg: Reptile, task, steps: int, batches=None) -> list[torch.Tensor]:
@@ -45,8 +51,7 @@ def manual_inner_loop(alg: Reptile, task, steps: int, batches=None) -> list[torc
     if alg.inner_optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=alg.inner_lr)
     else:
-        opt = torch.optim.Adam(model.parameters(), lr=alg.inner_lr, betas=alg.inner_betas,
-                               eps=alg.inner_eps)
+        opt = torch.optim.Adam(model.parameters(), lr=alg.inner_lr, betas=alg.inner_betas, eps=alg.inner_eps)
     for s in range(steps):
         idx = slice(None) if batches is None or batches[s] is None else batches[s]
         opt.zero_grad()
@@ -60,9 +65,18 @@ def adapt(alg: Reptile, task, steps: int, batch_size, generator) -> dict:
     minibatches ``generator`` draws."""
     theta = {k: v.detach() for k, v in alg.model.named_parameters()}
     batches = minibatch_indices(task.support_x.shape[0], batch_size, steps, generator)
-    return inner_train(alg.model, theta, task.support_x, task.support_y, steps, alg.inner_lr,
-                       alg.inner_optimizer, None if batches[0] is None else torch.stack(batches),
-                       alg.inner_betas, alg.inner_eps)
+    return inner_train(
+        alg.model,
+        theta,
+        task.support_x,
+        task.support_y,
+        steps,
+        alg.inner_lr,
+        alg.inner_optimizer,
+        None if batches[0] is None else torch.stack(batches),
+        alg.inner_betas,
+        alg.inner_eps,
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -82,7 +96,7 @@ def test_minibatches_follow_the_shuffled_support_set():
     batches = minibatch_indices(6, 4, 5, torch.Generator().manual_seed(3))
     order = torch.cat(batches)  # 5 steps × 4 = 20 indices: three shuffles of 6, cut at 4
     for epoch in range(3):
-        assert sorted(order[6 * epoch:6 * epoch + 6].tolist()) == list(range(6))
+        assert sorted(order[6 * epoch : 6 * epoch + 6].tolist()) == list(range(6))
     expected = manual_inner_loop(alg, task, 5, batches)
     for got, want in zip(adapted.values(), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -111,8 +125,7 @@ def test_surrogate_gradient_is_theta_minus_adapted_theta(optimizer, batch_size):
     for j, (p, t) in enumerate(zip(alg.parameters(), theta)):
         expected = torch.stack([t - a[j] for a in adapted]).mean(0)  # mean_i (θ − θ′_i)
         torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14)
-    value = sum(0.5 * sum((t - a[j]).pow(2).sum() for j, t in enumerate(theta))
-                for a in adapted) / len(batch)
+    value = sum(0.5 * sum((t - a[j]).pow(2).sum() for j, t in enumerate(theta)) for a in adapted) / len(batch)
     torch.testing.assert_close(out.loss, value)
 
 
@@ -160,16 +173,19 @@ def test_inner_loop_is_pure_uses_support_only_and_predict_adapts():
     torch.testing.assert_close(alg.predict(batch).query_logits, pred.query_logits)
 
 
-@pytest.mark.parametrize("key, kwargs", [
-    ("algorithm.inner_lr", {"inner_lr": 0.0}),
-    ("algorithm.inner_steps", {"inner_steps": 0}),
-    ("algorithm.test_inner_steps", {"test_inner_steps": -1}),
-    ("algorithm.inner_optimizer", {"inner_optimizer": "rmsprop"}),
-    ("algorithm.inner_batch_size", {"inner_batch_size": 0}),
-    ("algorithm.test_inner_batch_size", {"test_inner_batch_size": 2.5}),
-    ("algorithm.inner_betas", {"inner_betas": (0.9, 1.0)}),
-    ("algorithm.inner_eps", {"inner_eps": 0.0}),
-])
+@pytest.mark.parametrize(
+    "key, kwargs",
+    [
+        ("algorithm.inner_lr", {"inner_lr": 0.0}),
+        ("algorithm.inner_steps", {"inner_steps": 0}),
+        ("algorithm.test_inner_steps", {"test_inner_steps": -1}),
+        ("algorithm.inner_optimizer", {"inner_optimizer": "rmsprop"}),
+        ("algorithm.inner_batch_size", {"inner_batch_size": 0}),
+        ("algorithm.test_inner_batch_size", {"test_inner_batch_size": 2.5}),
+        ("algorithm.inner_betas", {"inner_betas": (0.9, 1.0)}),
+        ("algorithm.inner_eps", {"inner_eps": 0.0}),
+    ],
+)
 def test_bad_settings_name_the_key(key, kwargs):
     settings = {"inner_lr": 0.1, "inner_steps": 1, "test_inner_steps": 1} | kwargs
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -191,12 +207,16 @@ def test_runs_in_the_module_with_an_annealed_outer_step(make_config):
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["lr"] == 0.0
 
 
-@pytest.mark.parametrize("preset, ways, shots, batch, steps, lr", [
-    ("reptile_omniglot_5w1s", 5, 1, 25, 3, 0.001), ("reptile_omniglot_5w5s", 5, 5, 10, 5, 0.0015),
-    ("reptile_omniglot_20w1s", 20, 1, 15, 12, 0.00046),
-    ("reptile_omniglot_20w5s", 20, 5, 20, 12, 0.00046)])
-def test_omniglot_presets_build(make_config, omniglot_available, preset, ways, shots, batch, steps,
-                                lr):
+@pytest.mark.parametrize(
+    "preset, ways, shots, batch, steps, lr",
+    [
+        ("reptile_omniglot_5w1s", 5, 1, 25, 3, 0.001),
+        ("reptile_omniglot_5w5s", 5, 5, 10, 5, 0.0015),
+        ("reptile_omniglot_20w1s", 20, 1, 15, 12, 0.00046),
+        ("reptile_omniglot_20w5s", 20, 5, 20, 12, 0.00046),
+    ],
+)
+def test_omniglot_presets_build(make_config, omniglot_available, preset, ways, shots, batch, steps, lr):
     """The authors' README commands (--inner-batch, --inner-iters, --learning-rate)."""
     cfg = make_config(f"experiment={preset}", tiny=False)
     alg = build(cfg)["algorithm"]
@@ -224,8 +244,7 @@ def test_learns_sinusoids(make_config):
     cfg = make_config("algorithm=reptile", "trainer.max_steps=100", "sampler.meta_batch_size=10")
     objects = build(cfg)
     alg, sampler = objects["algorithm"], objects["sampler"]
-    test = collate_episodes([sampler.eval_episode(objects["datamodule"].splits["test"], TEST, i)
-                             for i in range(50)])
+    test = collate_episodes([sampler.eval_episode(objects["datamodule"].splits["test"], TEST, i) for i in range(50)])
 
     def mse() -> float:
         return (alg.predict(test).query_logits - test.query_y).pow(2).mean().item()
@@ -242,12 +261,27 @@ def test_learns_omniglot(make_config, omniglot_available):
     and 10 test steps on a 32-channel Conv4. Measured on 40 test episodes: the untrained
     initialisation, adapted the same way, scores 62.7 % (chance 20 %), the trained one 71.5 %;
     asserted ≥ 67 % and ≥ 4 points above the untrained one."""
-    cfg = make_config("dataset=omniglot", "algorithm=reptile", "model.hidden=32",
-                      "sampler.train_shots=10", "sampler.train_queries=1",
-                      "sampler.meta_batch_size=5", "algorithm.inner_optimizer=adam",
-                      "algorithm.inner_lr=0.003", "algorithm.inner_steps=5",
-                      "algorithm.inner_batch_size=10", "algorithm.test_inner_steps=10",
-                      "trainer.max_steps=40")
+    cfg = make_config(
+        "dataset=omniglot",
+        "algorithm=reptile",
+        "model.hidden=32",
+        "sampler.train_shots=10",
+        "sampler.train_queries=1",
+        "sampler.meta_batch_size=5",
+        "algorithm.inner_optimizer=adam",
+        "algorithm.inner_lr=0.003",
+        "algorithm.inner_steps=5",
+        "algorithm.inner_batch_size=10",
+        "algorithm.test_inner_steps=10",
+        "trainer.max_steps=40",
+    )
     objects = build(cfg)
-    assert_learns(objects["algorithm"], objects["sampler"], objects["datamodule"].splits["test"],
-                  lambda: train(cfg, objects, 40), at_least=0.67, gain=0.04, episodes=40)
+    assert_learns(
+        objects["algorithm"],
+        objects["sampler"],
+        objects["datamodule"].splits["test"],
+        lambda: train(cfg, objects, 40),
+        at_least=0.67,
+        gain=0.04,
+        episodes=40,
+    )

@@ -29,18 +29,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 META_BATCH = 4
 # transductive batch norm: the norm every learner can run under vmap
-SMALL_OMNIGLOT = ["dataset=omniglot", "model.hidden=8", "sampler.ways=3", "sampler.queries=2",
-                  "model.norm=transductive"]
+SMALL_OMNIGLOT = [
+    "dataset=omniglot",
+    "model.hidden=8",
+    "sampler.ways=3",
+    "sampler.queries=2",
+    "model.norm=transductive",
+]
 
 
 def configs() -> dict[str, list[str]]:
-    out = {f"{a}_sinusoid": [f"algorithm={a}", *NEEDS.get((a, "regression"), [])]
-           for a in algorithms("regression")}
+    out = {f"{a}_sinusoid": [f"algorithm={a}", *NEEDS.get((a, "regression"), [])] for a in algorithms("regression")}
     for a in algorithms("classification"):
-        out[f"{a}_omniglot"] = [f"algorithm={a}", *SMALL_OMNIGLOT,
-                                *NEEDS.get((a, "classification"), [])]
-    return {name: [*TINY, *overrides, f"sampler.meta_batch_size={META_BATCH}"]
-            for name, overrides in out.items()}
+        out[f"{a}_omniglot"] = [f"algorithm={a}", *SMALL_OMNIGLOT, *NEEDS.get((a, "classification"), [])]
+    return {name: [*TINY, *overrides, f"sampler.meta_batch_size={META_BATCH}"] for name, overrides in out.items()}
 
 
 def float64_setup(name: str, tmp_path: Path) -> tuple:
@@ -51,8 +53,7 @@ def float64_setup(name: str, tmp_path: Path) -> tuple:
     device = torch.device(os.environ.get("METARUN_TEST_DEVICE", "cpu"))
     algorithm = objects["algorithm"].double().to(device)
     batch = objects["sampler"].train_batch(objects["datamodule"].splits["train"], 0)
-    fields = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
-              for k, v in vars(batch).items()}
+    fields = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in vars(batch).items()}
     fields = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in fields.items()}
     return algorithm, EpisodeBatch(**fields)
 
@@ -116,7 +117,7 @@ def test_map_tasks_stacks_tuples_and_matches_vmap():
     w = torch.randn(2, dtype=torch.float64)
 
     def fn(xi):
-        return xi @ w, (xi ** 2).sum()
+        return xi @ w, (xi**2).sum()
 
     loop = map_tasks(fn, x)
     vmapped = map_tasks(fn, x, vmap=True)
@@ -129,19 +130,24 @@ def test_the_per_task_loop_is_written_once():
     """Only algorithms/tasks.py loops over the tasks of a batch; everything else maps."""
     root = Path(__file__).resolve().parents[2] / "metarun"
     loop = re.compile(r"for \w+ in range\((len\(batch\)|b|B)\)|batch\.task\(|\(\w+\) for \w+ in images\]")
-    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
-                 if p.name != "tasks.py" and loop.search(p.read_text())]
+    offenders = [
+        str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "tasks.py" and loop.search(p.read_text())
+    ]
     assert offenders == []
 
 
-@pytest.mark.parametrize("algorithm, counter", [("maml_plus_plus", "outer_step"),
-                                                 ("reptile", "updates"), ("np", "updates")])
-def test_per_step_state_advances_once_per_outer_step_however_many_chunks(algorithm, counter,
-                                                                         tmp_path):
+@pytest.mark.parametrize(
+    "algorithm, counter", [("maml_plus_plus", "outer_step"), ("reptile", "updates"), ("np", "updates")]
+)
+def test_per_step_state_advances_once_per_outer_step_however_many_chunks(algorithm, counter, tmp_path):
     """Three outer steps of the real module with chunks of one task: the counter reads 3."""
-    overrides = [*TINY, f"algorithm={algorithm}", *NEEDS.get((algorithm, "regression"), []),
-                 "sampler.meta_batch_size=4", "task_chunk=1"]
+    overrides = [
+        *TINY,
+        f"algorithm={algorithm}",
+        *NEEDS.get((algorithm, "regression"), []),
+        "sampler.meta_batch_size=4",
+        "task_chunk=1",
+    ]
     train(compose_config(overrides, tmp_path))
-    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert int(state[f"algorithm.{counter}"]) == 3

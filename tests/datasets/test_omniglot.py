@@ -26,6 +26,7 @@ FAKE_CLASSES = 2 * 2 * 4  # evaluation alphabets x characters x rotations: Lake'
 
 # ---------------------------------------------------------------- real data (METARUN_DATA_DIR)
 
+
 @pytest.fixture(scope="session")
 def real_root() -> Path:
     value = os.environ.get("METARUN_DATA_DIR")
@@ -109,6 +110,7 @@ def test_packaged_split_files_match_shared(real_root: Path) -> None:
 
 # ---------------------------------------------------------------- no data needed
 
+
 def test_rot90_turns_like_pil_rotate() -> None:
     """Snell et al. rotate with PIL ``Image.rotate(deg)`` (counter-clockwise)."""
     image = np.random.default_rng(0).integers(0, 256, (7, 7), dtype=np.uint8)
@@ -117,8 +119,9 @@ def test_rot90_turns_like_pil_rotate() -> None:
         assert torch.equal(torch.rot90(torch.from_numpy(image), turns, dims=(-2, -1)), torch.from_numpy(pil))
 
 
-@pytest.mark.parametrize("key, value", [("split_scheme", "omniglot"), ("image_size", 0),
-                                        ("image_size", 2.5), ("image_size", True)])
+@pytest.mark.parametrize(
+    "key, value", [("split_scheme", "omniglot"), ("image_size", 0), ("image_size", 2.5), ("image_size", True)]
+)
 def test_bad_arguments_refused(tmp_path: Path, key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"dataset.{key}=") as error:
         Omniglot(str(tmp_path), str(tmp_path), **{key: value})
@@ -127,6 +130,7 @@ def test_bad_arguments_refused(tmp_path: Path, key: str, value: object) -> None:
 
 
 # ---------------------------------------------------------------- fake archives
+
 
 def _fake_png(seed: int) -> bytes:
     """A 105x105 1-bit drawing: an L-shaped stroke whose place depends on `seed`."""
@@ -149,8 +153,10 @@ def fake_zips(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for a, alphabet in enumerate(alphabets):
                 for c in (1, 2):
                     for d in range(1, 21):
-                        archive.writestr(f"{part}/{alphabet}/character{c:02d}/{a:02d}{c:02d}_{d:02d}.png",
-                                         _fake_png(100 * a + 10 * c + d + len(part)))
+                        archive.writestr(
+                            f"{part}/{alphabet}/character{c:02d}/{a:02d}{c:02d}_{d:02d}.png",
+                            _fake_png(100 * a + 10 * c + d + len(part)),
+                        )
     return folder
 
 
@@ -186,8 +192,7 @@ def test_extracted_folders_match_zips(fake_zips: Path, tmp_path: Path) -> None:
     assert torch.equal(folders.images, zips.images) and folders.keys == zips.keys
 
 
-def test_process_pool_matches_in_process(fake_zips: Path, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_process_pool_matches_in_process(fake_zips: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     in_process = _lake(fake_zips, tmp_path / "a")
     monkeypatch.setattr(omniglot, "MIN_IMAGES_PER_WORKER", 1)
     monkeypatch.setattr(omniglot, "CHUNK", 30)
@@ -253,7 +258,7 @@ def test_damaged_archive_refused(fake_zips: Path, tmp_path: Path, damage: str) -
     if damage == "truncated":
         data = data[: len(data) // 2]
     else:
-        data[len(data) // 3: len(data) // 3 + 400] = bytes(400)  # inside some member's PNG data
+        data[len(data) // 3 : len(data) // 3 + 400] = bytes(400)  # inside some member's PNG data
     archive.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match="is truncated or corrupt") as error:
         _lake(root, tmp_path / "cache")

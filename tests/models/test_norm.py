@@ -134,15 +134,22 @@ def random_batch(seed: int, tasks: int = 2):
     """5-way 1-shot episodes of random 28×28 images, 2 queries per class."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(5)
-    return collate_episodes([Episode(torch.randn(5, 1, 28, 28, generator=g), labels,
-                                     torch.randn(10, 1, 28, 28, generator=g), labels.repeat(2))
-                             for _ in range(tasks)])
+    return collate_episodes(
+        [
+            Episode(
+                torch.randn(5, 1, 28, 28, generator=g),
+                labels,
+                torch.randn(10, 1, 28, 28, generator=g),
+                labels.repeat(2),
+            )
+            for _ in range(tasks)
+        ]
+    )
 
 
 def train_and_predict(algorithm, batches, blend: bool = True) -> None:
     """A few outer Adam steps (α must move, if learned), then a finite prediction."""
-    names = [k for k, _ in algorithm.named_parameters()
-             if k.startswith("model.") and k.endswith(("scale", "offset"))]
+    names = [k for k, _ in algorithm.named_parameters() if k.startswith("model.") and k.endswith(("scale", "offset"))]
     assert len(names) == (8 if blend else 0)  # 4 TaskNorm layers × (scale, offset)
     before = {k: v.detach().clone() for k, v in algorithm.named_parameters() if k in names}
     opt = torch.optim.Adam(algorithm.parameters(), lr=1e-3)
@@ -190,8 +197,14 @@ def test_gradient_learners_score_queries_against_the_support_context(name, norm)
 
 
 def test_maml_with_tasknorm_on_omniglot(omniglot_available, make_config):
-    cfg = make_config("dataset=omniglot", "algorithm=maml", "model.norm=tasknorm", "model.hidden=8",
-                      "algorithm.inner_steps=1", "algorithm.test_inner_steps=2")
+    cfg = make_config(
+        "dataset=omniglot",
+        "algorithm=maml",
+        "model.norm=tasknorm",
+        "model.hidden=8",
+        "algorithm.inner_steps=1",
+        "algorithm.test_inner_steps=2",
+    )
     objects = build(cfg)
     algorithm, sampler = objects["algorithm"], objects["sampler"]
     splits = objects["datamodule"].splits
