@@ -86,3 +86,17 @@ def test_submitit_local_launcher_runs_each_job_in_its_own_process(tmp_path):
     assert seeds == {0, 1}
     logs = list((sweep / ".submitit").rglob("*_log.out"))
     assert len(logs) == 2  # submitit's own per-job logs: the jobs went through its executor
+
+
+def test_the_slurm_preset_asks_for_one_task_and_gpu_per_device_on_each_node():
+    """SLURM is not available here: the preset is checked as it composes."""
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=slurm", "hardware=ddp", "trainer.devices=4", "trainer.num_nodes=2"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_task) == (2, 4, 1)
+    assert launcher.max_num_timeout > 0 and launcher.timeout_min > 0
