@@ -45,6 +45,13 @@ def configs() -> dict[str, list[str]]:
     return {name: [*TINY, *overrides, f"sampler.meta_batch_size={META_BATCH}"] for name, overrides in out.items()}
 
 
+QUICK_CONFIG = "maml_sinusoid"  # the quick tier's case; every config runs in the slow tier
+
+
+def every_config() -> list:
+    return [pytest.param(name, marks=() if name == QUICK_CONFIG else pytest.mark.slow) for name in sorted(configs())]
+
+
 def float64_setup(name: str, tmp_path: Path) -> tuple:
     """The algorithm of config ``name`` in float64 and its training meta-batch of step 0."""
     if name.endswith("_omniglot") and data_dir() is None:
@@ -66,7 +73,7 @@ def loss_and_gradient(algorithm, batch: EpisodeBatch) -> tuple[torch.Tensor, lis
     return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
-@pytest.mark.parametrize("name", sorted(configs()))
+@pytest.mark.parametrize("name", every_config())
 def test_loop_and_vmap_give_the_same_meta_loss_gradient_and_predictions(name, tmp_path):
     algorithm, batch = float64_setup(name, tmp_path)
     state = {k: v.clone() for k, v in algorithm.state_dict().items()}
@@ -93,7 +100,7 @@ def test_loop_and_vmap_give_the_same_meta_loss_gradient_and_predictions(name, tm
         assert torch.equal(v, state[k]), k
 
 
-@pytest.mark.parametrize("name", sorted(configs()))
+@pytest.mark.parametrize("name", every_config())
 def test_chunked_meta_gradient_equals_the_whole_meta_batch(name, tmp_path):
     algorithm, batch = float64_setup(name, tmp_path)
     algorithm.train()
