@@ -6,9 +6,11 @@
 Builds the run exactly as `metarun` does and times ``bench.steps`` outer steps after
 ``bench.warmup`` of the real Lightning training step (`MetaLearningModule.training_step`:
 meta-loss, chunked backward, clipping, optimiser and schedule, precision plugin), on the
-configured accelerator. In the same process it then times a plain-PyTorch reference that
+configured accelerator. In the same process it times a plain-PyTorch reference that
 computes the same meta-gradient with no framework (a dozen lines below: the same Conv4,
-`functional_call`, `torch.autograd.grad`, the same optimiser) on the same meta-batches, and
+`functional_call`, `torch.autograd.grad`, the same optimiser) on the same meta-batches from
+the same initial weights, half of its steps before metarun's and half after (so a drift of
+the machine's speed does not favour either), and
 prints both, their ratio (metarun / reference: below 1 is faster) and the relative
 difference ‖g − g_ref‖ / ‖g_ref‖ of the two meta-gradients on the first meta-batch. The reference
 exists for MAML/FOMAML and ProtoNet; other learners are timed alone.
@@ -152,7 +154,14 @@ def main(argv: list[str]) -> dict:
     precision = str(cfg.trainer.precision)
     source = objects["datamodule"].splits["train"]
     batches = [sampler.train_batch(source, i) for i in range(warmup + steps)]
-    initial = copy.deepcopy(algorithm.state_dict())
+
+    reference = reference_loss(algorithm)
+    twin = copy.deepcopy(algorithm).to(device) if reference is not None else None
+    bench_ref = None
+    if reference is not None:  # half the reference's steps before metarun's, half after
+        bench_ref = ReferenceRun(twin, reference_loss(twin), module, cfg, device, precision)
+        bench_ref.compare_gradients(algorithm, to_device(batches[0], device))
+        bench_ref.run(batches[: warmup + steps // 2], warmup)
 
     # metarun: the real Lightning training step
     timer = StepTimer(warmup, cuda)
@@ -186,63 +195,63 @@ def main(argv: list[str]) -> dict:
         "tasks_per_second": sampler.meta_batch_size / seconds,
         "peak_memory_mb": round(peak, 1),
     }
-
-    reference = reference_loss(algorithm)
-    if reference is not None:
-        result |= run_reference(algorithm, reference, initial, batches, module, cfg, device, precision, warmup)
+    if bench_ref is not None:
+        bench_ref.run(batches[warmup + steps // 2 :], 0)
+        result |= bench_ref.summary()
         result["ratio"] = seconds / result["reference_seconds_per_step"]
     print(json.dumps(result))
     return result
 
 
-def run_reference(
-    algorithm: torch.nn.Module,
-    reference: Callable[[EpisodeBatch], Tensor],
-    initial: dict,
-    batches: list[EpisodeBatch],
-    module,
-    cfg,
-    device: torch.device,
-    precision: str,
-    warmup: int,
-) -> dict:
-    """Time the reference on the same meta-batches from the same initial weights, and
-    compare its meta-gradient with metarun's on the first meta-batch."""
-    algorithm.load_state_dict(initial)
-    algorithm.to(device).train()
-    params = [p for p in algorithm.parameters() if p.requires_grad]
-    first = to_device(batches[0], device)
-    mine = torch.autograd.grad(algorithm.meta_loss(first).loss, params)
-    theirs = torch.autograd.grad(reference(first), params)
-    flat = [torch.cat([g.flatten().double() for g in grads]) for grads in (mine, theirs)]
-    difference = ((flat[0] - flat[1]).norm() / flat[1].norm()).item()
+class ReferenceRun:
+    """The plain-PyTorch reference on its own copy of the learner, from the same initial
+    weights, with the same optimiser, precision and meta-batches."""
 
-    optimizer = module.optimizer_factory(params=params)
-    dtype = AUTOCAST.get(precision)
-    cuda = device.type == "cuda"
-    times = []
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    for i, batch in enumerate(batches):
-        batch = to_device(batch, device)
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = reference(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - started)
-    out = {"reference_seconds_per_step": statistics.median(times), "reference_grad_relative_difference": difference}
-    if cuda:
-        out["reference_peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return out
+    def __init__(self, algorithm, loss: Callable[[EpisodeBatch], Tensor], module, cfg, device, precision) -> None:
+        self.algorithm, self.loss, self.device = algorithm.train(), loss, device
+        self.params = [p for p in algorithm.parameters() if p.requires_grad]
+        self.optimizer = module.optimizer_factory(params=self.params)
+        self.grad_clip, self.dtype = cfg.grad_clip, AUTOCAST.get(precision)
+        self.cuda = device.type == "cuda"
+        self.times: list[float] = []
+        self.difference = float("nan")
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def compare_gradients(self, learner, batch: EpisodeBatch) -> None:
+        """‖g − g_ref‖ / ‖g_ref‖ of metarun's and the reference's meta-gradients, same weights."""
+        learner.to(self.device).train()
+        mine = torch.autograd.grad(learner.meta_loss(batch).loss, [p for p in learner.parameters() if p.requires_grad])
+        theirs = torch.autograd.grad(self.loss(batch), self.params)
+        flat = [torch.cat([g.flatten().double() for g in grads]) for grads in (mine, theirs)]
+        self.difference = ((flat[0] - flat[1]).norm() / flat[1].norm()).item()
+
+    def run(self, batches: list[EpisodeBatch], warmup: int) -> None:
+        for i, batch in enumerate(batches):
+            batch = to_device(batch, self.device)
+            if self.cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                loss = self.loss(batch)
+            self.optimizer.zero_grad()
+            loss.backward()
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            self.optimizer.step()
+            if self.cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                self.times.append(time.perf_counter() - started)
+
+    def summary(self) -> dict:
+        out = {
+            "reference_seconds_per_step": statistics.median(self.times),
+            "reference_grad_relative_difference": self.difference,
+        }
+        if self.cuda:
+            out["reference_peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return out
 
 
 def main_many(argv: list[str]) -> list[dict]:
