@@ -70,15 +70,16 @@ def maml_reference_loss(
     model: torch.nn.Module, batch: EpisodeBatch, inner_lr: float, steps: int, first_order: bool
 ) -> Tensor:
     """MAML's meta-loss written out: a loop over tasks, SGD steps on the support set."""
+    loss_fn = F.mse_loss if batch.query_y.is_floating_point() else F.cross_entropy
     theta = dict(model.named_parameters())
     losses = []
     for sx, sy, qx, qy in zip(batch.support_x, batch.support_y, batch.query_x, batch.query_y):
         params = theta
         for _ in range(steps):
-            loss = F.cross_entropy(functional_call(model, params, (sx,)), sy)
+            loss = loss_fn(functional_call(model, params, (sx,)), sy)
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=not first_order)
             params = {k: p - inner_lr * g for (k, p), g in zip(params.items(), grads)}
-        losses.append(F.cross_entropy(functional_call(model, params, (qx,)), qy))
+        losses.append(loss_fn(functional_call(model, params, (qx,)), qy))
     return torch.stack(losses).mean()
 
 

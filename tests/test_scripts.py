@@ -82,6 +82,9 @@ def test_benchmark_reports_throughput_and_memory(capsys):
     assert line == result
     assert line["tasks_per_second"] > 0 and line["peak_memory_mb"] > 0
     assert line["meta_batch_size"] == 4 and line["steps"] == 2
+    # the plain-PyTorch reference computes the same meta-gradient, and is timed beside it
+    assert line["reference_grad_relative_difference"] < 1e-6
+    assert line["ratio"] == pytest.approx(line["seconds_per_step"] / line["reference_seconds_per_step"])
 
 
 def test_bench_grid_picks_the_paper_preset_for_every_cell():
