@@ -423,7 +423,7 @@ def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
         "norm": ("model.norm='bogus' is not allowed: choose one of transductive, running, tasknorm, support, none."),
         "vmap": (
             "algorithm.task_batching=vmap is not allowed for ProtoNet: its batch norm "
-            "features.1 keeps running statistics (model.norm=running), which are "
+            "model.features.1 keeps running statistics (model.norm=running), which are "
             "updated in place and cannot be carried per task under vmap, so use "
             "task_batching=loop or another model.norm."
         ),
