@@ -391,6 +391,10 @@ BAD_SETTINGS = {
     "algorithm.task_batching=batched": (
         "algorithm.task_batching='batched' is not allowed: choose one of loop, vmap, auto."
     ),
+    "objective_direction=up": (
+        "objective_direction='up' is not allowed: choose maximize or minimize (the direction "
+        "a sweeper optimises the validation metric in)."
+    ),
 }
 
 
