@@ -166,9 +166,15 @@ def log_pictures(logger: Logger | bool | None, pictures: dict[str, Any], step: i
 
 
 def finish(logger: Logger | bool | None) -> None:
-    """End this run's W&B run, so that the next run in this process starts its own."""
+    """End this run's logging: what was logged after Lightning finished (the pictures, the
+    test table) is written out before `train` returns (TensorBoard's writer otherwise
+    flushes on a timer), and the W&B run ends, so that the next run in this process starts
+    its own."""
     if isinstance(logger, WandbLogger) and logger._experiment is not None:
         logger.experiment.finish()
+    elif isinstance(logger, TensorBoardLogger) and logger._experiment is not None:
+        logger.experiment.flush()
+        logger.experiment.close()
 
 
 class ProgressLog(Callback):
