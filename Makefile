@@ -27,11 +27,14 @@ install-test: $(VENV)/.installed-test ## install metarun with its test extras
 run: install ## set up and run the default experiment (MAML on sinusoids); ARGS='...' adds overrides
 	$(VENV)/bin/metarun $(ARGS)
 
+# Two pytest workers (one per core, one intra-op thread each: tests/conftest.py); TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= 2
+
 test: install-test ## set up and run the test suite (reads Omniglot from METARUN_DATA_DIR)
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-quick: install-test ## the quick tier: every test not marked slow (under 3 minutes)
-	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 bench: install ## throughput and the results tables: every algorithm on Omniglot and sinusoids (long; not part of CI)
 	bash scripts/bench.sh

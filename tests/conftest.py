@@ -18,6 +18,10 @@ from omegaconf import DictConfig, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "conf")
 os.environ.setdefault("METARUN_CACHE_DIR", str(ROOT / ".cache"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core: two intra-op threads each would put four
+    # spinning OpenMP threads on two cores, which slows small steps many times over.
+    torch.set_num_threads(1)
 
 # Small enough for a 2-core CPU: a few outer steps, a few evaluation episodes.
 TINY = [
