@@ -7,7 +7,16 @@ from typing import Protocol
 import lightning as L
 from torch.utils.data import DataLoader
 
-from metarun.episodes import TEST, VAL, EpisodeSampler, EvalEpisodes, TaskSource, TrainEpisodes, collate_episodes
+from metarun.episodes import (
+    TEST,
+    VAL,
+    Augment,
+    EpisodeSampler,
+    EvalEpisodes,
+    TaskSource,
+    TrainEpisodes,
+    collate_episodes,
+)
 
 
 class SplitDataset(Protocol):
@@ -20,19 +29,30 @@ class EpisodicDataModule(L.LightningDataModule):
     """Serves endless seeded training meta-batches and the fixed evaluation lists.
 
     Args:
-        dataset: the dataset; its splits are loaded once, in memory.
+        dataset: the dataset; its splits are loaded once (memory-mapped image caches).
         sampler: the episode shapes and seeds.
+        augment: the training augmentation (`transform` group), or None.
+        test_dataset: cross-domain evaluation: meta-test on this dataset's test split
+            instead of ``dataset``'s (e.g. mini-ImageNet -> CUB, Chen et al. 2019).
     """
 
-    def __init__(self, dataset: SplitDataset, sampler: EpisodeSampler) -> None:
+    def __init__(
+        self,
+        dataset: SplitDataset,
+        sampler: EpisodeSampler,
+        augment: Augment | None = None,
+        test_dataset: SplitDataset | None = None,
+    ) -> None:
         super().__init__()
-        self.dataset, self.sampler = dataset, sampler
+        self.dataset, self.sampler, self.augment = dataset, sampler, augment
+        self.test_dataset = test_dataset or dataset
         self.splits: dict[str, TaskSource] = {}
 
     def prepare(self) -> None:
         """Load the splits and check the episode shapes (idempotent; run before training)."""
         if not self.splits:
-            self.splits = {name: self.dataset.split(name) for name in ("train", "val", "test")}
+            self.splits = {name: self.dataset.split(name) for name in ("train", "val")}
+            self.splits["test"] = self.test_dataset.split("test")
             self.sampler.check(self.splits["train"], self.splits["val"], self.splits["test"])
 
     def setup(self, stage: str) -> None:
@@ -48,6 +68,7 @@ class EpisodicDataModule(L.LightningDataModule):
             start_step=trainer.global_step,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
+            augment=self.augment,
         )
         return DataLoader(episodes, batch_size=None, num_workers=0)
 

@@ -117,8 +117,16 @@ def collate_episodes(episodes: list[Episode]) -> EpisodeBatch:
     )
 
 
+class Augment(Protocol):
+    """A training augmentation (`metarun.transforms`): images ``[M, C, H, W]`` in [0, 1] and
+    the task's generator in, augmented images out."""
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor: ...
+
+
 class TaskSource(Protocol):
-    """What the sampler needs from a dataset split (class images or a task family)."""
+    """What the sampler needs from a dataset split (class images or a task family). Image
+    splits also take ``augment=`` (keyword) for training episodes."""
 
     def check_episode(self, ways: int, shots: int, queries: int, prefix: str) -> None: ...
 
@@ -192,23 +200,31 @@ class EpisodeSampler:
             )
         return self.meta_batch_size // world_size
 
-    def train_batch(self, source: TaskSource, step: int, rank: int = 0, world_size: int = 1) -> EpisodeBatch:
-        """This rank's slice of the meta-batch of training step `step`."""
+    def train_batch(
+        self, source: TaskSource, step: int, rank: int = 0, world_size: int = 1, augment: Augment | None = None
+    ) -> EpisodeBatch:
+        """This rank's slice of the meta-batch of training step `step`; ``augment`` (the
+        `transform` group) draws from each task's own generator, so it is the same on any
+        number of processes."""
         per_rank = self.shard(world_size)
         tasks = range(rank * per_rank, (rank + 1) * per_rank)
         return collate_episodes(
-            [self._draw(source, task_generator(self.seed, TRAIN, step, t), t, train=True) for t in tasks]
+            [self._draw(source, task_generator(self.seed, TRAIN, step, t), t, augment) for t in tasks]
         )
 
     def eval_episode(self, source: TaskSource, stream: int, index: int) -> Episode:
         """Episode `index` of the fixed validation (stream 1) or test (stream 2) list."""
-        return self._draw(source, task_generator(self.eval_seed, stream, 0, index), index, train=False)
+        return self._draw(source, task_generator(self.eval_seed, stream, 0, index), index, None, train=False)
 
-    def _draw(self, source: TaskSource, g: torch.Generator, index: int, train: bool) -> Episode:
-        if train:
+    def _draw(
+        self, source: TaskSource, g: torch.Generator, index: int, augment: Augment | None, train: bool = True
+    ) -> Episode:
+        if not train:  # evaluation episodes are never augmented
+            episode = source.episode(g, self.ways, self.shots, self.queries)
+        elif augment is None:
             episode = source.episode(g, self.train_ways, self.train_shots, self.train_queries)
         else:
-            episode = source.episode(g, self.ways, self.shots, self.queries)
+            episode = source.episode(g, self.train_ways, self.train_shots, self.train_queries, augment=augment)
         episode.index = index
         return episode
 
@@ -217,15 +233,21 @@ class TrainEpisodes(IterableDataset):
     """Endless training meta-batches starting at `start_step` (set on resume)."""
 
     def __init__(
-        self, sampler: EpisodeSampler, source: TaskSource, start_step: int, rank: int, world_size: int
+        self,
+        sampler: EpisodeSampler,
+        source: TaskSource,
+        start_step: int,
+        rank: int,
+        world_size: int,
+        augment: Augment | None = None,
     ) -> None:
-        self.sampler, self.source = sampler, source
+        self.sampler, self.source, self.augment = sampler, source, augment
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
 
     def __iter__(self) -> Iterator[EpisodeBatch]:
         step = self.start_step
         while True:
-            yield self.sampler.train_batch(self.source, step, self.rank, self.world_size)
+            yield self.sampler.train_batch(self.source, step, self.rank, self.world_size, self.augment)
             step += 1
 
 
@@ -251,5 +273,6 @@ __all__ = [
     "collate_episodes",
     "task_generator",
     "TaskSource",
+    "Augment",
     "STREAMS",
 ]

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from metarun.checkpoints import load_checkpoint, load_weights
 from metarun.cli import exit_on_config_error, run_command
 from metarun.errors import ConfigError
-from metarun.train import CONFIG_DIR, build, environment, report, test_block, write_results
+from metarun.train import CONFIG_DIR, build, environment, experiment_block, report, test_block, write_results
 
 OWN_KEYS = ("ckpt_path", "hardware", "trainer", "paths", "task_name", "hydra")
 
@@ -63,12 +63,7 @@ def evaluate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     sampler = objects["sampler"]
     results = {
         "experiment": {
-            "algorithm": run_cfg.algorithm._target_.rsplit(".", 1)[-1],
-            "dataset": run_cfg.dataset._target_.rsplit(".", 1)[-1],
-            "ways": sampler.ways,
-            "shots": sampler.shots,
-            "queries": sampler.queries,
-            "seed": run_cfg.seed,
+            **experiment_block(run_cfg, sampler),
             "checkpoint": str(cfg.ckpt_path),
             "trained_steps": checkpoint.get("global_step"),
         },

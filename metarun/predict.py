@@ -93,12 +93,20 @@ class Learner:
         with Image.open(item) as opened:
             return self._prepared(opened, prepare)
 
+    @property
+    def channels(self) -> int:
+        """The channels the checkpoint's model was trained on (its dataset's ``channels``)."""
+        return int(self.config.dataset.get("channels", 1))
+
     def _prepared(self, image: Image.Image, prepare: Any) -> Tensor:
-        channels = getattr(self.dataset, "channels", 1)
-        if (image.mode in GREY_MODES) != (channels == 1):
+        if (image.mode in GREY_MODES) != (self.channels == 1):
             self.converted += 1
-        array = prepare(image, int(self.config.dataset.image_size))  # uint8 [C, H, W]
-        return torch.from_numpy(np.array(array, dtype=np.uint8)).float().div_(255.0)
+        array = prepare(image, int(self.config.dataset.image_size), self.channels)  # uint8 [C, H, W]
+        x = torch.from_numpy(np.array(array, dtype=np.uint8)).float().div_(255.0)  # [C, H, W]
+        mean, std = self.config.dataset.get("mean"), self.config.dataset.get("std")
+        if mean is not None and std is not None:  # the dataset's normalisation, as in training
+            x = (x - torch.tensor(list(mean)).view(-1, 1, 1)) / torch.tensor(list(std)).view(-1, 1, 1)
+        return x
 
     def _stack(self, examples: Sequence[Any]) -> Tensor:
         if self.regression:
@@ -331,7 +339,7 @@ def predict_images(learner: Learner, cfg: DictConfig, out: Path) -> dict[str, An
             " ..." if len(skipped) > 5 else "",
         )
     if learner.converted:
-        mode = "grey" if getattr(learner.dataset, "channels", 1) == 1 else "RGB"
+        mode = "grey" if learner.channels == 1 else "RGB"
         log.warning(
             "Converted %d images to %s, as the checkpoint's model was trained on %s images.",
             learner.converted,

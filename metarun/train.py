@@ -104,6 +104,25 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     return build_data(cfg, build_learner(cfg))
 
 
+def check_image_groups(cfg: DictConfig, regression: bool) -> None:
+    """The groups that only image datasets take (transform, test_dataset), checked before any data."""
+    dataset = cfg.dataset._target_.rsplit(".", 1)[-1]
+    for group, what in (("transform", "augments images"), ("test_dataset", "meta-tests on another image dataset")):
+        if regression and cfg.get(group):
+            raise ConfigError(
+                f"{group}={cfg[group]._target_.rsplit('.', 1)[-1]} is not allowed with dataset={dataset}: it "
+                f"{what}, and {dataset} has no images, so drop the {group} override."
+            )
+    if cfg.get("test_dataset"):
+        for key in ("image_size", "channels"):
+            train_value, test_value = cfg.dataset.get(key), cfg.test_dataset.get(key)
+            if train_value != test_value:
+                raise ConfigError(
+                    f"test_dataset.{key}={test_value} is not allowed with dataset.{key}={train_value}: the "
+                    f"model meta-tests on the images it was trained on, so leave test_dataset.{key} unset."
+                )
+
+
 def build_learner(cfg: DictConfig) -> dict[str, Any]:
     """The sampler, the algorithm and its module: every setting that needs no data, checked."""
     check_settings(cfg)
@@ -123,6 +142,7 @@ def build_learner(cfg: DictConfig) -> dict[str, Any]:
             f"{' and '.join(algorithm.tasks)} tasks only, so choose a {algorithm.tasks[0]} "
             f"dataset or another algorithm."
         )
+    check_image_groups(cfg, regression)
     optimizer = instantiate(cfg.optimizer)
     try:  # the optimiser's own checks (e.g. Adam's betas), on a throwaway instance
         optimizer(params=algorithm.parameters())
@@ -145,9 +165,29 @@ def build_learner(cfg: DictConfig) -> dict[str, Any]:
 def build_data(cfg: DictConfig, learner: dict[str, Any]) -> dict[str, Any]:
     """``learner`` plus the dataset and its episode loaders (the episode shapes checked)."""
     dataset = instantiate_checked(cfg.dataset)
-    datamodule = EpisodicDataModule(dataset, learner["sampler"])
+    augment = instantiate_checked(cfg.transform) if cfg.get("transform") else None
+    test_dataset = instantiate_checked(cfg.test_dataset) if cfg.get("test_dataset") else None
+    datamodule = EpisodicDataModule(dataset, learner["sampler"], augment, test_dataset)
     datamodule.prepare()
     return {**learner, "dataset": dataset, "datamodule": datamodule}
+
+
+def experiment_block(cfg: DictConfig, sampler: Any) -> dict[str, Any]:
+    """The ``experiment`` block of results.json (training and `metarun-eval`): what ran, on
+    which dataset (and which meta-test dataset, cross-domain), with which episode shape."""
+    block = {
+        "algorithm": cfg.algorithm._target_.rsplit(".", 1)[-1],
+        "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
+        "ways": sampler.ways,
+        "shots": sampler.shots,
+        "queries": sampler.queries,
+        "train_ways": sampler.train_ways,
+        "train_shots": sampler.train_shots,
+        "seed": cfg.seed,
+    }
+    if cfg.get("test_dataset"):
+        block["test_dataset"] = cfg.test_dataset._target_.rsplit(".", 1)[-1]
+    return block
 
 
 def check_hardware(trainer_cfg: DictConfig) -> None:
@@ -350,16 +390,7 @@ def _train(
     sampler.shard(trainer.world_size)
     if logger:
         logger.log_hyperparams(resolved)
-    experiment = {
-        "algorithm": cfg.algorithm._target_.rsplit(".", 1)[-1],
-        "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
-        "ways": sampler.ways,
-        "shots": sampler.shots,
-        "queries": sampler.queries,
-        "train_ways": sampler.train_ways,
-        "train_shots": sampler.train_shots,
-        "seed": cfg.seed,
-    }
+    experiment = experiment_block(cfg, sampler)
     started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=ckpt_path, weights_only=True)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metarun.algorithms.tasks import check_task_batching, map_tasks, running_stats_refusal
+from metarun.algorithms.tasks import check_task_batching, map_tasks, modules_vmap_refusal
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -56,7 +56,7 @@ class MetaAlgorithm(nn.Module):
 
     def vmap_refusal(self) -> str | None:
         """Why the tasks cannot run under `torch.func.vmap` (a clause), or None if they can."""
-        return running_stats_refusal(self)
+        return modules_vmap_refusal(self)
 
     def check_task_batching(self) -> None:
         """Raise `ConfigError` if ``task_batching=vmap`` was asked of a learner that refuses it."""

@@ -29,10 +29,16 @@ def check_task_batching(value: str) -> None:
         )
 
 
-def running_stats_refusal(module: nn.Module) -> str | None:
+def modules_vmap_refusal(module: nn.Module) -> str | None:
     """Why ``module`` cannot run under vmap: batch norm that updates running statistics in
-    place (``model.norm=running``), which vmap cannot write back per task; else None."""
+    place (``model.norm=running``), which vmap cannot write back per task, or a submodule
+    whose own ``vmap_refusal(name)`` gives a reason (e.g. DropBlock's random masks); else None."""
     for name, m in module.named_modules():
+        own = getattr(m, "vmap_refusal", None)
+        if m is not module and callable(own):
+            why = own(name)
+            if why:
+                return why
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
             return (
                 f"its batch norm {name} keeps running statistics (model.norm=running), which "

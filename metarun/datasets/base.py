@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from metarun.episodes import Episode
+from metarun.episodes import Augment, Episode
 from metarun.errors import ConfigError
 
 
@@ -16,12 +18,23 @@ class ClassImages:
         images: uint8 ``[N, C, H, W]``; no image file is decoded per episode.
         labels: int64 ``[N]`` class ids in ``0..num_classes-1``.
         name: the split's name for error messages (e.g. "omniglot/vinyals/train").
+        mean, std: per-channel normalisation applied to the [0, 1] pixels of every episode
+            (after any augmentation), or None for none.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, name: str) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        name: str,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         self.images, self.labels, self.name = images, labels.long(), name
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)  # [C, 1, 1]
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)  # [C, 1, 1]
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         counts = torch.bincount(self.labels, minlength=self.num_classes)  # [num_classes]
         self.counts = counts
@@ -50,10 +63,13 @@ class ClassImages:
                 f"class, so shots + queries must be at most {self.min_count}."
             )
 
-    def episode(self, generator: torch.Generator, ways: int, shots: int, queries: int) -> Episode:
+    def episode(
+        self, generator: torch.Generator, ways: int, shots: int, queries: int, augment: Augment | None = None
+    ) -> Episode:
         """N classes, then K support and Q query images of each, disjoint; labels 0..N-1.
 
-        ``classes [N]`` keeps the split's class id of each label.
+        ``classes [N]`` keeps the split's class id of each label. ``augment`` (training
+        episodes only) draws from the same generator, after the images are chosen.
         """
         classes = torch.randperm(self.num_classes, generator=generator)[:ways]  # [N]
         width = self.by_class.shape[1]
@@ -62,6 +78,10 @@ class ClassImages:
         pick = keys.argsort(dim=1)[:, : shots + queries]  # [N, K+Q] distinct slots
         ids = self.by_class[classes[:, None], pick]  # [N, K+Q] image ids
         x = self.images.index_select(0, ids.reshape(-1)).float().div_(255.0)  # [N*(K+Q), C, H, W]
+        if augment is not None:
+            x = augment(x, generator)
+        if self.mean is not None and self.std is not None:
+            x = (x - self.mean) / self.std
         x = x.view(ways, shots + queries, *x.shape[1:])  # [N, K+Q, C, H, W]
         y = torch.arange(ways)[:, None].expand(ways, shots + queries)  # [N, K+Q]
         c, h, w = x.shape[-3:]

@@ -1,26 +1,16 @@
 """Omniglot: 1623 handwritten characters from 50 alphabets, 20 drawings each.
 
 The two official archives are decoded once (PNG -> 'L' -> LANCZOS resize) into one uint8
-tensor and cached with `torch.save`, so later runs load it in well under a second.
+tensor and cached memory-mapped by the shared image layer (`metarun.datasets.images`), so
+later runs start in well under a second.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import http.client
-import io
 import logging
-import multiprocessing
-import os
-import pickle
-import tempfile
-import time
 import urllib.error
-import urllib.request
 import zipfile
-import zlib
-from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,7 +20,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from metarun.datasets import images as image_layer
 from metarun.datasets.base import ClassImages
+from metarun.datasets.images import CORRUPT, check_image_args, check_normalization
 from metarun.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,23 +39,10 @@ OFFICIAL: dict[str, Any] = {
 SCHEMES = ("vinyals", "lake")
 SPLITS = ("train", "val", "test")
 LAKE_VAL_ALPHABETS = 5  # the last 5 background alphabets (sorted) validate Lake's split
-CACHE_FORMAT = 1
-DOWNLOAD_TIMEOUT_S = 60.0
-MIN_IMAGES_PER_WORKER = 4000  # below this a process pool costs more than it saves
-CHUNK = 2000  # images per decoding task
-# Errors of a truncated or corrupt archive: zip structure, deflate stream, PNG decoding
-# (PIL raises OSError/UnidentifiedImageError, or SyntaxError for a broken chunk).
-CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError, OSError, SyntaxError)
 FETCH_HINT = (
     "put the official images_background.zip and images_evaluation.zip from "
     "github.com/brendenlake/omniglot there or set METARUN_DATA_DIR to a folder with omniglot/"
 )
-
-
-def prepare_image(image: Image.Image, size: int) -> np.ndarray:
-    """One image as Omniglot is decoded for training: grey ('L'), LANCZOS-resized to
-    ``size``: uint8 ``[1, size, size]``. `metarun-predict` prepares a user's images with it."""
-    return np.asarray(image.convert("L").resize((size, size), Image.Resampling.LANCZOS))[None]
 
 
 class Omniglot:
@@ -85,32 +64,36 @@ class Omniglot:
     Args:
         root: folder with ``images_background.zip`` and ``images_evaluation.zip`` (or their
             extracted folders); relative paths are resolved against the current directory.
-        cache_dir: where the decoded tensor is cached as ``omniglot_<image_size>.pt``.
+        cache_dir: where the decoded tensor is cached as ``omniglot_<image_size>.npy`` (+ ``.pt``).
         image_size: side of the square images after the LANCZOS resize (originals: 105).
+        channels: 1 (grey, as published) or 3 (the grey image in each of R, G, B), for a
+            backbone that expects RGB.
+        mean, std: per-channel normalisation of the [0, 1] pixels, or None (as published).
         split_scheme: "vinyals" or "lake".
         rotations: for "lake", whether each rotation of a character is its own class.
         download: fetch missing archives from github.com/brendenlake/omniglot (md5-checked).
     """
-
-    channels = 1
-    prepare_image = staticmethod(prepare_image)
 
     def __init__(
         self,
         root: str,
         cache_dir: str,
         image_size: int = 28,
+        channels: int = 1,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
         split_scheme: str = "vinyals",
         rotations: bool = True,
         download: bool = True,
     ) -> None:
-        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0:
-            raise ConfigError(f"dataset.image_size={image_size!r} is not allowed: it must be a positive integer.")
+        check_image_args(image_size, channels)
+        check_normalization(mean, std, channels)
+        self.mean, self.std = mean, std
         if split_scheme not in SCHEMES:
             raise ConfigError(f"dataset.split_scheme={split_scheme!r} is not allowed: use one of {', '.join(SCHEMES)}.")
         self.root = Path(root).expanduser().resolve()
         self.cache_dir = Path(cache_dir).expanduser().resolve()
-        self.image_size, self.split_scheme = image_size, split_scheme
+        self.image_size, self.channels, self.split_scheme = image_size, channels, split_scheme
         self.rotations, self.download = rotations, download
         sources = [self._source(part) for part in PARTS]
         self.images, self.labels, self.keys, self.num_background = self._load(sources)
@@ -123,12 +106,17 @@ class Omniglot:
             )
         self._splits: dict[str, ClassImages] = {}
 
+    @staticmethod
+    def prepare_image(image: Image.Image, size: int, channels: int) -> np.ndarray:
+        """A user's image prepared as Omniglot's are (grey or RGB, LANCZOS): ``[C, size, size]``."""
+        return image_layer.prepare_image(image, size, channels)
+
     def classes(self, name: str) -> list[str]:
         """Class names of split `name`, one per label: ``Alphabet/characterNN/rotDDD``."""
         return [f"{key}/rot{90 * turns:03d}" for key, turns in self._class_list(name)]
 
     def split(self, name: str) -> ClassImages:
-        """The "train", "val" or "test" split: uint8 ``[N, 1, H, W]``, built once."""
+        """The "train", "val" or "test" split: uint8 ``[N, C, H, W]``, built once."""
         if name not in self._splits:
             classes = self._class_list(name)
             members = torch.split(
@@ -140,10 +128,11 @@ class Omniglot:
             blocks = [
                 torch.rot90(self.images.index_select(0, members[label_of[key]]), turns, dims=(-2, -1))
                 for key, turns in classes
-            ]  # each [20, 1, H, W]
+            ]  # each [20, C, H, W]
             sizes = torch.tensor([len(block) for block in blocks])  # [num_classes]
             labels = torch.repeat_interleave(torch.arange(len(classes)), sizes)  # [N]
-            self._splits[name] = ClassImages(torch.cat(blocks), labels, f"omniglot/{self.split_scheme}/{name}")
+            what = f"omniglot/{self.split_scheme}/{name}"
+            self._splits[name] = ClassImages(torch.cat(blocks), labels, what, self.mean, self.std)
         return self._splits[name]
 
     def _class_list(self, name: str) -> list[tuple[str, int]]:
@@ -174,7 +163,7 @@ class Omniglot:
             )
         url = f"{OFFICIAL['base_url']}/{archive.name}"
         try:
-            _download(url, archive, OFFICIAL["md5"][part])
+            image_layer.download(url, archive, OFFICIAL["md5"][part], "Omniglot")
         except (OSError, http.client.HTTPException) as error:
             reason = error.reason if isinstance(error, urllib.error.URLError) else error
             raise ConfigError(
@@ -183,45 +172,21 @@ class Omniglot:
         return archive
 
     def _load(self, sources: list[Path]) -> tuple[Tensor, Tensor, list[str], int]:
-        """images uint8 [N, 1, H, W], labels int64 [N], character keys, #background keys."""
-        cache = self.cache_dir / f"omniglot_{self.image_size}.pt"
+        """images uint8 [N, C, H, W] (memory-mapped), labels int64 [N], character keys, #background keys."""
+        stem = f"omniglot_{self.image_size}" + ("" if self.channels == 1 else "_rgb")
         fingerprint = [source.stat().st_size if source.is_file() else "folder" for source in sources]
-        if cache.is_file():
-            try:
-                data = torch.load(cache, weights_only=True)
-                if data.get("format") == CACHE_FORMAT and data["sources"] == fingerprint:
-                    log.info("Omniglot: loaded %d images from cache %s", len(data["labels"]), cache)
-                    return data["images"], data["labels"], data["keys"], data["num_background"]
-                log.info("Omniglot: cache %s is stale, decoding again", cache)
-            except (OSError, RuntimeError, EOFError, KeyError, AttributeError, pickle.UnpicklingError) as error:
-                log.warning("Omniglot: cannot read cache %s (%s), decoding again", cache, error)
-        start = time.perf_counter()
-        images, labels, keys, num_background = self._decode(sources)
-        log.info("Omniglot: decoded %d images in %.1f s", len(labels), time.perf_counter() - start)
-        data = {
-            "format": CACHE_FORMAT,
-            "sources": fingerprint,
-            "images": images,
-            "labels": labels,
-            "keys": keys,
-            "num_background": num_background,
-        }
-        try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{cache.name}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                torch.save(data, tmp)
-                os.replace(tmp, cache)  # atomic: concurrent runs never read a partial cache
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-        except OSError as error:
-            log.warning("Omniglot: cannot write cache %s (%s); the next run decodes again", cache, error)
-        return images, labels, keys, num_background
+
+        def build() -> tuple[Tensor, Tensor, dict[str, Any]]:
+            images, labels, keys, num_background = self._decode(sources)
+            return images, labels, {"keys": keys, "num_background": num_background}
+
+        images, labels, meta = image_layer.cached(self.cache_dir / stem, fingerprint, build, "Omniglot")
+        return images, labels, list(meta["keys"]), int(meta["num_background"])
 
     def _decode(self, sources: list[Path]) -> tuple[Tensor, Tensor, list[str], int]:
-        """Decode every PNG of both parts, in sorted order, with up to 2 processes."""
-        tasks: list[tuple[Path, list[str]]] = []  # (source, its PNG members), one per part
+        """Decode every PNG of both parts, in sorted order (the shared layer's process pool)."""
+        members_of: list[list[str]] = []  # the PNG members of each part
+        items: list[image_layer.Item] = []
         for part, source in zip(PARTS, sources):
             try:
                 if source.is_file():
@@ -230,85 +195,33 @@ class Omniglot:
                 else:
                     names = [p.relative_to(source).as_posix() for p in (source / part).glob("*/*/*.png")]
             except CORRUPT as error:
-                raise self._corrupt(source, error) from error
+                raise self._corrupt(str(source), f"{type(error).__name__}: {error}") from error
             members = sorted(n for n in names if n.endswith(".png") and n.split("/")[0] == part and n.count("/") == 3)
             if not members:
                 raise ConfigError(
                     f"dataset.root={self.root}: {source} holds no {part}/<Alphabet>/<character>/*.png "
                     f"images, so delete it and {FETCH_HINT}."
                 )
-            tasks.append((source, members))
-        chunks = [(source, members[i : i + CHUNK]) for source, members in tasks for i in range(0, len(members), CHUNK)]
-        total = sum(len(members) for _, members in tasks)
-        # Linux only: fork, as the workers run only zipfile and PIL and so skip re-importing
-        # torch (~2 s each with spawn); on 2 cores this decodes ~1.6x faster than in-process.
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-        workers = min(2, cpus, total // MIN_IMAGES_PER_WORKER)
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else None
-        with pool or contextlib.nullcontext():
-            results = (pool.map if pool else map)(
-                _decode_chunk, *zip(*chunks), [self.image_size] * len(chunks)
-            )  # lazy, in order
-            arrays = []
-            for source, _ in chunks:
-                try:
-                    arrays.append(next(results))  # [n, H, W]
-                except CORRUPT as error:
-                    raise self._corrupt(source, error) from error
-        images = torch.from_numpy(np.concatenate(arrays)).unsqueeze(1)  # [N, H, W] -> [N, 1, H, W]
+            members_of.append(members)
+            items += [(str(source), m, None) if source.is_file() else ("", str(source / m), None) for m in members]
+        images = image_layer.decode(items, self.image_size, self.channels, self._corrupt)  # [N, C, H, W]
         characters = [
-            "/".join(member.split("/")[1:3]) for _, members in tasks for member in members
+            "/".join(member.split("/")[1:3]) for members in members_of for member in members
         ]  # [N] Alphabet/characterNN
         keys = list(dict.fromkeys(characters))  # sorted: background keys, then evaluation keys
         label_of = {key: i for i, key in enumerate(keys)}
         labels = torch.tensor([label_of[c] for c in characters], dtype=torch.long)  # [N]
-        num_background = len(set(characters[: len(tasks[0][1])]))
+        num_background = len(set(characters[: len(members_of[0])]))
         return images, labels, keys, num_background
 
-    def _corrupt(self, source: Path, error: BaseException) -> ConfigError:
+    def _corrupt(self, what: str, reason: str) -> ConfigError:
         return ConfigError(
-            f"dataset.root={self.root}: {source} is truncated or corrupt ({type(error).__name__}: "
-            f"{error}), so delete it and download it again (dataset.download=true) or {FETCH_HINT}."
+            f"dataset.root={self.root}: {what} is truncated or corrupt ({reason}), so delete it "
+            f"and download it again (dataset.download=true) or {FETCH_HINT}."
         )
-
-
-def _decode_chunk(source: Path, members: list[str], size: int) -> np.ndarray:
-    """PNGs `members` of a zip (or of a folder) `source` as uint8 ``[n, size, size]``."""
-    out = np.empty((len(members), size, size), dtype=np.uint8)
-    archive = zipfile.ZipFile(source) if source.is_file() else None
-    try:
-        for i, member in enumerate(members):
-            data = archive.read(member) if archive else (source / member).read_bytes()
-            with Image.open(io.BytesIO(data)) as image:
-                out[i] = prepare_image(image, size)[0]
-    finally:
-        if archive:
-            archive.close()
-    return out
 
 
 def _vinyals_characters(name: str) -> list[str]:
     """The characters of Vinyals' split `name` from the package copy, in Snell's file order."""
     text = (resources.files("metarun.datasets") / "splits" / "vinyals" / f"{name}.txt").read_text()
     return text.split()
-
-
-def _download(url: str, target: Path, md5: str) -> None:
-    """Fetch `url` into `target` via a temporary file; a wrong md5 deletes it (ConfigError)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    digest = hashlib.md5(usedforsecurity=False)
-    log.info("Omniglot: downloading %s", url)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            while block := response.read(1 << 20):
-                digest.update(block)
-                out.write(block)
-        if digest.hexdigest() != md5:
-            raise ConfigError(
-                f"dataset.root={target.parent}: {url} has md5 {digest.hexdigest()} but the official "
-                f"{target.name} has md5 {md5}, so it was deleted; retry, or put the official archive there."
-            )
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import time
 import zipfile
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from metarun.datasets import omniglot
+from metarun.datasets import images, omniglot
 from metarun.datasets.omniglot import Omniglot
 from metarun.errors import ConfigError
 
@@ -85,11 +84,16 @@ def test_rotated_classes_are_exact_rot90(vinyals: Omniglot) -> None:
             assert torch.equal(per_char[:, turns], torch.rot90(per_char[:, 0], turns, dims=(-2, -1)))
 
 
-def test_second_construction_hits_cache(vinyals: Omniglot, real_root: Path, real_cache: Path) -> None:
-    assert (real_cache / "omniglot_28.pt").is_file()
-    start = time.perf_counter()
+def test_second_construction_hits_cache(
+    vinyals: Omniglot, real_root: Path, real_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (real_cache / "omniglot_28.pt").is_file() and (real_cache / "omniglot_28.npy").is_file()
+
+    def no_decoding(*args: object) -> None:
+        raise AssertionError("decoded although the cache was valid")
+
+    monkeypatch.setattr(Omniglot, "_decode", no_decoding)
     again = Omniglot(str(real_root), str(real_cache), download=False)
-    assert time.perf_counter() - start < 5.0
     assert torch.equal(again.images, vinyals.images) and again.keys == vinyals.keys
 
 
@@ -194,8 +198,8 @@ def test_extracted_folders_match_zips(fake_zips: Path, tmp_path: Path) -> None:
 
 def test_process_pool_matches_in_process(fake_zips: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     in_process = _lake(fake_zips, tmp_path / "a")
-    monkeypatch.setattr(omniglot, "MIN_IMAGES_PER_WORKER", 1)
-    monkeypatch.setattr(omniglot, "CHUNK", 30)
+    monkeypatch.setattr(images, "MIN_IMAGES_PER_WORKER", 1)
+    monkeypatch.setattr(images, "CHUNK", 30)
     pooled = _lake(fake_zips, tmp_path / "b")
     assert torch.equal(pooled.images, in_process.images) and torch.equal(pooled.labels, in_process.labels)
 
@@ -203,7 +207,7 @@ def test_process_pool_matches_in_process(fake_zips: Path, tmp_path: Path, monkey
 def test_cache_is_keyed_by_image_size(fake_zips: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert _lake(fake_zips, tmp_path, image_size=28).images.shape[-1] == 28
     assert _lake(fake_zips, tmp_path, image_size=14).images.shape[-1] == 14
-    assert {p.name for p in tmp_path.iterdir()} == {"omniglot_28.pt", "omniglot_14.pt"}
+    assert {p.name for p in tmp_path.iterdir()} == {f"omniglot_{s}.{x}" for s in (28, 14) for x in ("npy", "pt")}
 
     def no_decoding(*args: object) -> None:
         raise AssertionError("decoded although the cache was valid")
@@ -214,6 +218,7 @@ def test_cache_is_keyed_by_image_size(fake_zips: Path, tmp_path: Path, monkeypat
     (tmp_path / "omniglot_14.pt").write_bytes(b"not a cache")  # unreadable: decoded again
     assert _lake(fake_zips, tmp_path, image_size=14).images.shape == (160, 1, 14, 14)
     assert (tmp_path / "omniglot_14.pt").stat().st_size > 1000
+    assert (tmp_path / "omniglot_14.npy").stat().st_size >= 160 * 14 * 14
 
 
 def _serve(fake_zips: Path, monkeypatch: pytest.MonkeyPatch, md5: dict[str, str] | None = None) -> None:
@@ -264,7 +269,9 @@ def test_damaged_archive_refused(fake_zips: Path, tmp_path: Path, damage: str) -
         _lake(root, tmp_path / "cache")
     message = str(error.value)
     assert message.startswith("dataset.root=") and str(archive) in message and "delete it" in message
-    assert not (tmp_path / "cache" / "omniglot_28.pt").exists()
+    assert (
+        not (tmp_path / "cache" / "omniglot_28.pt").exists() and not (tmp_path / "cache" / "omniglot_28.npy").exists()
+    )
 
 
 def test_vinyals_needs_every_character(fake_zips: Path, tmp_path: Path) -> None:

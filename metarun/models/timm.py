@@ -1,0 +1,102 @@
+"""Any `timm` model as the feature extractor, optionally from a local weights file."""
+
+from __future__ import annotations
+
+import difflib
+import pickle
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from metarun.errors import ConfigError
+
+
+class TimmBackbone(nn.Module):
+    """``timm.create_model(name, num_classes=0, in_chans=in_channels)`` as the embedding
+    network (its pooled features), then an optional linear head; works in every algorithm's
+    inner loop (`torch.func.functional_call`) like the built-in backbones.
+
+    Nothing is downloaded: ``weights`` is a local state dict of the same architecture
+    (``.safetensors``, or a ``.pth``/``.pt`` read with ``weights_only=True``), e.g. timm's
+    pretrained weights saved on a connected machine; its classifier is ignored. The
+    model's own normalisation layers are kept (batch norm with running statistics, for
+    most CNNs), so ``task_batching=vmap`` is refused for those.
+
+    Args:
+        name: a timm model name (``timm.list_models()``), e.g. "resnet18".
+        in_channels: image channels (the dataset's ``channels``).
+        image_size: input height and width (recorded; timm models pool globally).
+        out_features: classes of the linear head, or None for an embedding network.
+        weights: a local weights file, or None for a random initialisation.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        in_channels: int = 3,
+        image_size: int = 84,
+        out_features: int | None = None,
+        weights: str | None = None,
+    ) -> None:
+        super().__init__()
+        import timm
+
+        known = timm.list_models()
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
+            raise ConfigError(f"model.name={name!r} is not allowed: timm has no such model ({hint}).")
+        if out_features is not None and out_features <= 0:
+            raise ConfigError(
+                f"model.out_features={out_features} is not allowed: it must be "
+                f"a positive number of classes or null for an embedding."
+            )
+        self.features = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels)
+        if weights:
+            self._load(Path(weights).expanduser(), name)
+        self.image_size = image_size
+        self.uses_context = False
+        self.embedding_dim = int(self.features.num_features)
+        self.head = None if out_features is None else nn.Linear(self.embedding_dim, out_features)
+
+    def _load(self, path: Path, name: str) -> None:
+        if not path.is_file():
+            raise ConfigError(f"model.weights={path} is not allowed: no such file (nothing is downloaded at run time).")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                state = state.get("state_dict", state) if isinstance(state, dict) else state
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            raise ConfigError(
+                f"model.weights={path} is not allowed: it is not a readable weights file ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200]})."
+            ) from None
+        own = self.features.state_dict()
+        classifier = {
+            k for k in state if k not in own and k.split(".")[0] in ("fc", "head", "classifier", "last_linear")
+        }
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own) - classifier)
+        shapes = sorted(k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape))
+        if missing or unexpected or shapes:
+            what = (
+                f"it lacks {missing[0]}"
+                if missing
+                else f"it has {unexpected[0]}"
+                if unexpected
+                else f"{shapes[0]} has shape {tuple(state[shapes[0]].shape)}, not {tuple(own[shapes[0]].shape)}"
+            )
+            raise ConfigError(
+                f"model.weights={path} is not allowed with model.name={name}: {what}, so give the weights of "
+                f"that architecture (with dataset.channels input channels)."
+            )
+        self.features.load_state_dict({k: v for k, v in state.items() if k in own})
+
+    def forward(self, x: Tensor, context_size: int | None = None) -> Tensor:
+        z = self.features(x)  # [M, D] pooled features
+        return z if self.head is None else self.head(z)
