@@ -1,0 +1,115 @@
+"""A user's own class folders: seeded ratio or class-list splits, any format, grey or RGB;
+and the one-sentence errors of damaged data, through the `metarun` command (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from metarun.datasets.image_folder import ImageFolder
+from metarun.errors import ConfigError
+from tests.conftest import finish, launch
+from tests.datasets.conftest import check_cache_reused
+from tests.datasets.standins import cifar_archive, image_folder, mini_imagenet_csv
+
+
+def _load(root: Path, cache: Path, **kwargs) -> ImageFolder:
+    return ImageFolder(str(root), str(cache), **{"image_size": 16, **kwargs})
+
+
+def test_ratio_split_is_seeded_and_disjoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = image_folder(tmp_path / "mine", classes=10)
+    data = _load(root, tmp_path / "cache")
+    names = {split: data.classes(split) for split in ("train", "val", "test")}
+    assert [len(names[s]) for s in ("train", "val", "test")] == [6, 2, 2]
+    assert sorted(sum(names.values(), [])) == sorted(p.name for p in root.iterdir())
+    assert _load(root, tmp_path / "cache").assignment == data.assignment  # same seed, same split
+    assert _load(root, tmp_path / "cache", split_seed=1).assignment != data.assignment
+    assert data.split("train").num_classes == 6 and set(data.split("train").counts.tolist()) == {4}
+    check_cache_reused(lambda: _load(root, tmp_path / "cache"), monkeypatch)
+
+
+def test_grey_and_rgb_files_become_the_asked_channels(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "mine", classes=6, grey_every=2)
+    rgb = _load(root, tmp_path / "cache").split("train").images
+    grey = _load(root, tmp_path / "cache", channels=1, mean=None, std=None).split("train").images
+    assert rgb.shape[1] == 3 and grey.shape[1] == 1
+    assert not torch.equal(rgb[:, 0], rgb[:, 1])  # the colour classes keep their colour
+
+
+def test_split_files(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "mine", classes=5)
+    files = {}
+    for split, classes in (("train", [0, 1, 2]), ("val", [3]), ("test", [4])):
+        files[split] = str(tmp_path / f"{split}.txt")
+        Path(files[split]).write_text("".join(f"class_{c:02d}\n" for c in classes))
+    data = _load(root, tmp_path / "cache", split_files=files)
+    assert data.classes("train") == ["class_00", "class_01", "class_02"] and data.classes("test") == ["class_04"]
+    Path(files["val"]).write_text("class_03\nclass_00\n")
+    with pytest.raises(ConfigError, match="class class_00 is also in the train split"):
+        _load(root, tmp_path / "cache", split_files=files)
+    Path(files["val"]).write_text("class_99\n")
+    with pytest.raises(ConfigError, match="class_99 is not a class folder"):
+        _load(root, tmp_path / "cache", split_files=files)
+    with pytest.raises(ConfigError, match="dataset.split_files="):
+        _load(root, tmp_path / "cache", split_files={"train": files["train"]})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"split_ratio": [0.5, 0.5]}, "dataset.split_ratio=[0.5, 0.5] is not allowed"),
+        ({"split_ratio": [0.8, 0.3, 0.1]}, "that sum to 1"),
+        ({"split_ratio": [0.1, 0.45, 0.45]}, "it leaves no training class"),
+        ({"split_seed": -1}, "dataset.split_seed=-1 is not allowed"),
+    ],
+)
+def test_bad_split_settings(tmp_path: Path, kwargs: dict, message: str) -> None:
+    root = image_folder(tmp_path / "mine", classes=4)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        _load(root, tmp_path / "cache", **kwargs)
+
+
+def test_too_few_classes_and_no_root(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "mine", classes=2)
+    with pytest.raises(ConfigError, match="has 2 class folders with images"):
+        _load(root, tmp_path / "cache")
+    with pytest.raises(ConfigError, match="dataset.root=null is not allowed"):
+        ImageFolder(None, str(tmp_path / "cache"))  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> None:
+    """Damaged images and archives, and image-only groups on sinusoids: exit 2, one sentence."""
+    mine = image_folder(tmp_path / "mine", classes=6)
+    victim = sorted((mine / "class_03").iterdir())[0]
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    data = tmp_path / "data"
+    archive = cifar_archive(data / "cifar100") / "cifar-100-python.tar.gz"
+    archive.write_bytes(archive.read_bytes()[:5000])
+    mini = mini_imagenet_csv(data / "mini_imagenet", per_class=2)
+    (mini / "images" / sorted(p.name for p in (mini / "images").iterdir())[0]).unlink()
+    common = ["algorithm=protonet", f"paths.cache_dir={tmp_path / 'cache'}", f"paths.data_dir={data}"]
+    runs = {
+        "image": [*common, "dataset=image_folder", f"dataset.root={mine}", "dataset.image_size=16"],
+        "archive": [*common, "dataset=cifar_fs", "dataset.download=false"],
+        "missing": [*common, "dataset=mini_imagenet", "dataset.image_size=16"],
+        "transform": ["transform=standard"],
+        "test_dataset": [*common, "dataset=mini_imagenet", "test_dataset=cub", "test_dataset.image_size=32"],
+    }
+    expected = {
+        "image": (f"dataset.root={mine}: {victim} is truncated or corrupt", "so replace it"),
+        "archive": ("cifar-100-python.tar.gz is truncated or corrupt", "eb9058c3a382ffc7106e4002c42a8d85"),
+        "missing": ("has no image", "ImageNet's terms do not allow metarun to download them"),
+        "transform": ("transform=Augment is not allowed with dataset=Sinusoid", "drop the transform override"),
+        "test_dataset": ("test_dataset.image_size=32 is not allowed with dataset.image_size=84", "leave"),
+    }
+    procs = {key: launch(tmp_path / key, *overrides) for key, overrides in runs.items()}
+    for key, proc in procs.items():
+        done = finish(proc)
+        lines = [line for line in done.stderr.splitlines() if line.startswith("metarun: error: ")]
+        assert done.returncode == 2 and len(lines) == 1, (key, done.stderr[-2000:])
+        assert all(part in lines[0] for part in expected[key]), (key, lines[0])
+        assert lines[0].endswith(".") and "Traceback" not in done.stderr, key
