@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from metarun.datasets import images
 from metarun.datasets.images import cached, decode, load_pickle, prepare_image
