@@ -35,14 +35,25 @@ def configs(omniglot: bool) -> dict[str, list[str]]:
     if omniglot:
         for a in IMAGE:
             out[f"{a}_omniglot"] = [f"algorithm={a}", *SMALL_OMNIGLOT, *NEEDS.get((a, "classification"), [])]
+        # training augmentation draws from each task's generator: the same on any number of ranks
+        out["protonet_omniglot_transform_standard"] = ["algorithm=protonet", *SMALL_OMNIGLOT, "transform=standard"]
+        out["maml_resnet12_omniglot_transform_resized"] = [
+            "algorithm=maml",
+            "dataset=omniglot",
+            "model=resnet12",
+            "model.widths=[4,4,4,4]",
+            "sampler.ways=3",
+            "sampler.queries=2",
+            "transform=resized",
+        ]
     return {name: [*TINY, *overrides, f"sampler.meta_batch_size={META_BATCH}"] for name, overrides in out.items()}
 
 
 def meta_gradient(overrides: list[str], output_dir: Path, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
     """This rank's gradient of the meta-loss of training step 0 (zeros where unused)."""
     objects = build(compose_config(overrides, output_dir))
-    algorithm, sampler = objects["algorithm"], objects["sampler"]
-    batch = sampler.train_batch(objects["datamodule"].splits["train"], 0, rank, world_size)
+    algorithm, sampler, data = objects["algorithm"], objects["sampler"], objects["datamodule"]
+    batch = sampler.train_batch(data.splits["train"], 0, rank, world_size, data.augment)
     algorithm.train()
     params = [p for p in algorithm.parameters() if p.requires_grad]
     grads = torch.autograd.grad(algorithm.meta_loss(batch).loss, params, allow_unused=True)
