@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 import metarun.tracking
 from metarun.module import MetaLearningModule
@@ -140,10 +140,24 @@ def test_experiment_preset_composes(tmp_path, name):
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 
+@pytest.fixture(scope="session")
+def image_standins(tmp_path_factory) -> Path:
+    """A data folder with 84x84 stand-ins of every image benchmark (6 images per class)."""
+    from tests.datasets import standins
+
+    root = tmp_path_factory.mktemp("standin_data")
+    standins.mini_imagenet_csv(root / "mini_imagenet", per_class=6, size=84)
+    standins.tiered_folders(root / "tiered_imagenet", per_class=6, size=84)
+    standins.cifar_archive(root / "cifar100", train_per_class=4, test_per_class=2)
+    standins.cub_folder(root / "cub", per_class=6, size=84)
+    return root
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_preset_runs_a_few_steps(tmp_path, name):
-    """Every preset, as written, trains 2 outer steps of 2 tasks and tests 2 episodes."""
+def test_experiment_preset_runs_a_few_steps(tmp_path, name, request):
+    """Every preset, as written, trains 2 outer steps of 2 tasks and tests 2 episodes (image
+    benchmarks on their stand-ins, with 1 query per class: 6 images per class)."""
     cfg = compose_config(
         [
             f"experiment={name}",
@@ -160,6 +174,12 @@ def test_experiment_preset_runs_a_few_steps(tmp_path, name):
     )
     if cfg.dataset._target_.endswith("Omniglot") and not Path(cfg.dataset.root).exists():
         pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
+    if not cfg.dataset._target_.endswith(("Omniglot", "Sinusoid")):
+        with open_dict(cfg):
+            cfg.paths.data_dir = str(request.getfixturevalue("image_standins"))
+            cfg.paths.cache_dir = str(request.getfixturevalue("image_standins") / "cache")
+            cfg.sampler.queries = 1
+            cfg.sampler.train_queries = 1
     results, _ = train(cfg)
     assert results["status"] == "completed" and results["train"]["steps"] == 2
     assert all(math.isfinite(block["mean"]) for block in results["test"].values())
