@@ -304,20 +304,47 @@ def test_regression_csv_without_y_is_one_sentence(sinusoid_checkpoints, tmp_path
     ) in done.stderr
 
 
-class RGBStandIn:
-    """A dataset class as an RGB image dataset provides it (`channels`, `prepare_image`)."""
+@pytest.fixture(scope="module")
+def rgb_checkpoint(tmp_path_factory):
+    """ProtoNet trained 3 steps on an RGB class folder (normalised by the dataset's mean/std)."""
+    from tests.datasets.standins import image_folder
 
-    channels = 3
+    root = image_folder(tmp_path_factory.mktemp("folder"), classes=9, per_class=4, size=20)
+    run = tmp_path_factory.mktemp("rgb")
+    cfg = compose_config(
+        [
+            *TINY,
+            "dataset=image_folder",
+            f"dataset.root={root}",
+            "dataset.image_size=16",
+            "algorithm=protonet",
+            "sampler.ways=2",
+            "sampler.queries=2",
+        ],
+        run,
+    )
+    cfg.paths.cache_dir = str(run / "cache")
+    _, objects = train(cfg)
+    return run / "checkpoints" / "last.ckpt", objects
 
-    @staticmethod
-    def prepare_image(image: Image.Image, size: int) -> np.ndarray:
-        return np.asarray(image.convert("RGB").resize((size, size))).transpose(2, 0, 1)
+
+def test_an_rgb_image_reads_back_as_its_normalised_training_tensor(rgb_checkpoint):
+    ckpt, objects = rgb_checkpoint
+    dataset = objects["dataset"]
+    train_split = dataset.split("train")
+    name = dataset.classes("train")[1]
+    file = sorted((dataset.root / name).iterdir())[0]
+    first = int((train_split.labels == 1).nonzero()[0])
+    mean, std = torch.tensor(dataset.mean).view(3, 1, 1), torch.tensor(dataset.std).view(3, 1, 1)
+    training = (train_split.images[first].float().div(255.0) - mean) / std
+    learner = load(ckpt)
+    assert learner.channels == 3
+    torch.testing.assert_close(learner.image(file), training)
 
 
-def test_grey_images_for_an_rgb_model_are_converted_and_counted(omniglot):
-    learner = load(omniglot["protonet"][0])
-    learner.dataset = RGBStandIn
+def test_grey_images_for_an_rgb_model_are_converted_and_counted(rgb_checkpoint):
+    learner = load(rgb_checkpoint[0])
     grey = learner.image(Image.new("L", (10, 10), 128))
-    assert grey.shape == (3, 28, 28) and learner.converted == 1
+    assert grey.shape == (3, 16, 16) and learner.converted == 1
     learner.image(Image.new("RGB", (10, 10), (1, 2, 3)))
     assert learner.converted == 1  # an RGB image for an RGB model is not a conversion

@@ -525,3 +525,33 @@ def test_classification_run_on_tensorboard_gets_scalars_pictures_and_test_table(
     assert tags["images"] == {"learning_curves", "test_episode"}
     assert "test/text_summary" in tags["tensors"]  # the test table
     assert results["status"] == "completed"
+
+
+def test_cross_domain_run_meta_tests_on_the_other_dataset(tmp_path):
+    """dataset=mini_imagenet test_dataset=cub: trained and validated on mini-ImageNet, tested
+    on CUB's test classes (prepared at the training size), both named in results.json."""
+    from tests.datasets import standins
+
+    standins.mini_imagenet_pickles(tmp_path / "data" / "mini_imagenet", per_class=3)
+    standins.cub_folder(tmp_path / "data" / "cub", per_class=3)
+    cfg = compose_config(
+        [
+            *TINY,
+            "dataset=mini_imagenet",
+            "dataset.image_size=16",
+            "test_dataset=cub",
+            "algorithm=protonet",
+            "sampler.queries=2",
+        ],
+        tmp_path / "run",
+    )
+    with open_dict(cfg):
+        cfg.paths.data_dir = str(tmp_path / "data")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+    results, objects = train(cfg)
+    assert results["experiment"]["dataset"] == "MiniImageNet" and results["experiment"]["test_dataset"] == "CUB"
+    assert results["config"]["test_dataset"]["image_size"] == 16
+    splits = objects["datamodule"].splits
+    assert splits["train"].name == "mini_imagenet/train" and splits["val"].name == "mini_imagenet/val"
+    assert splits["test"].name == "cub/test" and splits["test"].num_classes == 50
+    assert results["test"]["accuracy"]["episodes"] == 4
