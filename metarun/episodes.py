@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -133,6 +133,14 @@ class TaskSource(Protocol):
     def episode(self, generator: torch.Generator, ways: int, shots: int, queries: int) -> Episode: ...
 
 
+class AugmentableSource(TaskSource, Protocol):
+    """A source of image episodes that also augments training episodes (`ClassImages`)."""
+
+    def episode(
+        self, generator: torch.Generator, ways: int, shots: int, queries: int, augment: Augment | None = None
+    ) -> Episode: ...
+
+
 def _positive(key: str, value: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{key}={value!r} is not allowed: it must be a positive integer.")
@@ -224,7 +232,8 @@ class EpisodeSampler:
         elif augment is None:
             episode = source.episode(g, self.train_ways, self.train_shots, self.train_queries)
         else:
-            episode = source.episode(g, self.train_ways, self.train_shots, self.train_queries, augment=augment)
+            image_source = cast(AugmentableSource, source)  # train.py refuses a transform without images
+            episode = image_source.episode(g, self.train_ways, self.train_shots, self.train_queries, augment=augment)
         episode.index = index
         return episode
 

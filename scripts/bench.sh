@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmarks behind the README's results tables (long; never part of CI).
 #   bash scripts/bench.sh                # or: make bench — throughput, then both grids, then the tables
-#   bash scripts/bench.sh omniglot       # one part: throughput | performance | omniglot | sinusoid | table | reference | gpu
+#   bash scripts/bench.sh omniglot       # one part: throughput | performance | images | omniglot | sinusoid | table | reference | gpu
 # Environment:
 #   BENCH_TIME      training budget per grid cell, DD:HH:MM:SS (default 00:00:01:30)
 #   BENCH_EPISODES  fixed test episodes per grid cell (default 100)
@@ -40,6 +40,17 @@ performance() {  # README "Performance": metarun against plain PyTorch, the fast
         hydra.run.dir="$OUT/lstm_optimizer_5w5s_chunk1" 2> "$OUT/lstm_optimizer_5w5s_chunk1.time"
     grep -E "Maximum resident|Elapsed" "$OUT/lstm_optimizer_5w5s_chunk1.time"
 }
+images() {  # README "Image datasets": decode / cached start / sampling on real-size stand-ins, ResNet-12 steps
+    local D="$OUT/data" M="$OUT/data/mini_imagenet" B=scripts/benchmark.py
+    $PY scripts/benchmark_data.py --root "$D" | tee "$OUT/images.jsonl"
+    # ResNet-12 against the plain-PyTorch reference, on the real-size mini-ImageNet stand-in (DropBlock off:
+    # its masks come from the layer's generator, which the reference would advance differently)
+    $PY $B experiment=protonet_mini_imagenet_resnet12_5w5s model.drop_rate=0 sampler.meta_batch_size=2 \
+        dataset.root="$M/source" paths.cache_dir="$M/cache" bench.steps=4 bench.warmup=1 | tee -a "$OUT/images.jsonl"
+    $PY $B dataset=mini_imagenet algorithm=maml model=resnet12 algorithm.inner_lr=0.01 algorithm.inner_steps=1 \
+        sampler.meta_batch_size=2 dataset.root="$M/source" paths.cache_dir="$M/cache" bench.steps=2 bench.warmup=1 \
+        | tee -a "$OUT/images.jsonl"
+}
 gpu() { $PY scripts/gpu_check.py "$OUT/gpu"; }  # needs a CUDA GPU (README: Performance)
 omniglot() { $PY scripts/bench_grid.py omniglot "${GRID[@]}"; }
 sinusoid() { $PY scripts/bench_grid.py sinusoid "${GRID[@]}"; }
@@ -56,8 +67,8 @@ reference() {  # two longer runs with validation, best checkpoint tested on 600 
 }
 
 case "${1:-all}" in
-    all) throughput; performance; omniglot; sinusoid; table ;;
-    throughput|performance|omniglot|sinusoid|table|reference|gpu) "$1" ;;
+    all) throughput; performance; images; omniglot; sinusoid; table ;;
+    throughput|performance|images|omniglot|sinusoid|table|reference|gpu) "$1" ;;
     *) echo "bench.sh: error: unknown part '$1'; choose all, throughput, performance, omniglot, sinusoid, table, reference or gpu" >&2
        exit 2 ;;
 esac

@@ -7,7 +7,7 @@ Builds the run exactly as `metarun` does and times ``bench.steps`` outer steps a
 ``bench.warmup`` of the real Lightning training step (`MetaLearningModule.training_step`:
 meta-loss, chunked backward, clipping, optimiser and schedule, precision plugin), on the
 configured accelerator. In the same process it times a plain-PyTorch reference that
-computes the same meta-gradient with no framework (a dozen lines below: the same Conv4,
+computes the same meta-gradient with no framework (a dozen lines below: the same backbone,
 `functional_call`, `torch.autograd.grad`, the same optimiser) on the same meta-batches from
 the same initial weights, half of its steps before metarun's and half after (so a drift of
 the machine's speed does not favour either), and

@@ -90,7 +90,8 @@ def prepare_image(
     `metarun-predict` prepares a user's images with the same function."""
     image = image.convert("L" if channels == 1 else "RGB")
     if box is not None:
-        image = image.crop(tuple(int(round(v)) for v in box))
+        left, upper, right, lower = (int(round(v)) for v in box)
+        image = image.crop((left, upper, right, lower))
     array = np.asarray(image.resize((size, size), Image.Resampling.LANCZOS))
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
