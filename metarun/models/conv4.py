@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from metarun.errors import ConfigError
+from metarun.models.head import classifier_head
 from metarun.models.norm import CONTEXT_NORMS, TaskNorm2d, batch_norm
 
 
@@ -46,11 +47,6 @@ class Conv4(nn.Module):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        if out_features is not None and out_features <= 0:
-            raise ConfigError(
-                f"model.out_features={out_features} is not allowed: it must be "
-                f"a positive number of classes or null for an embedding."
-            )
         if isinstance(pooled_blocks, bool) or pooled_blocks not in range(5):
             raise ConfigError(
                 f"model.pooled_blocks={pooled_blocks!r} is not allowed: it must be an integer from 0 to 4."
@@ -76,7 +72,7 @@ class Conv4(nn.Module):
             )
         self.feature_shape = (hidden, side, side)  # [C, h, w] of features(x)
         self.embedding_dim = hidden * side * side
-        self.head = None if out_features is None else nn.Linear(self.embedding_dim, out_features)
+        self.head = classifier_head(self.embedding_dim, out_features)
         self.channels_last = channels_last
         if channels_last:
             self.features.to(memory_format=torch.channels_last)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.errors import ConfigError
+from metarun.models.head import classifier_head
 from metarun.models.norm import CONTEXT_NORMS, TaskNorm2d, batch_norm
 
 
@@ -114,11 +115,6 @@ class ResNet12(nn.Module):
         widths = list(widths)
         if len(widths) != 4 or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
             raise ConfigError(f"model.widths={widths} is not allowed: it must be 4 positive integers.")
-        if out_features is not None and out_features <= 0:
-            raise ConfigError(
-                f"model.out_features={out_features} is not allowed: it must be "
-                f"a positive number of classes or null for an embedding."
-            )
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
             raise ConfigError(f"model.drop_rate={drop_rate!r} is not allowed: it must be a number in [0, 1).")
         if pool not in ("avg", "none"):
@@ -137,7 +133,7 @@ class ResNet12(nn.Module):
         self.pool = pool
         self.feature_shape = (widths[3], side, side)  # [C, h, w] before pooling
         self.embedding_dim = widths[3] if pool == "avg" else widths[3] * side * side
-        self.head = None if out_features is None else nn.Linear(self.embedding_dim, out_features)
+        self.head = classifier_head(self.embedding_dim, out_features)
 
     def forward(self, x: Tensor, context_size: int | None = None) -> Tensor:
         h = x

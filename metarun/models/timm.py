@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from metarun.errors import ConfigError
+from metarun.models.head import classifier_head
 
 
 class TimmBackbone(nn.Module):
@@ -46,18 +47,13 @@ class TimmBackbone(nn.Module):
             close = difflib.get_close_matches(str(name), known, n=3)
             hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"
             raise ConfigError(f"model.name={name!r} is not allowed: timm has no such model ({hint}).")
-        if out_features is not None and out_features <= 0:
-            raise ConfigError(
-                f"model.out_features={out_features} is not allowed: it must be "
-                f"a positive number of classes or null for an embedding."
-            )
         self.features = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels)
         if weights:
             self._load(Path(weights).expanduser(), name)
         self.image_size = image_size
         self.uses_context = False
         self.embedding_dim = int(self.features.num_features)
-        self.head = None if out_features is None else nn.Linear(self.embedding_dim, out_features)
+        self.head = classifier_head(self.embedding_dim, out_features)
 
     def _load(self, path: Path, name: str) -> None:
         if not path.is_file():

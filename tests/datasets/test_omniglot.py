@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import zipfile
 from pathlib import Path
 
@@ -27,12 +26,8 @@ FAKE_CLASSES = 2 * 2 * 4  # evaluation alphabets x characters x rotations: Lake'
 
 
 @pytest.fixture(scope="session")
-def real_root() -> Path:
-    value = os.environ.get("METARUN_DATA_DIR")
-    if not value:
-        pytest.skip("METARUN_DATA_DIR is not set; set it to ../shared/data to test the real Omniglot")
-    path = Path(value)
-    return (path if path.is_absolute() else REPO / path) / "omniglot"
+def real_root(shared_data: Path) -> Path:
+    return shared_data / "omniglot"
 
 
 @pytest.fixture(scope="session")
