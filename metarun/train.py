@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -166,7 +167,7 @@ def build_data(cfg: DictConfig, learner: dict[str, Any]) -> dict[str, Any]:
     """``learner`` plus the dataset and its episode loaders (the episode shapes checked)."""
     dataset = instantiate_checked(cfg.dataset)
     augment = instantiate_checked(cfg.transform) if cfg.get("transform") else None
-    test_dataset = instantiate_checked(cfg.test_dataset) if cfg.get("test_dataset") else None
+    test_dataset = build_test_dataset(cfg.test_dataset) if cfg.get("test_dataset") else None
     datamodule = EpisodicDataModule(dataset, learner["sampler"], augment, test_dataset)
     datamodule.prepare()
     return {**learner, "dataset": dataset, "datamodule": datamodule}
@@ -188,6 +189,17 @@ def experiment_block(cfg: DictConfig, sampler: Any) -> dict[str, Any]:
     if cfg.get("test_dataset"):
         block["test_dataset"] = cfg.test_dataset._target_.rsplit(".", 1)[-1]
     return block
+
+
+def build_test_dataset(node: DictConfig) -> Any:
+    """The cross-domain dataset with its test split loaded; its errors name ``test_dataset.*``
+    (the dataset classes speak of ``dataset.*``, the group they usually sit in)."""
+    try:
+        dataset = instantiate_checked(node)
+        dataset.split("test")
+    except ConfigError as error:
+        raise ConfigError(re.sub(r"\bdataset\.", "test_dataset.", str(error))) from None
+    return dataset
 
 
 def check_hardware(trainer_cfg: DictConfig) -> None:

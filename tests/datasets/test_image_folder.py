@@ -98,6 +98,7 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
         "missing": [*common, "dataset=mini_imagenet", "dataset.image_size=16"],
         "transform": ["transform=standard"],
         "test_dataset": [*common, "dataset=mini_imagenet", "test_dataset=cub", "test_dataset.image_size=32"],
+        "test_dataset_missing": [*common, "dataset=cifar_fs", "test_dataset=cub", "dataset.download=false"],
     }
     expected = {
         "image": (f"dataset.root={mine}: {victim} is truncated or corrupt", "so replace it"),
@@ -105,6 +106,7 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
         "missing": ("has no image", "ImageNet's terms do not allow metarun to download them"),
         "transform": ("transform=Augment is not allowed with dataset=Sinusoid", "drop the transform override"),
         "test_dataset": ("test_dataset.image_size=32 is not allowed with dataset.image_size=84", "leave"),
+        "test_dataset_missing": (f"test_dataset.root={data / 'cub'} has no class folder", "CUB_200_2011.tgz"),
     }
     procs = {key: launch(tmp_path / key, *overrides) for key, overrides in runs.items()}
     for key, proc in procs.items():
