@@ -140,10 +140,18 @@ def describe(item: Item) -> str:
     return str(member) if isinstance(member, (str, Path)) else "an image stored in the source"
 
 
-def decode(items: Sequence[Item], size: int, channels: int, corrupt: Callable[[str, str], ConfigError]) -> Tensor:
+def decode(
+    items: Sequence[Item],
+    size: int,
+    channels: int,
+    corrupt: Callable[[str, str], ConfigError],
+    out: np.ndarray | None = None,
+) -> Tensor:
     """Decode `items` in order into uint8 ``[N, C, size, size]``, with up to 2 processes.
 
-    ``corrupt(what, reason)`` builds the one-sentence error for a damaged image.
+    ``corrupt(what, reason)`` builds the one-sentence error for a damaged image. ``out``
+    (e.g. the cache file, memory-mapped by `cached`'s ``allocate``) receives the images, so
+    a large set is never held in memory whole; by default a new array.
     """
     chunks = [list(items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)]
     # Linux only: fork, as the workers run only zipfile and PIL and so skip re-importing
@@ -151,7 +159,8 @@ def decode(items: Sequence[Item], size: int, channels: int, corrupt: Callable[[s
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
     workers = min(2, cpus, len(items) // MIN_IMAGES_PER_WORKER)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else None
-    out = np.empty((len(items), channels, size, size), dtype=np.uint8)
+    if out is None:
+        out = np.empty((len(items), channels, size, size), dtype=np.uint8)
     with pool or contextlib.nullcontext():
         results = (pool.map if pool else map)(_decode_chunk, chunks, [size] * len(chunks), [channels] * len(chunks))
         for start, chunk in zip(range(0, len(items), CHUNK), chunks):
@@ -162,31 +171,59 @@ def decode(items: Sequence[Item], size: int, channels: int, corrupt: Callable[[s
     return torch.from_numpy(out)
 
 
+Allocate = Callable[[tuple[int, ...]], np.ndarray]
+
+
 def cached(
-    path: Path, fingerprint: Any, build: Callable[[], tuple[Tensor, Tensor, dict[str, Any]]], what: str
+    path: Path, fingerprint: Any, build: Callable[[Allocate], tuple[Tensor, Tensor, dict[str, Any]]], what: str
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """``(images, labels, meta)`` from the cache ``<path>.npy`` / ``<path>.pt``, built on a miss.
 
-    The images come back memory-mapped (copy-on-write, so a stray in-place write never
-    reaches the file): processes that read one cache share its pages. A stale (other
-    ``fingerprint``) or unreadable cache is rebuilt; one that cannot be written is logged
-    and the run goes on from memory.
+    ``build(allocate)`` decodes into ``allocate(shape)``: a uint8 array memory-mapped onto
+    the new cache file (renamed into place once complete), so even tiered-ImageNet's 16 GB
+    are written without being held in memory. The images come back memory-mapped
+    (copy-on-write, so a stray in-place write never reaches the file): processes that read
+    one cache share its pages. A stale (other ``fingerprint``) or unreadable cache is
+    rebuilt; one that cannot be written is logged and the run goes on from memory.
     """
     array_path, meta_path = path.with_suffix(".npy"), path.with_suffix(".pt")
     loaded = _load_cache(array_path, meta_path, fingerprint, what)
     if loaded is not None:
         return loaded
+    written: list[tuple[Path, np.memmap]] = []  # the temporary cache file build() decodes into
+
+    def allocate(shape: tuple[int, ...]) -> np.ndarray:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{array_path.name}.", suffix=".tmp")
+            os.close(fd)
+            array = np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=shape)
+        except OSError as error:
+            log.warning("%s: cannot write cache %s (%s); decoding in memory", what, array_path, error)
+            return np.empty(shape, dtype=np.uint8)
+        written.append((Path(name), array))
+        return array
+
     start = time.perf_counter()
-    images, labels, meta = build()
-    log.info("%s: decoded %d images in %.1f s", what, len(labels), time.perf_counter() - start)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic(array_path, lambda tmp: np.save(tmp, images.numpy()))
-        record = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "shape": list(images.shape), "labels": labels}
-        _atomic(meta_path, lambda tmp: torch.save({**record, "meta": meta}, tmp))
-    except OSError as error:
-        log.warning("%s: cannot write cache %s (%s); the next run decodes again", what, array_path, error)
-        return images, labels, meta
+        images, labels, meta = build(allocate)
+        log.info("%s: decoded %d images in %.1f s", what, len(labels), time.perf_counter() - start)
+        try:
+            if written:
+                tmp, array = written[-1]
+                array.flush()
+                os.replace(tmp, array_path)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _atomic(array_path, lambda f: np.save(f, images.numpy()))
+            record = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "shape": list(images.shape), "labels": labels}
+            _atomic(meta_path, lambda f: torch.save({**record, "meta": meta}, f))
+        except OSError as error:
+            log.warning("%s: cannot write cache %s (%s); the next run decodes again", what, array_path, error)
+            return images, labels, meta
+    finally:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)  # a failed build leaves no partial cache
     return _load_cache(array_path, meta_path, fingerprint, what) or (images, labels, meta)
 
 
@@ -265,9 +302,12 @@ class _ArraysOnly(pickle.Unpickler):
 
 
 def load_pickle(data: bytes | Path) -> Any:
-    """A pickle of arrays and containers (Python 2 pickles too), refusing any other object."""
-    raw = data.read_bytes() if isinstance(data, Path) else data
-    return _ArraysOnly(io.BytesIO(raw), encoding="latin1").load()
+    """A pickle of arrays and containers (Python 2 pickles too), refusing any other object.
+    A file is read as a stream: only the unpickled objects are held, not its bytes too."""
+    if isinstance(data, Path):
+        with data.open("rb") as stream:
+            return _ArraysOnly(stream, encoding="latin1").load()
+    return _ArraysOnly(io.BytesIO(data), encoding="latin1").load()
 
 
 def packaged_lines(*parts: str) -> list[str]:
@@ -339,9 +379,10 @@ class ImageDataset:
             raise ValueError(f"split {name!r} is not one of {SPLITS}")
         if name not in self._splits:
 
-            def build() -> tuple[Tensor, Tensor, dict[str, Any]]:
+            def build(allocate: Allocate) -> tuple[Tensor, Tensor, dict[str, Any]]:
                 items, labels, classes = self._items(name)
-                images = decode(items, self.image_size, self.channels, self._corrupt)
+                out = allocate((len(items), self.channels, self.image_size, self.image_size))
+                images = decode(items, self.image_size, self.channels, self._corrupt, out)
                 return images, torch.tensor(labels, dtype=torch.long), {"classes": classes}
 
             what = f"{self.name}/{name}"

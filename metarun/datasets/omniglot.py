@@ -176,14 +176,16 @@ class Omniglot:
         stem = f"omniglot_{self.image_size}" + ("" if self.channels == 1 else "_rgb")
         fingerprint = [source.stat().st_size if source.is_file() else "folder" for source in sources]
 
-        def build() -> tuple[Tensor, Tensor, dict[str, Any]]:
-            images, labels, keys, num_background = self._decode(sources)
+        def build(allocate: image_layer.Allocate) -> tuple[Tensor, Tensor, dict[str, Any]]:
+            images, labels, keys, num_background = self._decode(sources, allocate)
             return images, labels, {"keys": keys, "num_background": num_background}
 
         images, labels, meta = image_layer.cached(self.cache_dir / stem, fingerprint, build, "Omniglot")
         return images, labels, list(meta["keys"]), int(meta["num_background"])
 
-    def _decode(self, sources: list[Path]) -> tuple[Tensor, Tensor, list[str], int]:
+    def _decode(
+        self, sources: list[Path], allocate: image_layer.Allocate | None = None
+    ) -> tuple[Tensor, Tensor, list[str], int]:
         """Decode every PNG of both parts, in sorted order (the shared layer's process pool)."""
         members_of: list[list[str]] = []  # the PNG members of each part
         items: list[image_layer.Item] = []
@@ -204,7 +206,8 @@ class Omniglot:
                 )
             members_of.append(members)
             items += [(str(source), m, None) if source.is_file() else ("", str(source / m), None) for m in members]
-        images = image_layer.decode(items, self.image_size, self.channels, self._corrupt)  # [N, C, H, W]
+        out = allocate((len(items), self.channels, self.image_size, self.image_size)) if allocate else None
+        images = image_layer.decode(items, self.image_size, self.channels, self._corrupt, out)  # [N, C, H, W]
         characters = [
             "/".join(member.split("/")[1:3]) for members in members_of for member in members
         ]  # [N] Alphabet/characterNN

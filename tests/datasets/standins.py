@@ -128,7 +128,8 @@ def tiered_pickles(root: Path, per_class: int = 2, size: int = 16) -> Path:
             "label_specific_str": [wnid for wnid, _ in classes],
             "label_general_str": categories,
         }
-        (root / f"{split}_images_png.pkl").write_bytes(pickle.dumps([encoded[i] for i in order], protocol=4))
+        with (root / f"{split}_images_png.pkl").open("wb") as f:  # streamed: no second copy in memory
+            pickle.dump([encoded[i] for i in order], f, protocol=4)
         (root / f"{split}_labels.pkl").write_bytes(pickle.dumps(labels, protocol=4))
     return root
 

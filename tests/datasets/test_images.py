@@ -21,19 +21,24 @@ from tests.datasets.standins import class_image
 REPO = Path(__file__).parents[2]
 
 
-def _build(n: int = 10, value: int = 7):
-    def build():
-        return torch.full((n, 3, 4, 4), value, dtype=torch.uint8), torch.arange(n) % 2, {"classes": ["a", "b"]}
+def _build(n: int = 10, value: int = 7, into_file: bool = True):
+    """A build() that decodes into the cache file (``allocate``) or returns its own tensor."""
+
+    def build(allocate):
+        out = allocate((n, 3, 4, 4)) if into_file else np.empty((n, 3, 4, 4), np.uint8)
+        out[:] = value
+        return torch.from_numpy(out), torch.arange(n) % 2, {"classes": ["a", "b"]}
 
     return build
 
 
-def _refuse():
+def _refuse(allocate):
     raise AssertionError("built although the cache was valid")
 
 
-def test_cache_is_memory_mapped_reused_and_rebuilt_when_stale(tmp_path: Path) -> None:
-    images_, labels, meta = cached(tmp_path / "set", ["v1"], _build(), "test")
+@pytest.mark.parametrize("into_file", [True, False])
+def test_cache_is_memory_mapped_reused_and_rebuilt_when_stale(tmp_path: Path, into_file: bool) -> None:
+    images_, labels, meta = cached(tmp_path / "set", ["v1"], _build(into_file=into_file), "test")
     assert {p.name for p in tmp_path.iterdir()} == {"set.npy", "set.pt"}
     assert images_.shape == (10, 3, 4, 4) and meta == {"classes": ["a", "b"]}
     again, labels_again, _ = cached(tmp_path / "set", ["v1"], _refuse, "test")  # reused, not rebuilt
@@ -65,7 +70,7 @@ def anonymous_kb():
         if line.startswith("Anonymous:"):
             return int(line.split()[1])
 
-def refuse():
+def refuse(allocate):
     raise AssertionError("rebuilt")
 
 before = anonymous_kb()
@@ -80,8 +85,10 @@ print(json.dumps({"growth_kb": after - before, "total": total}))
 def test_a_second_process_shares_the_mapped_cache(tmp_path: Path) -> None:
     n = 2048  # 2048 x 3 x 84 x 84 uint8 = 43 MB
 
-    def build():
-        return torch.ones((n, 3, 84, 84), dtype=torch.uint8), torch.zeros(n, dtype=torch.long), {}
+    def build(allocate):
+        out = allocate((n, 3, 84, 84))
+        out[:] = 1
+        return torch.from_numpy(out), torch.zeros(n, dtype=torch.long), {}
 
     cached(tmp_path / "big", ["v1"], build, "test")
     size_kb = n * 3 * 84 * 84 // 1024
@@ -168,3 +175,15 @@ def test_normalisation_is_applied_to_episodes() -> None:
     episode = split.episode(torch.Generator().manual_seed(0), 3, 1, 1)
     expected = torch.tensor([0.2, 0.0, -0.2]).view(1, 3, 1, 1).expand_as(episode.support_x)
     torch.testing.assert_close(episode.support_x, expected)
+
+
+def test_a_failed_build_leaves_no_partial_cache(tmp_path: Path) -> None:
+    def build(allocate):
+        allocate((4, 3, 8, 8))[:2] = 1
+        raise ConfigError("a damaged image")
+
+    with pytest.raises(ConfigError, match="a damaged image"):
+        cached(tmp_path / "set", ["v1"], build, "test")
+    assert list(tmp_path.iterdir()) == []
+    images_, _, _ = cached(tmp_path / "set", ["v1"], _build(n=4), "test")  # the next run builds it
+    assert images_.shape == (4, 3, 4, 4) and {p.name for p in tmp_path.iterdir()} == {"set.npy", "set.pt"}
