@@ -154,3 +154,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def image_standins(tmp_path_factory) -> Path:
+    """A data folder with 84x84 stand-ins of every image benchmark (6 images per class)."""
+    from tests.datasets import standins
+
+    root = tmp_path_factory.mktemp("standin_data")
+    standins.mini_imagenet_csv(root / "mini_imagenet", per_class=6, size=84)
+    standins.tiered_folders(root / "tiered_imagenet", per_class=6, size=84)
+    standins.cifar_archive(root / "cifar100", train_per_class=4, test_per_class=2)
+    standins.cub_folder(root / "cub", per_class=6, size=84)
+    return root
+
+
+def on_standins(cfg: DictConfig, request: pytest.FixtureRequest) -> None:
+    """Point a composed image-benchmark config at the stand-ins (`image_standins`) with 1 query
+    per class (6 images per class); Omniglot and sinusoid configs are left as they are."""
+    if cfg.dataset._target_.endswith(("Omniglot", "Sinusoid")):
+        return
+    root = request.getfixturevalue("image_standins")
+    with open_dict(cfg):
+        cfg.paths.data_dir = str(root)
+        cfg.paths.cache_dir = str(root / "cache")
+        cfg.sampler.queries = 1
+        cfg.sampler.train_queries = 1

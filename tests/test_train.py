@@ -24,7 +24,7 @@ from omegaconf import OmegaConf, open_dict
 import metarun.tracking
 from metarun.module import MetaLearningModule
 from metarun.train import train
-from tests.conftest import CONFIG_DIR, ROOT, TINY, compose_config
+from tests.conftest import CONFIG_DIR, ROOT, TINY, compose_config, on_standins
 
 # TINY, plus: 4 outer steps (validation at 2 and 4), 2 evaluation episodes of 10 query
 # points, 2 test-time inner steps (MAML).
@@ -140,19 +140,6 @@ def test_experiment_preset_composes(tmp_path, name):
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 
-@pytest.fixture(scope="session")
-def image_standins(tmp_path_factory) -> Path:
-    """A data folder with 84x84 stand-ins of every image benchmark (6 images per class)."""
-    from tests.datasets import standins
-
-    root = tmp_path_factory.mktemp("standin_data")
-    standins.mini_imagenet_csv(root / "mini_imagenet", per_class=6, size=84)
-    standins.tiered_folders(root / "tiered_imagenet", per_class=6, size=84)
-    standins.cifar_archive(root / "cifar100", train_per_class=4, test_per_class=2)
-    standins.cub_folder(root / "cub", per_class=6, size=84)
-    return root
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_preset_runs_a_few_steps(tmp_path, name, request):
@@ -174,12 +161,7 @@ def test_experiment_preset_runs_a_few_steps(tmp_path, name, request):
     )
     if cfg.dataset._target_.endswith("Omniglot") and not Path(cfg.dataset.root).exists():
         pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
-    if not cfg.dataset._target_.endswith(("Omniglot", "Sinusoid")):
-        with open_dict(cfg):
-            cfg.paths.data_dir = str(request.getfixturevalue("image_standins"))
-            cfg.paths.cache_dir = str(request.getfixturevalue("image_standins") / "cache")
-            cfg.sampler.queries = 1
-            cfg.sampler.train_queries = 1
+    on_standins(cfg, request)
     results, _ = train(cfg)
     assert results["status"] == "completed" and results["train"]["steps"] == 2
     assert all(math.isfinite(block["mean"]) for block in results["test"].values())
