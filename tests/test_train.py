@@ -537,3 +537,12 @@ def test_cross_domain_run_meta_tests_on_the_other_dataset(tmp_path):
     assert splits["train"].name == "mini_imagenet/train" and splits["val"].name == "mini_imagenet/val"
     assert splits["test"].name == "cub/test" and splits["test"].num_classes == 50
     assert results["test"]["accuracy"]["episodes"] == 4
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(CONFIG_DIR) / "test_dataset").glob("*.yaml")))
+def test_every_test_dataset_composes_at_the_training_size(tmp_path, name):
+    cfg = compose_config(["dataset=cifar_fs", f"test_dataset={name}"], tmp_path)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["test_dataset"]["image_size"] == 32 and resolved["test_dataset"]["channels"] == 3
+    assert resolved["test_dataset"]["mean"] == resolved["dataset"]["mean"]
+    assert cfg.test_dataset._target_.startswith(f"metarun.datasets.{name}.")
