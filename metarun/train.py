@@ -160,15 +160,15 @@ def build_learner(cfg: DictConfig) -> dict[str, Any]:
         regression=regression,
         task_chunk=cfg.get("task_chunk"),
     )
-    return {"sampler": sampler, "algorithm": algorithm, "module": module, "regression": regression}
+    augment = instantiate_checked(cfg.transform) if cfg.get("transform") else None  # checked before any data
+    return {"sampler": sampler, "algorithm": algorithm, "module": module, "regression": regression, "augment": augment}
 
 
 def build_data(cfg: DictConfig, learner: dict[str, Any]) -> dict[str, Any]:
     """``learner`` plus the dataset and its episode loaders (the episode shapes checked)."""
     dataset = instantiate_checked(cfg.dataset)
-    augment = instantiate_checked(cfg.transform) if cfg.get("transform") else None
     test_dataset = build_test_dataset(cfg.test_dataset) if cfg.get("test_dataset") else None
-    datamodule = EpisodicDataModule(dataset, learner["sampler"], augment, test_dataset)
+    datamodule = EpisodicDataModule(dataset, learner["sampler"], learner["augment"], test_dataset)
     datamodule.prepare()
     return {**learner, "dataset": dataset, "datamodule": datamodule}
 

@@ -99,6 +99,11 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
         "transform": ["transform=standard"],
         "test_dataset": [*common, "dataset=mini_imagenet", "test_dataset=cub", "test_dataset.image_size=32"],
         "test_dataset_missing": [*common, "dataset=cifar_fs", "test_dataset=cub", "dataset.download=false"],
+        # settings of the new groups, refused before any data is looked for
+        "transform_value": [*common, "dataset=omniglot", "transform=standard", "transform.crop=zoom"],
+        "timm_name": [*common, "dataset=cifar_fs", "model=timm", "model.name=resnet181"],
+        "resnet12": [*common, "dataset=cifar_fs", "model=resnet12", "model.drop_rate=1.5"],
+        "split_ratio": [*common, "dataset=image_folder", f"dataset.root={mine}", "dataset.split_ratio=[0.5,0.5]"],
     }
     expected = {
         "image": (f"dataset.root={mine}: {victim} is truncated or corrupt", "so replace it"),
@@ -107,6 +112,10 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
         "transform": ("transform=Augment is not allowed with dataset=Sinusoid", "drop the transform override"),
         "test_dataset": ("test_dataset.image_size=32 is not allowed with dataset.image_size=84", "leave"),
         "test_dataset_missing": (f"test_dataset.root={data / 'cub'} has no class folder", "CUB_200_2011.tgz"),
+        "transform_value": ("transform.crop='zoom' is not allowed: use one of none, pad, resized",),
+        "timm_name": ("model.name='resnet181' is not allowed: timm has no such model", "resnet18"),
+        "resnet12": ("model.drop_rate=1.5 is not allowed: it must be a number in [0, 1)",),
+        "split_ratio": ("dataset.split_ratio=[0.5, 0.5] is not allowed", "sum to 1"),
     }
     procs = {key: launch(tmp_path / key, *overrides) for key, overrides in runs.items()}
     for key, proc in procs.items():
