@@ -75,6 +75,13 @@ class Learner:
         self.classes: list[Any] = []
         self.converted = 0  # images whose colour mode was changed to the model's
         self._support: tuple[Tensor, Tensor] | None = None
+        mean, std = self.config.dataset.get("mean"), self.config.dataset.get("std")
+        # the dataset's per-channel normalisation, as its episodes have it: [C, 1, 1] each, or None
+        self.normalization = (
+            None
+            if mean is None or std is None
+            else (torch.tensor(list(mean)).view(-1, 1, 1), torch.tensor(list(std)).view(-1, 1, 1))
+        )
 
     # ------------------------------------------------------------------ examples
 
@@ -103,9 +110,9 @@ class Learner:
             self.converted += 1
         array = prepare(image, int(self.config.dataset.image_size), self.channels)  # uint8 [C, H, W]
         x = torch.from_numpy(np.array(array, dtype=np.uint8)).float().div_(255.0)  # [C, H, W]
-        mean, std = self.config.dataset.get("mean"), self.config.dataset.get("std")
-        if mean is not None and std is not None:  # the dataset's normalisation, as in training
-            x = (x - torch.tensor(list(mean)).view(-1, 1, 1)) / torch.tensor(list(std)).view(-1, 1, 1)
+        if self.normalization is not None:  # the dataset's normalisation, as in training
+            mean, std = self.normalization
+            x = (x - mean) / std
         return x
 
     def _stack(self, examples: Sequence[Any]) -> Tensor:

@@ -61,7 +61,7 @@ class ImageFolder(ImageDataset):
         return f"{self.name}_{self.tag}_{self.image_size}px_{self.channels}ch_{split}"
 
     def _by_ratio(self, ratio: Any, seed: Any) -> dict[str, list[str]]:
-        values = list(ratio) if isinstance(ratio, (list, tuple)) or hasattr(ratio, "__iter__") else []
+        values = list(ratio) if hasattr(ratio, "__iter__") else []  # a list, tuple or ListConfig
         if (
             len(values) != 3
             or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in values)
