@@ -11,10 +11,20 @@ from typing import TypeVar
 
 from hydra.errors import InstantiationException
 
+from metarun.catalog import extra_config_dirs
 from metarun.errors import ConfigError, Interrupted
 
 T = TypeVar("T")
 DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
+# Keys that moved: old command lines name them; each gets one sentence naming the new key.
+MOVED = {
+    "algorithm.task_batching": (
+        "task_batching",
+        "how a meta-batch's tasks run is a hardware choice, set beside task_chunk",
+    ),
+}
+# What a cross-domain test set always takes from the training dataset.
+FROM_DATASET = ("image_size", "channels", "mean", "std")
 
 
 def config_error(err: BaseException) -> ConfigError | None:
@@ -82,14 +92,42 @@ def check_output_dirs(argv: Iterable[str]) -> None:
             )
 
 
+def translate(argv: list[str]) -> list[str]:
+    """Old command lines in today's keys: ``test_dataset=cub`` mounts the dataset group a
+    second time (``dataset@test_dataset=cub``); a moved key is one sentence naming its new
+    one; a user's config folders (``METARUN_CONFIG_PATH``) join Hydra's search path."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        bare = key.lstrip("+~")
+        if eq and bare in MOVED:
+            new, why = MOVED[bare]
+            fail(f"{bare}={value} is not allowed: {why}, so write {new}={value}.")
+        if eq and bare.startswith("test_dataset.") and bare.split(".", 1)[1] in FROM_DATASET:
+            fail(
+                f"{bare}={value} is not allowed: a cross-domain test set takes dataset."
+                f"{bare.split('.', 1)[1]} (the model meta-tests on the images it was trained on), "
+                f"so drop the override or change dataset.{bare.split('.', 1)[1]}."
+            )
+        if eq and bare == "test_dataset":
+            arg = f"{key[: len(key) - len(bare)]}dataset@test_dataset={value}"
+        out.append(arg)
+    extra = extra_config_dirs()
+    if extra and not any(a.split("=", 1)[0].lstrip("+") == "hydra.searchpath" for a in out):
+        out.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in extra) + "]")
+    return out
+
+
 def run_command(hydra_main: Callable[[], None], append_unless: tuple[str, ...] = ()) -> None:
-    """Run a ``@hydra.main`` entry point on ``sys.argv`` after the checks above.
+    """Run a ``@hydra.main`` entry point on ``sys.argv`` after the checks above (and
+    `translate`).
 
     ``append_unless``: for `metarun-eval`, whose own config does not hold the trained
     run's groups: a plain ``sampler.shots=5`` is passed to Hydra as ``+sampler.shots=5``
     unless its top-level key is one of these (the command's own keys).
     """
-    argv = sys.argv[1:]
+    argv = translate(sys.argv[1:])
+    sys.argv[1:] = argv
     check_output_dirs(argv)
     if append_unless:
         argv = [

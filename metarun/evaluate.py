@@ -15,10 +15,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from metarun.checkpoints import load_checkpoint, load_weights
+from metarun.build import build
+from metarun.catalog import CONFIG_DIR
+from metarun.checkpoint_files import load_checkpoint, load_weights
 from metarun.cli import exit_on_config_error, run_command
 from metarun.errors import ConfigError
-from metarun.train import CONFIG_DIR, build, environment, experiment_block, report, test_block, write_results
+from metarun.results import environment, experiment_block, report, test_block, write_results
 
 OWN_KEYS = ("ckpt_path", "hardware", "trainer", "paths", "task_name", "hydra")
 

@@ -24,23 +24,23 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from metarun.algorithms.base import MetaAlgorithm
-from metarun.checkpoints import load_checkpoint, load_weights
+from metarun.build import build_learner, dataset_class
+from metarun.catalog import CONFIG_DIR, head_free_learners
+from metarun.checkpoint_files import load_checkpoint, load_weights
 from metarun.cli import exit_on_config_error, run_command
+from metarun.datasets.images import IMAGE_SUFFIXES
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
+from metarun.results import write_results
 from metarun.stats import mean_ci95
-from metarun.train import CONFIG_DIR, build_learner, write_results
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
-FIXED_HEAD_FREE = "protonet, matching_net, relation_net or finetune"
 
 
 class Learner:
@@ -70,7 +70,7 @@ class Learner:
         )
         self.algorithm: MetaAlgorithm = module.algorithm.eval()
         self.regression: bool = objects["regression"]
-        self.dataset = get_class(self.config.dataset._target_)
+        self.dataset = dataset_class(self.config.dataset)
         self.name = type(self.algorithm).__name__
         self.classes: list[Any] = []
         self.converted = 0  # images whose colour mode was changed to the model's
@@ -89,8 +89,8 @@ class Learner:
         """One example as the training loader gives it: float ``[C, H, W]`` in [0, 1]."""
         if isinstance(item, Tensor):
             return item.float()
-        prepare = getattr(self.dataset, "prepare_image", None)
-        if prepare is None:
+        prepare = self.dataset.prepare_image
+        if not self.dataset.takes_images:
             raise ConfigError(
                 f"ckpt_path={self.path} is not allowed with images: it was trained "
                 f"on {self.dataset.__name__}, which takes no image files."
@@ -146,7 +146,7 @@ class Learner:
                 f"support is not allowed with this {self.name} checkpoint: it holds "
                 f"{len(self.classes)} classes but the model's classifier head has {heads} "
                 f"outputs, so give {heads} classes or train an algorithm without a fixed head "
-                f"({FIXED_HEAD_FREE})."
+                f"({', '.join(head_free_learners())})."
             )
         index = {c: i for i, c in enumerate(self.classes)}
         self._support = (x, torch.tensor([index[c] for c in labels]))  # [S, ...], [S]

@@ -24,8 +24,8 @@ throughput() {  # the real training step, MAML 5-way 1-shot Omniglot, meta-batch
 performance() {  # README "Performance": metarun against plain PyTorch, the fast CPU path, memory
     local P="$OUT/performance.jsonl" B=scripts/benchmark.py
     : > "$P"
-    $PY $B experiment=maml_omniglot_5w1s algorithm.task_batching=loop \
-        -- experiment=maml_omniglot_5w1s algorithm.task_batching=vmap bench.steps=10 bench.warmup=2 | tee -a "$P"
+    $PY $B experiment=maml_omniglot_5w1s task_batching=loop \
+        -- experiment=maml_omniglot_5w1s task_batching=vmap bench.steps=10 bench.warmup=2 | tee -a "$P"
     # today's fp32 step first, then the presets' fast path (bf16 autocast + channels_last)
     $PY $B experiment=protonet_omniglot_20w1s hardware=cpu model.channels_last=false \
         -- experiment=protonet_omniglot_20w1s bench.steps=30 bench.warmup=5 | tee -a "$P"

@@ -46,8 +46,9 @@ from torch.utils.data import DataLoader
 
 from metarun.algorithms.maml import MAML
 from metarun.algorithms.protonet import ProtoNet
+from metarun.build import build
+from metarun.catalog import CONFIG_DIR
 from metarun.episodes import EpisodeBatch
-from metarun.train import CONFIG_DIR, build
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}

@@ -73,20 +73,20 @@ def main(out: Path) -> None:
     )
     for precision, setting in PRECISIONS.items():
         for batching in ("loop", "vmap"):
-            bench(out, f"maml_5w1s_{precision}_{batching}", [*MAML, *setting, f"algorithm.task_batching={batching}"])
+            bench(out, f"maml_5w1s_{precision}_{batching}", [*MAML, *setting, f"task_batching={batching}"])
     for precision, setting in PRECISIONS.items():
         for batching in ("loop", "vmap"):
             bench(
                 out,
                 f"protonet_20w1s_{precision}_{batching}",
-                [*PROTONET, *setting, f"algorithm.task_batching={batching}"],
+                [*PROTONET, *setting, f"task_batching={batching}"],
                 steps=30,
             )
     for size, chunk in ((1, 1), (8, 1), (32, 1), (32, None)):
         bench(
             out,
             f"maml_memory_batch{size}_chunk{chunk}",
-            [*MAML, f"sampler.meta_batch_size={size}", f"task_chunk={chunk or 'null'}", "algorithm.task_batching=loop"],
+            [*MAML, f"sampler.meta_batch_size={size}", f"task_chunk={chunk or 'null'}", "task_batching=loop"],
             steps=3,
             warmup=1,
         )

@@ -15,6 +15,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from metarun.catalog import learners_for
+from metarun.cli import translate
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "conf")
 os.environ.setdefault("METARUN_CACHE_DIR", str(ROOT / ".cache"))
@@ -90,19 +93,9 @@ NEEDS = {
 
 
 def algorithms(kind: str) -> list[str]:
-    """Every config in conf/algorithm/ whose algorithm solves ``kind`` tasks ("classification"
-    or "regression", the class's ``tasks``)."""
-    from hydra.utils import get_class
-
-    out = []
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        for path in sorted((Path(CONFIG_DIR) / "algorithm").glob("*.yaml")):
-            target = compose("train", overrides=[f"algorithm={path.stem}"]).algorithm._target_
-            if kind in get_class(target).tasks:
-                out.append(path.stem)
-    GlobalHydra.instance().clear()
-    return out
+    """Every config in conf/algorithm/ (and METARUN_CONFIG_PATH) whose algorithm solves
+    ``kind`` tasks ("classification" or "regression", the class's ``tasks``)."""
+    return learners_for(kind)
 
 
 def data_dir() -> Path | None:
@@ -115,7 +108,7 @@ def compose_config(overrides: list[str], output_dir: Path, config_name: str = "t
     """The composed config for ``overrides``, writing into ``output_dir``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=translate(list(overrides)), return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.root_dir = str(ROOT)

@@ -18,8 +18,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from PIL import Image
 
+from metarun.build import build
 from metarun.errors import ConfigError
-from metarun.train import build, train
+from metarun.runner import train
 from tests.conftest import CONFIG_DIR, ROOT, TINY, compose_config
 
 METARUN = str(Path(sys.executable).parent / "metarun")

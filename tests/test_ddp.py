@@ -18,12 +18,13 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from metarun.build import build
 from metarun.cli import exit_on_config_error
 from metarun.episodes import TEST, collate_episodes
 from metarun.errors import ConfigError
 from metarun.module import per_task_metric
+from metarun.runner import train
 from metarun.stats import mean_ci95
-from metarun.train import build, train
 from tests.conftest import COMMAND_ENV, DDP, ROOT, TINY, compose_config, data_dir, finish, run_metarun
 
 STEPS, META_BATCH, TEST_EPISODES = 3, 4, 5  # 5 test episodes: DistributedSampler pads rank 1

@@ -6,7 +6,7 @@ import pytest
 
 from metarun.errors import ConfigError
 from metarun.evaluate import evaluate
-from metarun.train import train
+from metarun.runner import train
 from tests.conftest import compose_config
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metarun.train import build
+from metarun.build import build
 from tests.algorithms.learning import assert_learns
 from tests.conftest import compose_config
 from tests.datasets.standins import image_folder

@@ -38,13 +38,15 @@ from hydra.utils import instantiate
 from torch import nn
 
 from metarun.algorithms.maml import MAML
+from metarun.build import build
+from metarun.catalog import CONFIG_DIR
 from metarun.cli import exit_on_config_error
 from metarun.datasets.sinusoid import Sinusoid
 from metarun.episodes import Episode, EpisodeBatch, EpisodeSampler, collate_episodes
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.models.mlp import MLP
-from metarun.train import CONFIG_DIR, build, train
+from metarun.runner import train
 from tests.conftest import NEEDS, TINY, compose_config, data_dir, on_standins
 
 SEEDS = (0, 1, 2)

@@ -21,7 +21,7 @@ from PIL import Image
 import metarun
 from metarun.episodes import TEST, collate_episodes
 from metarun.predict import load
-from metarun.train import train
+from metarun.runner import train
 from tests.conftest import EVAL, PREDICT, TINY, compose_config, data_dir, finish, launch
 from tests.test_cli import assert_one_sentence
 

@@ -24,9 +24,9 @@ import torch
 from omegaconf import open_dict
 
 import metarun.tracking
-from metarun.checkpoints import load_checkpoint
+from metarun.checkpoint_files import load_checkpoint
 from metarun.errors import ConfigError
-from metarun.train import train
+from metarun.runner import train
 from tests.conftest import EVAL, METARUN, TINY, compose_config, finish, launch
 from tests.test_cli import assert_one_sentence
 
@@ -388,8 +388,11 @@ BAD_SETTINGS = {
         "task_chunk=0 is not allowed: it must be a positive integer (tasks per "
         "backward pass) or null for the whole meta-batch."
     ),
-    "algorithm.task_batching=batched": (
-        "algorithm.task_batching='batched' is not allowed: choose one of loop, vmap, auto."
+    "task_batching=batched": ("task_batching='batched' is not allowed: choose one of loop, vmap, auto."),
+    # an old command line: the key moved to the top level
+    "algorithm.task_batching=vmap": (
+        "algorithm.task_batching=vmap is not allowed: how a meta-batch's tasks run is a hardware "
+        "choice, set beside task_chunk, so write task_batching=vmap."
     ),
     "objective_direction=up": (
         "objective_direction='up' is not allowed: choose maximize or minimize (the direction "
@@ -414,7 +417,7 @@ def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
         "dataset=omniglot",
         "algorithm=protonet",
         "model.norm=running",
-        "algorithm.task_batching=vmap",
+        "task_batching=vmap",
         f"paths.data_dir={empty}",
         f"paths.cache_dir={tmp_path / 'cache'}",
     )
@@ -426,7 +429,7 @@ def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
         # the model is checked before any data is looked for or decoded
         "norm": ("model.norm='bogus' is not allowed: choose one of transductive, running, tasknorm, support, none."),
         "vmap": (
-            "algorithm.task_batching=vmap is not allowed for ProtoNet: its batch norm "
+            "task_batching=vmap is not allowed for ProtoNet: its batch norm "
             "model.features.1 keeps running statistics (model.norm=running), which are "
             "updated in place and cannot be carried per task under vmap, so use "
             "task_batching=loop or another model.norm."

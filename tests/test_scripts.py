@@ -106,7 +106,7 @@ def test_bench_grid_picks_the_paper_preset_for_every_cell():
     GlobalHydra.instance().clear()
     from hydra import compose, initialize_config_dir
 
-    from metarun.train import CONFIG_DIR
+    from metarun.catalog import CONFIG_DIR
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         for algo, shape, overrides in cells + grid.cells("sinusoid", list(grid.SINUSOID)):

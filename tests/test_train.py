@@ -22,8 +22,11 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import OmegaConf, open_dict
 
 import metarun.tracking
+from metarun.algorithms.protonet import ProtoNet
+from metarun.build import complete_config
+from metarun.catalog import classes
 from metarun.module import MetaLearningModule
-from metarun.train import train
+from metarun.runner import train
 from tests.conftest import CONFIG_DIR, ROOT, TINY, compose_config, on_standins
 
 # TINY, plus: 4 outer steps (validation at 2 and 4), 2 evaluation episodes of 10 query
@@ -539,9 +542,12 @@ def test_cross_domain_run_meta_tests_on_the_other_dataset(tmp_path):
     assert results["test"]["accuracy"]["episodes"] == 4
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(CONFIG_DIR) / "test_dataset").glob("*.yaml")))
-def test_every_test_dataset_composes_at_the_training_size(tmp_path, name):
+@pytest.mark.parametrize("name", [n for n, cls in classes("dataset").items() if cls.takes_images])
+def test_every_image_dataset_mounts_as_test_dataset_at_the_training_size(tmp_path, name):
+    """The dataset group mounted a second time (no copies): the test set takes the training
+    dataset's size, channels and normalisation when the learner is built."""
     cfg = compose_config(["dataset=cifar_fs", f"test_dataset={name}"], tmp_path)
+    complete_config(cfg, ProtoNet)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["test_dataset"]["image_size"] == 32 and resolved["test_dataset"]["channels"] == 3
     assert resolved["test_dataset"]["mean"] == resolved["dataset"]["mean"]

@@ -30,7 +30,6 @@ class ANIL(MAML):
         head_prefix: name prefix of the adapted parameters: ``head.`` for Conv4; for
             `metarun.models.mlp.MLP` the last Linear, ``net.<k>.`` (``net.4.`` for hidden
             [40, 40]). The empty string adapts every parameter, which is MAML.
-        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
     def __init__(
@@ -41,9 +40,8 @@ class ANIL(MAML):
         test_inner_steps: int,
         first_order: bool = False,
         head_prefix: str = "head.",
-        task_batching: str = "loop",
     ) -> None:
-        super().__init__(model, inner_lr, inner_steps, test_inner_steps, first_order, task_batching)
+        super().__init__(model, inner_lr, inner_steps, test_inner_steps, first_order)
         names = [name for name, _ in model.named_parameters()]
         self.head_names = [name for name in names if name.startswith(head_prefix)]
         if not self.head_names:

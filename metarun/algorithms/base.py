@@ -36,21 +36,34 @@ class MetaOutput:
 class MetaAlgorithm(nn.Module):
     """Owns the meta-parameters; the module never knows which algorithm it runs.
 
-    Args:
-        task_batching: how the tasks of a meta-batch run (`map_tasks`): "loop" (one after
-            another), "vmap" (one batched computation through `torch.func.vmap`; refused
-            with one sentence where the learner cannot, see `vmap_refusal`), or "auto"
-            (vmap on CUDA where possible, the loop elsewhere: on a CPU the loop measured
-            as fast or faster).
+    A learner states what the runner, the predict command and the divergence message need
+    to know about it as class attributes (`tasks`, `needs_head`, `lr_keys`) and methods
+    (`vmap_refusal`, `check_episode_shape`): nothing outside the learner names it.
+
+    How the tasks of a meta-batch run is a hardware choice, the top-level ``task_batching``,
+    given to `set_task_batching` by the runner: "loop" (one after another), "vmap" (one
+    batched computation through `torch.func.vmap`; refused with one sentence where the
+    learner cannot, see `vmap_refusal`), or "auto" (vmap on CUDA where possible, the loop
+    elsewhere: on a CPU the loop measured as fast or faster).
     """
 
     #: the kinds of task the learner can solve: "classification", "regression" or both
     tasks: tuple[str, ...] = ("classification", "regression")
+    #: whether the backbone ends in a ``sampler.train_ways``-way classifier head
+    #: (``model.out_features=auto`` builds one for True, none for an embedding learner)
+    needs_head: bool = True
+    #: the ``algorithm.*`` learning-rate keys a divergence message suggests lowering
+    lr_keys: tuple[str, ...] = ()
 
-    def __init__(self, task_batching: str = "loop") -> None:
+    def __init__(self) -> None:
         super().__init__()
+        self.task_batching = "loop"
+
+    def set_task_batching(self, task_batching: str) -> None:
+        """Run the tasks as ``task_batching`` says; `ConfigError` for a value this learner refuses."""
         check_task_batching(task_batching)
         self.task_batching = task_batching
+        self.check_task_batching()
 
     # the tasks of a meta-batch ---------------------------------------------------------------
 
@@ -62,7 +75,7 @@ class MetaAlgorithm(nn.Module):
         """Raise `ConfigError` if ``task_batching=vmap`` was asked of a learner that refuses it."""
         why = self.vmap_refusal() if self.task_batching == "vmap" else None
         if why:
-            raise ConfigError(f"algorithm.task_batching=vmap is not allowed for {type(self).__name__}: {why}.")
+            raise ConfigError(f"task_batching=vmap is not allowed for {type(self).__name__}: {why}.")
 
     def uses_vmap(self, device: torch.device) -> bool:
         """Whether `map_tasks` vmaps on ``device`` under this learner's ``task_batching``."""

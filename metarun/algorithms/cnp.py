@@ -80,8 +80,6 @@ class CNP(MetaAlgorithm):
         encoder: [x, y] (x_dim + y_dim inputs) -> r (R outputs).
         x_dim, y_dim: input and output dimensions of a task's function.
         min_std: lower bound of the predicted std (the paper: 0.1).
-        task_batching: accepted like every learner's (see `MetaAlgorithm`), but this
-            learner already computes all tasks as one batched tensor computation.
     """
 
     tasks = ("regression",)
@@ -93,9 +91,8 @@ class CNP(MetaAlgorithm):
         x_dim: int = 1,
         y_dim: int = 1,
         min_std: float = 0.1,
-        task_batching: str = "loop",
     ) -> None:
-        super().__init__(task_batching)
+        super().__init__()
         for key, value in (("algorithm.x_dim", x_dim), ("algorithm.y_dim", y_dim)):
             check_positive_int(key, value)
         if not 0 <= min_std < 1:

@@ -55,8 +55,9 @@ class FineTune(MetaAlgorithm):
         finetune_lr: their step size.
         cosine_scale: the cosine head's fixed scale (the authors' code: 2 up to 200 classes,
             10 above).
-        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
+
+    needs_head = False  # it builds its own whole-class head
 
     tasks = ("classification",)
 
@@ -68,9 +69,8 @@ class FineTune(MetaAlgorithm):
         finetune_steps: int = 100,
         finetune_lr: float = 0.01,
         cosine_scale: float = 10.0,
-        task_batching: str = "loop",
     ) -> None:
-        super().__init__(task_batching)
+        super().__init__()
         if getattr(model, "head", None) is not None:
             raise ConfigError(
                 "model.out_features is not allowed to be set for FineTune: the "

@@ -148,7 +148,6 @@ class LSTMOptimizer(MetaAlgorithm):
         variant: "andrychowicz" or "ravi".
         first_order: do not back-propagate through the gradient inputs of the optimiser.
         seed: seeds the optimiser's initial weights (the global RNG is untouched).
-        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
 
     def __init__(
@@ -163,9 +162,8 @@ class LSTMOptimizer(MetaAlgorithm):
         variant: str = "andrychowicz",
         first_order: bool = False,
         seed: int = 0,
-        task_batching: str = "loop",
     ) -> None:
-        super().__init__(task_batching)
+        super().__init__()
         for key, value in (
             ("algorithm.inner_steps", inner_steps),
             ("algorithm.test_inner_steps", test_inner_steps),

@@ -24,8 +24,9 @@ class MAML(MetaAlgorithm):
         inner_steps: inner steps during meta-training.
         test_inner_steps: inner steps at validation/test (Finn et al.: more than in training).
         first_order: drop second derivatives (FOMAML).
-        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
+
+    lr_keys = ("inner_lr",)
 
     def __init__(
         self,
@@ -34,9 +35,8 @@ class MAML(MetaAlgorithm):
         inner_steps: int,
         test_inner_steps: int,
         first_order: bool = False,
-        task_batching: str = "loop",
     ) -> None:
-        super().__init__(task_batching)
+        super().__init__()
         check_positive("algorithm.inner_lr", inner_lr)
         for key, steps in (("algorithm.inner_steps", inner_steps), ("algorithm.test_inner_steps", test_inner_steps)):
             check_positive_int(key, steps)

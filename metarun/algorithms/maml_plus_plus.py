@@ -117,9 +117,9 @@ class MAMLPlusPlus(MetaAlgorithm):
         per_step_bn: per-step batch-norm parameters and statistics (BNWB/BNRS); false shares
             the backbone's batch norm across steps and adapts its affine parameters like MAML.
         steps_per_epoch: outer steps per epoch (the authors: 500).
-        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`); per-step running
-            statistics (``model.norm=running``) refuse vmap.
     """
+
+    lr_keys = ("inner_lr",)
 
     def __init__(
         self,
@@ -132,9 +132,8 @@ class MAMLPlusPlus(MetaAlgorithm):
         learn_inner_lr: bool = True,
         per_step_bn: bool = True,
         steps_per_epoch: int = 500,
-        task_batching: str = "loop",
     ) -> None:
-        super().__init__(task_batching)
+        super().__init__()
         check_positive("algorithm.inner_lr", inner_lr)
         _check_count("algorithm.inner_steps", inner_steps, 1)
         _check_count("algorithm.test_inner_steps", test_inner_steps, 1)

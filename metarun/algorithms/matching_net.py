@@ -85,8 +85,9 @@ class MatchingNet(MetaAlgorithm):
         fce_lstm_layers: layers of the bidirectional support LSTM (FCE only).
         attention_steps: K, processing steps of the query attention LSTM (FCE only; the
             paper does not state K).
-        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
+
+    needs_head = False
 
     tasks = ("classification",)
 
@@ -96,9 +97,8 @@ class MatchingNet(MetaAlgorithm):
         fce: bool = False,
         fce_lstm_layers: int = 1,
         attention_steps: int = 2,
-        task_batching: str = "loop",
     ) -> None:
-        super().__init__(task_batching)
+        super().__init__()
         if getattr(model, "head", None) is not None:
             raise ConfigError(
                 "model.out_features is not allowed to be set for MatchingNet: the "

@@ -36,8 +36,9 @@ class MetaSGD(MetaAlgorithm):
         test_inner_steps: inner steps at validation/test (Li et al.: one).
         first_order: drop second derivatives; α still gets its gradient, which is exact
             for one step (∂θ′/∂α = −∇L_support(θ) needs no Hessian).
-        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
+
+    lr_keys = ("init_inner_lr",)
 
     def __init__(
         self,
@@ -46,9 +47,8 @@ class MetaSGD(MetaAlgorithm):
         inner_steps: int,
         test_inner_steps: int,
         first_order: bool = False,
-        task_batching: str = "loop",
     ) -> None:
-        super().__init__(task_batching)
+        super().__init__()
         check_positive("algorithm.init_inner_lr", init_inner_lr)
         for key, steps in (("algorithm.inner_steps", inner_steps), ("algorithm.test_inner_steps", test_inner_steps)):
             check_positive_int(key, steps)

@@ -63,8 +63,6 @@ class NeuralProcess(MetaAlgorithm):
         min_std: lower bound of the decoder's std (0.1, as in the CNP).
         test_samples: S, latent samples per task at validation/test.
         seed: seeds the latent noise.
-        task_batching: accepted like every learner's (see `MetaAlgorithm`), but this
-            learner already computes all tasks as one batched tensor computation.
     """
 
     tasks = ("regression",)
@@ -80,9 +78,8 @@ class NeuralProcess(MetaAlgorithm):
         min_std: float = 0.1,
         test_samples: int = 32,
         seed: int = 0,
-        task_batching: str = "loop",
     ) -> None:
-        super().__init__(task_batching)
+        super().__init__()
         for key, value in (
             ("algorithm.latent_dim", latent_dim),
             ("algorithm.x_dim", x_dim),

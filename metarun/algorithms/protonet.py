@@ -30,13 +30,14 @@ class ProtoNet(MetaAlgorithm):
 
     Args:
         model: embedding network (no classifier head).
-        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
+
+    needs_head = False
 
     tasks = ("classification",)
 
-    def __init__(self, model: nn.Module, task_batching: str = "loop") -> None:
-        super().__init__(task_batching)
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
         if getattr(model, "head", None) is not None:
             raise ConfigError(
                 "model.out_features is not allowed to be set for ProtoNet: the "

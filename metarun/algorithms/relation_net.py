@@ -63,15 +63,14 @@ class RelationNet(MetaAlgorithm):
             paper's pools only in its first 2 blocks: ``model.pooled_blocks=2``).
         relation_hidden: units of the relation module's hidden FC layer (8 in the paper).
         norm: batch-norm mode of the relation module (the configs use ``${model.norm}``).
-        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
+
+    needs_head = False
 
     tasks = ("classification",)
 
-    def __init__(
-        self, model: nn.Module, relation_hidden: int = 8, norm: str = "transductive", task_batching: str = "loop"
-    ) -> None:
-        super().__init__(task_batching)
+    def __init__(self, model: nn.Module, relation_hidden: int = 8, norm: str = "transductive") -> None:
+        super().__init__()
         if getattr(model, "head", None) is not None:
             raise ConfigError(
                 "model.out_features is not allowed to be set for RelationNet: the "

@@ -112,8 +112,9 @@ class Reptile(MetaAlgorithm):
         inner_betas: Adam's (β₁, β₂) for ``inner_optimizer="adam"``.
         inner_eps: Adam's ε.
         seed: seeds the minibatch order, from (seed, update count, task index).
-        task_batching: "loop", "vmap" or "auto" (see `MetaAlgorithm`).
     """
+
+    lr_keys = ("inner_lr",)
 
     def __init__(
         self,
@@ -127,9 +128,8 @@ class Reptile(MetaAlgorithm):
         inner_betas: Sequence[float] = (0.0, 0.999),
         inner_eps: float = 1e-8,
         seed: int = 0,
-        task_batching: str = "loop",
     ) -> None:
-        super().__init__(task_batching)
+        super().__init__()
         if isinstance(inner_lr, bool) or not inner_lr > 0:
             raise ConfigError(f"algorithm.inner_lr={inner_lr!r} is not allowed: it must be positive.")
         _positive_int("algorithm.inner_steps", inner_steps)

@@ -22,11 +22,9 @@ TASK_BATCHING = ("loop", "vmap", "auto")
 
 
 def check_task_batching(value: str) -> None:
-    """``algorithm.task_batching`` must be one of `TASK_BATCHING`."""
+    """The top-level ``task_batching`` must be one of `TASK_BATCHING`."""
     if value not in TASK_BATCHING:
-        raise ConfigError(
-            f"algorithm.task_batching={value!r} is not allowed: choose one of {', '.join(TASK_BATCHING)}."
-        )
+        raise ConfigError(f"task_batching={value!r} is not allowed: choose one of {', '.join(TASK_BATCHING)}.")
 
 
 def modules_vmap_refusal(module: nn.Module) -> str | None:

@@ -1,14 +1,79 @@
-"""A split of an image dataset held in memory as one uint8 tensor, indexed by class."""
+"""The dataset contract (`Dataset`, `Split`) and `ClassImages`, a split of an image dataset
+held in memory as one uint8 tensor, indexed by class.
+
+Every dataset the runner, the plots and ``metarun-predict`` meet keeps the `Dataset`
+contract; nothing outside a dataset probes it with ``getattr`` or ``hasattr``.
+"""
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor
 
 from metarun.episodes import Augment, Episode
 from metarun.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+TaskKind = Literal["classification", "regression"]
+SPLITS = ("train", "val", "test")
+
+
+class Split(Protocol):
+    """One split of a dataset, as the episode sampler draws from it."""
+
+    #: classes in the split (0 for regression tasks)
+    num_classes: int
+
+    def check_episode(self, ways: int, shots: int, queries: int, prefix: str) -> None:
+        """Raise `ConfigError` if an episode of this shape cannot be drawn (``prefix``: the
+        sampler's key prefix, e.g. ``"sampler.train_"``)."""
+
+    def episode(self, generator: torch.Generator, ways: int, shots: int, queries: int) -> Episode:
+        """One episode drawn with ``generator``."""
+
+
+class Dataset(abc.ABC):
+    """What every dataset states about itself and provides.
+
+    Class attributes (read before the dataset is built, so a bad combination of groups is
+    refused before any data is read):
+
+    - ``kind``: the task kind, "classification" (labels) or "regression" (float targets).
+    - ``takes_images``: whether its examples are images; then `prepare_image` turns a
+      user's image into one of its examples (``metarun-predict``) and the ``transform`` and
+      ``test_dataset`` groups apply.
+    - ``has_curve``: whether `curve` gives a regression task's true function (for plots).
+
+    Instances give `split` ("train", "val", "test") and `num_classes`.
+    """
+
+    kind: ClassVar[TaskKind] = "classification"
+    takes_images: ClassVar[bool] = True
+    has_curve: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def split(self, name: str) -> Split:
+        """The "train", "val" or "test" split."""
+
+    def num_classes(self, name: str) -> int:
+        """How many classes split ``name`` has (a regression dataset: 0)."""
+        return self.split(name).num_classes
+
+    @staticmethod
+    def prepare_image(image: Image.Image, size: int, channels: int) -> np.ndarray:
+        """A user's image prepared as this dataset's examples are: uint8 ``[C, size, size]``."""
+        raise NotImplementedError
+
+    def curve(self, params: Tensor, x: Tensor) -> Tensor:
+        """The true function of a regression task with ``task_params`` ``params`` at ``x``."""
+        raise NotImplementedError
 
 
 class ClassImages:

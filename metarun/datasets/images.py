@@ -44,12 +44,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from metarun.datasets.base import ClassImages
+from metarun.datasets.base import SPLITS, ClassImages, Dataset
 from metarun.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 CACHE_FORMAT = 2
 DOWNLOAD_TIMEOUT_S = 60.0
 MIN_IMAGES_PER_WORKER = 4000  # below this a process pool costs more than it saves
@@ -328,7 +327,7 @@ def check_normalization(mean: Sequence[float] | None, std: Sequence[float] | Non
         raise ConfigError("dataset.mean and dataset.std are not allowed one without the other: set both or neither.")
 
 
-class ImageDataset:
+class ImageDataset(Dataset):
     """Base of the class-per-folder image datasets: train/val/test splits of labelled images,
     each decoded once into its own memory-mapped cache.
 
@@ -426,7 +425,8 @@ def file_fingerprint(path: Path) -> list[Any]:
     return [path.name, stat.st_size, int(stat.st_mtime)]
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# The image files metarun reads, in a dataset's folders and in a user's own (metarun-predict).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 
 def image_files(folder: Path) -> list[Path]:

@@ -15,14 +15,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from metarun.datasets import images as image_layer
 from metarun.datasets.base import ClassImages
-from metarun.datasets.images import CORRUPT, check_image_args, check_normalization
+from metarun.datasets.images import CORRUPT, SPLITS, ImageDataset
 from metarun.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,7 +35,6 @@ OFFICIAL: dict[str, Any] = {
     },
 }
 SCHEMES = ("vinyals", "lake")
-SPLITS = ("train", "val", "test")
 LAKE_VAL_ALPHABETS = 5  # the last 5 background alphabets (sorted) validate Lake's split
 FETCH_HINT = (
     "put the official images_background.zip and images_evaluation.zip from "
@@ -45,7 +42,7 @@ FETCH_HINT = (
 )
 
 
-class Omniglot:
+class Omniglot(ImageDataset):
     """Omniglot (Lake, Salakhutdinov & Tenenbaum, Science 2015) as in-memory class splits.
 
     ``split_scheme="vinyals"`` is the few-shot split of Vinyals et al. (2016) as published
@@ -74,6 +71,9 @@ class Omniglot:
         download: fetch missing archives from github.com/brendenlake/omniglot (md5-checked).
     """
 
+    name = "omniglot"
+    hint = FETCH_HINT
+
     def __init__(
         self,
         root: str,
@@ -86,14 +86,10 @@ class Omniglot:
         rotations: bool = True,
         download: bool = True,
     ) -> None:
-        check_image_args(image_size, channels)
-        check_normalization(mean, std, channels)
-        self.mean, self.std = mean, std
+        super().__init__(root, cache_dir, image_size, channels, mean, std)
         if split_scheme not in SCHEMES:
             raise ConfigError(f"dataset.split_scheme={split_scheme!r} is not allowed: use one of {', '.join(SCHEMES)}.")
-        self.root = Path(root).expanduser().resolve()
-        self.cache_dir = Path(cache_dir).expanduser().resolve()
-        self.image_size, self.channels, self.split_scheme = image_size, channels, split_scheme
+        self.split_scheme = split_scheme
         self.rotations, self.download = rotations, download
         sources = [self._source(part) for part in PARTS]
         self.images, self.labels, self.keys, self.num_background = self._load(sources)
@@ -104,16 +100,14 @@ class Omniglot:
                 f"dataset.split_scheme=vinyals needs all 1623 Omniglot characters but dataset.root="
                 f"{self.root} lacks {len(missing)} of them (e.g. {missing[0]}), so {FETCH_HINT}."
             )
-        self._splits: dict[str, ClassImages] = {}
-
-    @staticmethod
-    def prepare_image(image: Image.Image, size: int, channels: int) -> np.ndarray:
-        """A user's image prepared as Omniglot's are (grey or RGB, LANCZOS): ``[C, size, size]``."""
-        return image_layer.prepare_image(image, size, channels)
 
     def classes(self, name: str) -> list[str]:
         """Class names of split `name`, one per label: ``Alphabet/characterNN/rotDDD``."""
         return [f"{key}/rot{90 * turns:03d}" for key, turns in self._class_list(name)]
+
+    def num_classes(self, name: str) -> int:
+        """Classes of split `name`, from the split lists (nothing is decoded)."""
+        return len(self._class_list(name))
 
     def split(self, name: str) -> ClassImages:
         """The "train", "val" or "test" split: uint8 ``[N, C, H, W]``, built once."""

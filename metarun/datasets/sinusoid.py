@@ -6,13 +6,12 @@ import math
 
 import torch
 
+from metarun.datasets.base import Dataset
 from metarun.episodes import Episode
 from metarun.errors import ConfigError
 
 
-class Sinusoid:
-    is_regression = True
-
+class Sinusoid(Dataset):
     """The family y = A·sin(x − φ), A ~ U[amp], φ ~ U[phase], x ~ U[x_range].
 
     Tasks are generated on the fly from the sampler's generator, so every split is the
@@ -24,6 +23,11 @@ class Sinusoid:
         phase_min, phase_max: phase range (paper: 0, π).
         x_min, x_max: input range (paper: −5, 5).
     """
+
+    kind = "regression"
+    takes_images = False
+    has_curve = True
+    num_classes = 0  # as a split: a task is one function
 
     def __init__(
         self,

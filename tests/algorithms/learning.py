@@ -9,9 +9,9 @@ import torch
 from hydra.utils import instantiate
 
 from metarun.algorithms.base import MetaAlgorithm
+from metarun.build import build
 from metarun.datasets.sinusoid import Sinusoid
 from metarun.episodes import TEST, EpisodeBatch, EpisodeSampler, TaskSource, collate_episodes
-from metarun.train import build
 
 
 def meta_train(algorithm: MetaAlgorithm, sampler: EpisodeSampler, source: TaskSource, steps: int, lr: float) -> None:

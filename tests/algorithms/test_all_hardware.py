@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from metarun.train import train
+from metarun.runner import train
 from tests.conftest import DDP, NEEDS, TINY, algorithms, run_metarun
 
 pytestmark = pytest.mark.slow  # launches processes or runs every algorithm

@@ -10,10 +10,10 @@ from torch import nn
 from metarun.algorithms.anil import ANIL
 from metarun.algorithms.inner_loop import adapt, forward, task_loss
 from metarun.algorithms.maml import MAML
+from metarun.build import build
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.models.mlp import MLP
-from metarun.train import build
 from tests.algorithms.learning import (
     assert_learns,
     finite_difference,

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from metarun.algorithms.cnp import CNP, gaussian_log_prob
+from metarun.build import build
 from metarun.episodes import Episode, collate_episodes
 from metarun.errors import ConfigError
 from metarun.models.mlp import MLP
-from metarun.train import build, train
+from metarun.runner import train
 from tests.algorithms.learning import check_learns_sinusoids
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from metarun.train import build
+from metarun.build import build
 from tests.conftest import NEEDS, TINY, algorithms, compose_config, data_dir
 
 pytestmark = pytest.mark.slow  # launches processes or runs every algorithm

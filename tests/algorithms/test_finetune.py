@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.algorithms.finetune import FineTune
+from metarun.build import build
 from metarun.datasets.base import ClassImages
 from metarun.episodes import Episode, collate_episodes
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
-from metarun.train import build
 from tests.algorithms.learning import assert_learns, meta_train
 
 

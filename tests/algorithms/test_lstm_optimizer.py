@@ -13,9 +13,9 @@ from torch import nn
 
 from metarun.algorithms.inner_loop import adapt, forward, task_loss
 from metarun.algorithms.lstm_optimizer import LSTMOptimizer, lstm_adapt, preprocess
+from metarun.build import build
 from metarun.episodes import TEST, collate_episodes
 from metarun.errors import ConfigError
-from metarun.train import build
 from tests.algorithms.learning import (
     assert_learns,
     finite_difference,

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.matching_net import FullContextEmbedding, MatchingNet, cosine_attention_log_probs
+from metarun.build import build
 from metarun.episodes import Episode, collate_episodes
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
-from metarun.train import build
 from tests.algorithms.learning import episode_accuracy, meta_train
 
 

@@ -10,9 +10,9 @@ from torch import nn
 from metarun.algorithms.inner_loop import forward, task_loss
 from metarun.algorithms.maml import MAML
 from metarun.algorithms.meta_sgd import MetaSGD
+from metarun.build import build
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
-from metarun.train import build
 from tests.algorithms.learning import (
     assert_learns,
     finite_difference,

@@ -10,11 +10,12 @@ import torch
 
 from metarun.algorithms.cnp import gaussian_log_prob
 from metarun.algorithms.np import EVAL_NOISE, TRAIN_NOISE, NeuralProcess, kl_diagonal_gaussians, task_noise
+from metarun.build import build
 from metarun.datasets.sinusoid import Sinusoid
 from metarun.episodes import EpisodeSampler, task_generator
 from metarun.errors import ConfigError
 from metarun.models.mlp import MLP
-from metarun.train import build, train
+from metarun.runner import train
 from tests.algorithms.learning import check_learns_sinusoids
 
 

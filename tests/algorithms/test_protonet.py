@@ -49,7 +49,7 @@ def test_any_number_of_ways_at_test_and_no_head():
 
 
 def test_a_regression_dataset_is_refused_before_training(make_config):
-    from metarun.train import build
+    from metarun.build import build
 
     with pytest.raises(ConfigError, match=r"algorithm=ProtoNet is not allowed with dataset=Sinusoid"):
         build(make_config("algorithm=protonet"))

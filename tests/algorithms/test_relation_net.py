@@ -7,10 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.relation_net import RelationModule, RelationNet
+from metarun.build import build
 from metarun.episodes import Episode, collate_episodes
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
-from metarun.train import build
 from tests.algorithms.learning import episode_accuracy, meta_train
 
 

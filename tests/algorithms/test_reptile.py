@@ -12,11 +12,11 @@ from torch import nn
 
 from metarun.algorithms.inner_loop import task_loss
 from metarun.algorithms.reptile import TRAIN_ORDER, Reptile, inner_train, minibatch_indices
+from metarun.build import build
 from metarun.datasets.sinusoid import Sinusoid
 from metarun.episodes import TEST, EpisodeSampler, collate_episodes, task_generator
 from metarun.errors import ConfigError
-from metarun.train import build
-from metarun.train import train as run_training
+from metarun.runner import train as run_training
 from tests.algorithms.learning import assert_learns
 
 

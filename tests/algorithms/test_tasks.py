@@ -20,10 +20,11 @@ import torch
 from omegaconf import open_dict
 
 from metarun.algorithms.tasks import map_tasks
+from metarun.build import build
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 from metarun.module import backward_in_chunks
-from metarun.train import build, train
+from metarun.runner import train
 from tests.conftest import NEEDS, TINY, algorithms, compose_config, data_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,7 +110,7 @@ def check_loop_and_vmap_agree(algorithm, batch: EpisodeBatch) -> None:
     predicted = algorithm.predict(batch)
     algorithm.task_batching = "vmap"
     if algorithm.vmap_refusal() is not None:
-        with pytest.raises(ConfigError, match="algorithm.task_batching=vmap is not allowed"):
+        with pytest.raises(ConfigError, match="task_batching=vmap is not allowed"):
             algorithm.check_task_batching()
         return
     vloss, vgrads = loss_and_gradient(algorithm, batch)

@@ -110,7 +110,10 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
         "archive": ("cifar-100-python.tar.gz is truncated or corrupt", "eb9058c3a382ffc7106e4002c42a8d85"),
         "missing": ("has no image", "ImageNet's terms do not allow metarun to download them"),
         "transform": ("transform=Augment is not allowed with dataset=Sinusoid", "drop the transform override"),
-        "test_dataset": ("test_dataset.image_size=32 is not allowed with dataset.image_size=84", "leave"),
+        "test_dataset": (
+            "test_dataset.image_size=32 is not allowed: a cross-domain test set takes dataset.image_size",
+            "drop the override",
+        ),
         "test_dataset_missing": (f"test_dataset.root={data / 'cub'} has no class folder", "CUB_200_2011.tgz"),
         "transform_value": ("transform.crop='zoom' is not allowed: use one of none, pad, resized",),
         "timm_name": ("model.name='resnet181' is not allowed: timm has no such model", "resnet18"),

@@ -12,11 +12,11 @@ from metarun.algorithms.maml import MAML
 from metarun.algorithms.maml_plus_plus import MAMLPlusPlus
 from metarun.algorithms.meta_sgd import MetaSGD
 from metarun.algorithms.reptile import Reptile
+from metarun.build import build
 from metarun.episodes import TEST, Episode, collate_episodes
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.models.norm import TaskNorm2d, batch_norm
-from metarun.train import build
 
 
 def layer(alpha_logit: float) -> TaskNorm2d:

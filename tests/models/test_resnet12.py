@@ -72,10 +72,10 @@ def test_dropblock_masks_resume_from_the_state_dict() -> None:
 
 
 def test_dropblock_refuses_vmap_and_bad_settings() -> None:
-    alg = MAML(tiny(drop_rate=0.1, out_features=2), 0.1, 1, 1, task_batching="vmap")
+    alg = MAML(tiny(drop_rate=0.1, out_features=2), 0.1, 1, 1)
     with pytest.raises(ConfigError, match="DropBlock model.features.2.drop draws a random mask per task"):
-        alg.check_task_batching()
-    MAML(tiny(out_features=2), 0.1, 1, 1, task_batching="vmap").check_task_batching()  # rate 0: fine
+        alg.set_task_batching("vmap")
+    MAML(tiny(out_features=2), 0.1, 1, 1).set_task_batching("vmap")  # rate 0: fine
     for kwargs, key in (
         ({"widths": [1, 2, 3]}, "model.widths"),
         ({"drop_rate": 1.0}, "model.drop_rate"),

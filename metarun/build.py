@@ -1,0 +1,136 @@
+"""Building a run's objects from its composed config: learner first, data second.
+
+Everything that needs no data (sampler, model, algorithm, optimiser, transform) is built
+and checked first (`build_learner`), so a bad setting is reported before a dataset is
+decoded; `build_data` adds the dataset and its episode loaders.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from metarun.algorithms.base import MetaAlgorithm
+from metarun.catalog import CONFIG_DIR  # noqa: F401  (the commands read it here)
+from metarun.checks import check_image_groups, check_settings
+from metarun.cli import config_error
+from metarun.datamodule import EpisodicDataModule
+from metarun.datasets.base import Dataset
+from metarun.errors import ConfigError
+from metarun.module import MetaLearningModule
+
+
+def instantiate_checked(node: Any, **kwargs: Any) -> Any:
+    """`instantiate`, re-raising a constructor's `ConfigError` as itself, not Hydra's wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        found = config_error(err)
+        if found is None:
+            raise
+        raise found from None
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate every configured object; stops early (`ConfigError`) on an impossible setting.
+
+    Everything that needs no data (sampler, model, algorithm, optimiser) is built and
+    checked first (`build_learner`), so a bad setting is reported before a dataset is decoded.
+    """
+    return build_data(cfg, build_learner(cfg))
+
+
+def dataset_class(node: DictConfig, key: str = "dataset") -> type[Dataset]:
+    """The `Dataset` class a dataset group names (nothing is built)."""
+    cls = get_class(node._target_)
+    if not (isinstance(cls, type) and issubclass(cls, Dataset)):
+        raise ConfigError(
+            f"{key}._target_={node._target_} is not allowed: it is not a metarun dataset, so "
+            f"name a subclass of metarun.datasets.base.Dataset."
+        )
+    return cls
+
+
+def complete_config(cfg: DictConfig, learner: type[MetaAlgorithm]) -> None:
+    """Fill the settings that follow from other groups, in ``cfg`` itself (so results.json and
+    the checkpoint record what ran): ``model.out_features=auto`` becomes the learner's head
+    (``sampler.train_ways`` outputs, or none for an embedding learner); a cross-domain
+    ``test_dataset`` takes the training dataset's image size, channels and normalisation."""
+    with open_dict(cfg):
+        if OmegaConf.select(cfg, "model.out_features") == "auto":
+            cfg.model.out_features = cfg.sampler.train_ways if learner.needs_head else None
+        if cfg.get("test_dataset"):
+            for key in TEST_DATASET_FROM_DATASET:
+                if key in cfg.dataset:
+                    cfg.test_dataset[key] = cfg.dataset[key]
+
+
+# What a cross-domain test set takes from the training dataset: the model meta-tests on the
+# images it was trained on.
+TEST_DATASET_FROM_DATASET = ("image_size", "channels", "mean", "std")
+
+
+def build_learner(cfg: DictConfig) -> dict[str, Any]:
+    """The sampler, the algorithm and its module: every setting that needs no data, checked."""
+    check_settings(cfg)
+    kind = dataset_class(cfg.dataset).kind
+    complete_config(cfg, get_class(cfg.algorithm._target_))
+    sampler = instantiate_checked(cfg.sampler)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
+        torch.manual_seed(cfg.seed)
+        model = instantiate_checked(cfg.model)
+        algorithm = instantiate_checked(cfg.algorithm, model=model)  # and its own parameters
+    algorithm.check_episode_shape(sampler.train_ways, sampler.ways)
+    algorithm.set_task_batching(cfg.get("task_batching", "auto"))
+    if kind not in algorithm.tasks:
+        raise ConfigError(
+            f"algorithm={type(algorithm).__name__} is not allowed with "
+            f"dataset={cfg.dataset._target_.rsplit('.', 1)[-1]}: it solves "
+            f"{' and '.join(algorithm.tasks)} tasks only, so choose a {algorithm.tasks[0]} "
+            f"dataset or another algorithm."
+        )
+    check_image_groups(cfg, dataset_class(cfg.dataset).takes_images)
+    optimizer = instantiate(cfg.optimizer)
+    try:  # the optimiser's own checks (e.g. Adam's betas), on a throwaway instance
+        optimizer(params=algorithm.parameters())
+    except (ValueError, TypeError) as error:
+        raise ConfigError(
+            f"optimizer={cfg.optimizer._target_} is not allowed with these "
+            f"settings: {error}, so change the optimizer.* values."
+        ) from None
+    regression = kind == "regression"
+    module = MetaLearningModule(
+        algorithm,
+        optimizer=optimizer,
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        grad_clip=cfg.grad_clip,
+        regression=regression,
+        task_chunk=cfg.get("task_chunk"),
+    )
+    augment = instantiate_checked(cfg.transform) if cfg.get("transform") else None  # checked before any data
+    return {"sampler": sampler, "algorithm": algorithm, "module": module, "regression": regression, "augment": augment}
+
+
+def build_data(cfg: DictConfig, learner: dict[str, Any]) -> dict[str, Any]:
+    """``learner`` plus the dataset and its episode loaders (the episode shapes checked)."""
+    dataset = instantiate_checked(cfg.dataset)
+    test_dataset = build_test_dataset(cfg.test_dataset) if cfg.get("test_dataset") else None
+    datamodule = EpisodicDataModule(dataset, learner["sampler"], learner["augment"], test_dataset)
+    datamodule.prepare()
+    return {**learner, "dataset": dataset, "datamodule": datamodule}
+
+
+def build_test_dataset(node: DictConfig) -> Any:
+    """The cross-domain dataset with its test split loaded; its errors name ``test_dataset.*``
+    (the dataset classes speak of ``dataset.*``, the group they usually sit in)."""
+    try:
+        dataset = instantiate_checked(node)
+        dataset.split("test")
+    except ConfigError as error:
+        raise ConfigError(re.sub(r"\bdataset\.", "test_dataset.", str(error))) from None
+    return dataset

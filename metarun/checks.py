@@ -1,0 +1,97 @@
+"""Every check of a user's settings that needs no data, in one place: one sentence each.
+
+The runner calls `check_settings`, `check_run_settings` and `check_hardware` before it
+builds anything; `check_groups` after the learner is built (it needs the task kind).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metarun.errors import ConfigError
+
+
+def positive_number(key: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        allowed = "a positive number or null" if allow_none else "a positive number"
+        raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}.")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The top-level settings every run reads, checked before anything is built."""
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ConfigError(f"seed={seed!r} is not allowed: it must be an integer from 0 to 2**63 - 1.")
+    lr = OmegaConf.select(cfg, "optimizer.lr")
+    if lr is not None:
+        positive_number("optimizer.lr", lr)
+    positive_number("grad_clip", cfg.get("grad_clip"), allow_none=True)
+    direction = cfg.get("objective_direction", "maximize")
+    if direction not in ("maximize", "minimize"):
+        raise ConfigError(
+            f"objective_direction={direction!r} is not allowed: choose maximize or "
+            f"minimize (the direction a sweeper optimises the validation metric in)."
+        )
+    chunk = cfg.get("task_chunk")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
+        raise ConfigError(
+            f"task_chunk={chunk!r} is not allowed: it must be a positive integer "
+            f"(tasks per backward pass) or null for the whole meta-batch."
+        )
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """The trainer's step limit and the checkpoint cadence (before anything is built)."""
+    steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not (steps > 0 or steps == -1):
+        raise ConfigError(
+            f"trainer.max_steps={steps!r} is not allowed: it must be a positive "
+            f"integer (or -1 for no limit, with trainer.max_time set)."
+        )
+    every = OmegaConf.select(cfg, "checkpoint.every_n_steps")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"checkpoint.every_n_steps={every!r} is not allowed: it must be a positive integer or null.")
+    positive_number("checkpoint.every_minutes", OmegaConf.select(cfg, "checkpoint.every_minutes"), allow_none=True)
+
+
+def check_hardware(trainer_cfg: DictConfig) -> None:
+    """Stop before building anything when the hardware profile cannot run on this machine.
+
+    Lightning would otherwise fail deep inside the Trainer ("No supported gpu backend
+    found!") or, with ``accelerator=cpu``, silently switch float16 to bfloat16.
+    """
+    precision = str(trainer_cfg.get("precision"))
+    accelerator = str(trainer_cfg.get("accelerator"))
+    cuda = torch.cuda.is_available()
+    if precision in ("16-mixed", "16") and (accelerator == "cpu" or not cuda):
+        where = (
+            "trainer.accelerator=cpu"
+            if accelerator == "cpu"
+            else "this machine, where torch.cuda.is_available() is False"
+        )
+        raise ConfigError(
+            f"trainer.precision={precision} (hardware=fp16) is not allowed on {where}: float16 "
+            f"mixed precision needs a CUDA GPU, so use hardware=bf16 or hardware=cpu instead."
+        )
+    if accelerator in ("gpu", "cuda") and not (cuda or torch.backends.mps.is_available()):
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} (hardware=gpu) is not allowed on this machine: no "
+            f"GPU is visible (torch.cuda.is_available() is False), so use hardware=cpu or "
+            f"hardware=bf16 instead."
+        )
+
+
+def check_image_groups(cfg: DictConfig, takes_images: bool) -> None:
+    """The groups that only image datasets take (transform, test_dataset), checked before any data."""
+    dataset = cfg.dataset._target_.rsplit(".", 1)[-1]
+    for group, what in (("transform", "augments images"), ("test_dataset", "meta-tests on another image dataset")):
+        if not takes_images and cfg.get(group):
+            raise ConfigError(
+                f"{group}={cfg[group]._target_.rsplit('.', 1)[-1]} is not allowed with dataset={dataset}: it "
+                f"{what}, and {dataset} has no images, so drop the {group} override."
+            )

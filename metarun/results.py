@@ -1,0 +1,83 @@
+"""What a run reports: results.json's blocks, the printed summary, the sweep objective."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+
+def experiment_block(cfg: DictConfig, sampler: Any) -> dict[str, Any]:
+    """The ``experiment`` block of results.json (training and `metarun-eval`): what ran, on
+    which dataset (and which meta-test dataset, cross-domain), with which episode shape."""
+    block = {
+        "algorithm": cfg.algorithm._target_.rsplit(".", 1)[-1],
+        "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
+        "ways": sampler.ways,
+        "shots": sampler.shots,
+        "queries": sampler.queries,
+        "train_ways": sampler.train_ways,
+        "train_shots": sampler.train_shots,
+        "seed": cfg.seed,
+    }
+    if cfg.get("test_dataset"):
+        block["test_dataset"] = cfg.test_dataset._target_.rsplit(".", 1)[-1]
+    return block
+
+
+def environment(trainer: L.Trainer) -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "device": str(trainer.strategy.root_device),
+        "accelerator": type(trainer.accelerator).__name__,
+        "world_size": trainer.world_size,
+        "precision": str(trainer.precision),
+    }
+
+
+def test_block(metrics: dict[str, float], metric: str) -> dict[str, Any]:
+    """The ``test`` block of results.json: every logged ``test/<name>`` with its ``_ci95``.
+
+    The main metric comes first, then its value before adaptation and any per-task extra
+    (e.g. a Neural Process's ``log_likelihood``), each as ``{mean, ci95, episodes}``.
+    """
+    episodes = int(metrics["test/episodes"])
+    names = [metric] + sorted(
+        k[len("test/") : -len("_ci95")]
+        for k in metrics
+        if k.startswith("test/") and k.endswith("_ci95") and k != f"test/{metric}_ci95"
+    )
+    return {
+        name: {"mean": metrics[f"test/{name}"], "ci95": metrics[f"test/{name}_ci95"], "episodes": episodes}
+        for name in names
+    }
+
+
+def write_results(output_dir: Path, results: dict[str, Any], name: str = "results.json") -> None:
+    """``results`` as ``output_dir/name``, written atomically."""
+    tmp = output_dir / f".{name}.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, output_dir / name)
+
+
+def report(results: dict[str, Any], metric: str) -> None:
+    for name, value in results["test"].items():
+        scale, unit = (100.0, "%") if metric == "accuracy" else (1.0, "")
+        print(
+            f"test {name}: {value['mean'] * scale:.4g}{unit} ± {value['ci95'] * scale:.2g}{unit} "
+            f"(95% CI, {value['episodes']} episodes)"
+        )
+    print(f"results: {results['config']['paths']['output_dir']}/results.json")
+
+
+def objective(results: dict[str, Any]) -> float:
+    """What a run returns to a sweeper: its best validation metric (accuracy or MSE), or
+    the test metric when it never validated."""
+    metric = "mse" if "mse" in results["test"] else "accuracy"
+    best = results["val"].get(f"best_{metric}")
+    return float(best if best is not None else results["test"][metric]["mean"])

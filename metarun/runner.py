@@ -1,0 +1,232 @@
+"""Meta-train, validate and test one composed configuration: `train(cfg)`.
+
+`train` does the work and returns ``(results, objects)``; the ``metarun`` command
+(`metarun.train`) and the tests call it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from metarun.algorithms.base import MetaAlgorithm
+from metarun.build import build_data, build_learner, instantiate_checked
+from metarun.checkpoints import RunCheckpoints
+from metarun.checks import check_hardware, check_run_settings
+from metarun.episodes import TEST, EvalEpisodes
+from metarun.errors import ConfigError, NonFiniteLoss
+from metarun.module import MetaLearningModule
+from metarun.plots import plot_learning_curves, plot_regression_tasks, plot_test_episode
+from metarun.results import environment, experiment_block, report, test_block, write_results
+from metarun.resume import resolve_resume
+from metarun.run_directory import RunDirectory, SignalFlag
+from metarun.tracking import ProgressLog, ResumableCSVLogger, RunPictures, finish, log_pictures, log_test_table
+
+log = logging.getLogger(__name__)
+
+
+class StartStep(Callback):
+    """Records the outer step training starts from (non-zero on resume), for throughput,
+    and drops the CSV rows of steps from there on: a resumed run logs them again, and the
+    rows before it stay (a fresh run starts from an empty file)."""
+
+    step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.step = trainer.global_step
+        for logger in trainer.loggers:
+            if isinstance(logger, ResumableCSVLogger):
+                logger.drop_rows_from(self.step)
+
+
+def launching_rank() -> bool:
+    """Whether this process starts the run (global rank 0): DDP ranks started by Lightning,
+    torchrun or srun share its run directory and must not claim it again."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return os.environ[var] == "0"
+    return True
+
+
+@contextlib.contextmanager
+def restored_environment(*names: str) -> Iterator[None]:
+    """Put environment variables back as they were. Lightning leaves ``MASTER_PORT`` set
+    after a DDP launch; without this the next run in the same process (a sweep's next job)
+    would rendezvous on the previous run's port instead of picking its own."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def diverged(
+    cfg: DictConfig,
+    error: NonFiniteLoss,
+    checkpoints: RunCheckpoints,
+    output_dir: Path,
+    experiment: dict[str, Any],
+    resolved: dict[str, Any],
+    owner: bool,
+    learner: MetaAlgorithm,
+) -> ConfigError:
+    """results.json with ``status: diverged`` (written by the ``owner`` of the run's files,
+    rank 0), and the sentence that names what to change."""
+    found = checkpoints.good_checkpoint(error.step, restore=owner)
+    good = None if found is None else str(found)
+    if owner:
+        write_results(
+            output_dir,
+            {
+                "status": "diverged",
+                "experiment": experiment,
+                "train": {"diverged_at_step": error.step, "meta_loss": str(error.value), "last_good_checkpoint": good},
+                "config": resolved,
+            },
+        )
+    keys = ["optimizer.lr", *(f"algorithm.{key}" for key in learner.lr_keys)]  # the learner's own rates
+    rates = [f"{key} (now {OmegaConf.select(cfg, key)})" for key in keys if OmegaConf.select(cfg, key) is not None]
+    where = (
+        f"the last good checkpoint is {good} (resume it with ckpt_path=last after the change)"
+        if good
+        else "no checkpoint was written before it"
+    )
+    return ConfigError(
+        f"training diverged: {error}, so lower {' or '.join(rates)} or set "
+        f"grad_clip (now {cfg.get('grad_clip') or 'null'}) to a maximum meta-gradient norm "
+        f"such as 10; {where}."
+    )
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit on training episodes, keep the best validation checkpoint, test it, write results.
+
+    The resumable state is written to ``checkpoints/last.ckpt`` (see `RunCheckpoints`);
+    ``ckpt_path`` resumes it (`metarun.checkpoints.resolve_resume`).
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    check_hardware(cfg.trainer)
+    check_run_settings(cfg)
+    learner = build_learner(cfg)  # every setting checked before the disk is touched
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    ckpt_path, _ = resolve_resume(
+        cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir), resolved, OmegaConf.to_container(cfg, resolve=False)
+    )
+    if ckpt_path:
+        log.info("Resuming from %s", ckpt_path)
+    directory = (
+        RunDirectory(output_dir, resuming=ckpt_path is not None) if launching_rank() else contextlib.nullcontext()
+    )
+    with SignalFlag() as signals, directory, restored_environment("MASTER_PORT"):
+        return _train(cfg, build_data(cfg, learner), output_dir, resolved, ckpt_path, signals)
+
+
+def _train(
+    cfg: DictConfig,
+    objects: dict[str, Any],
+    output_dir: Path,
+    resolved: dict[str, Any],
+    ckpt_path: str | None,
+    signals: SignalFlag,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    module: MetaLearningModule = objects["module"]
+    sampler = objects["sampler"]
+    metric = module.metric
+    checkpoint = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename="step_{step:06d}",
+        auto_insert_metric_name=False,
+        monitor=f"val/{metric}",
+        mode="min" if metric == "mse" else "max",
+    )
+    last = RunCheckpoints(
+        output_dir / "checkpoints", cfg.checkpoint.every_n_steps, cfg.checkpoint.every_minutes, resolved, signals
+    )
+    logger = instantiate_checked(cfg.logger) if cfg.get("logger") else False
+    start = StartStep()
+    history = RunPictures(metric, cfg.trainer.get("log_every_n_steps") or 50)
+    callbacks: list[Callback] = [checkpoint, last, start, history]
+    # Lightning's progress bar rewrites one line with carriage returns: fine on a terminal,
+    # megabytes of updates in a log file. Elsewhere a plain line every log_every_n_steps.
+    bar = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stdout.isatty()
+    if cfg.trainer.get("enable_progress_bar", True) and not bar:
+        callbacks.append(ProgressLog(cfg.trainer.get("log_every_n_steps") or 50))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, enable_progress_bar=bar)
+    # Before any process is launched: under ddp_spawn a ConfigError raised in the workers'
+    # datamodule.setup would reach the user as a traceback from torch.multiprocessing.
+    sampler.shard(trainer.world_size)
+    if logger:
+        logger.log_hyperparams(resolved)
+    experiment = experiment_block(cfg, sampler)
+    started = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=ckpt_path, weights_only=True)
+    except NonFiniteLoss as error:
+        finish(logger)
+        raise diverged(
+            cfg, error, last, output_dir, experiment, resolved, owner=trainer.is_global_zero, learner=module.algorithm
+        ) from None
+    wall = time.perf_counter() - started
+    best = checkpoint.best_model_path or None
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # test() resets them
+    tested = trainer.test(module, datamodule=objects["datamodule"], ckpt_path=best, verbose=False, weights_only=True)
+    metrics = {k: float(v) for k, v in tested[0].items()}
+    # ddp_spawn trains in child processes and hands back weights and callback_metrics but
+    # not the loop state, so this process's trainer.global_step is 0 there.
+    steps = trainer.global_step or int(fit_metrics.get("train/steps", 0))
+    results = {
+        "status": "completed",
+        "experiment": experiment,
+        "test": test_block(metrics, metric),
+        "val": {
+            f"best_{metric}": fit_metrics.get(f"val/best_{metric}"),
+            "best_step": (int(fit_metrics["val/best_step"]) if "val/best_step" in fit_metrics else None),
+            "best_checkpoint": best,
+        },
+        "train": {
+            "steps": steps,
+            "tasks": steps * sampler.meta_batch_size,
+            "tasks_per_second": ((steps - start.step) * sampler.meta_batch_size / wall if wall else None),
+            "wall_seconds": wall,
+            "resumed_from": ckpt_path,
+            "last_checkpoint": str(last.path),
+        },
+        "environment": environment(trainer),
+        "config": resolved,
+    }
+    if trainer.is_global_zero:
+        write_results(output_dir, results)
+        pictures = {
+            "learning_curves": plot_learning_curves(
+                history.train, history.val, metric, output_dir / "learning_curves.png"
+            )
+        }
+        test_split = objects["datamodule"].splits["test"]
+        if objects["dataset"].has_curve:
+            episodes = EvalEpisodes(sampler, test_split, TEST, 4)
+            pictures["test_tasks"] = plot_regression_tasks(module.algorithm, episodes, output_dir / "test_tasks.png")
+            results["plot"] = str(pictures["test_tasks"])
+        elif not objects["regression"]:
+            pictures["test_episode"] = plot_test_episode(
+                module.algorithm, sampler.eval_episode(test_split, TEST, 0), output_dir / "test_episode.png"
+            )
+        report(results, metric)
+        log_test_table(logger, results["test"], step=steps)
+        log_pictures(logger, pictures, step=steps)
+    finish(logger)
+    return results, {**objects, "trainer": trainer}
