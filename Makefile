@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: help install install-test run test test-quick bench lint clean
+.PHONY: help install install-test run test test-quick bench lint docs docs-build clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
@@ -45,5 +45,11 @@ lint: install-test ## ruff lint and format check, mypy on the plain-Python modul
 	$(VENV)/bin/mypy
 	$(PY) -m compileall -q metarun scripts tests
 
+docs: install-test ## serve the documentation site (docs/) at http://127.0.0.1:8000
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
+docs-build: install-test ## build the documentation into site/, strictly (a broken link fails), as CI does
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean: ## remove caches (keeps .venv and outputs/)
-	rm -rf .pytest_cache .cache
+	rm -rf .pytest_cache .cache site

@@ -60,8 +60,12 @@ def complete_config(cfg: DictConfig, learner: type[MetaAlgorithm]) -> None:
     """Fill the settings that follow from other groups, in ``cfg`` itself (so results.json and
     the checkpoint record what ran): ``model.out_features=auto`` becomes the learner's head
     (``sampler.train_ways`` outputs, or none for an embedding learner); a cross-domain
-    ``test_dataset`` takes the training dataset's image size, channels and normalisation."""
+    ``test_dataset`` takes the training dataset's image size, channels and normalisation;
+    ``algorithm.num_train_classes=auto`` (a whole-class head) becomes the number of classes
+    of the dataset's training split (which builds the dataset: the one setting read from data)."""
     with open_dict(cfg):
+        if OmegaConf.select(cfg, "algorithm.num_train_classes") == "auto":
+            cfg.algorithm.num_train_classes = instantiate_checked(cfg.dataset).class_count("train")
         if OmegaConf.select(cfg, "model.out_features") == "auto":
             cfg.model.out_features = cfg.sampler.train_ways if learner.needs_head else None
         if cfg.get("test_dataset"):
@@ -78,8 +82,15 @@ TEST_DATASET_FROM_DATASET = ("image_size", "channels", "mean", "std")
 def build_learner(cfg: DictConfig) -> dict[str, Any]:
     """The sampler, the algorithm and its module: every setting that needs no data, checked."""
     check_settings(cfg)
-    kind = dataset_class(cfg.dataset).kind
-    complete_config(cfg, get_class(cfg.algorithm._target_))
+    data, learner = dataset_class(cfg.dataset), get_class(cfg.algorithm._target_)
+    if data.kind not in learner.tasks:  # before anything is built: the groups do not fit
+        raise ConfigError(
+            f"algorithm={learner.__name__} is not allowed with dataset={data.__name__}: it solves "
+            f"{' and '.join(learner.tasks)} tasks only, so choose a {learner.tasks[0]} "
+            f"dataset or another algorithm."
+        )
+    check_image_groups(cfg, data.takes_images)
+    complete_config(cfg, learner)
     sampler = instantiate_checked(cfg.sampler)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
         torch.manual_seed(cfg.seed)
@@ -87,14 +98,6 @@ def build_learner(cfg: DictConfig) -> dict[str, Any]:
         algorithm = instantiate_checked(cfg.algorithm, model=model)  # and its own parameters
     algorithm.check_episode_shape(sampler.train_ways, sampler.ways)
     algorithm.set_task_batching(cfg.get("task_batching", "auto"))
-    if kind not in algorithm.tasks:
-        raise ConfigError(
-            f"algorithm={type(algorithm).__name__} is not allowed with "
-            f"dataset={cfg.dataset._target_.rsplit('.', 1)[-1]}: it solves "
-            f"{' and '.join(algorithm.tasks)} tasks only, so choose a {algorithm.tasks[0]} "
-            f"dataset or another algorithm."
-        )
-    check_image_groups(cfg, dataset_class(cfg.dataset).takes_images)
     optimizer = instantiate(cfg.optimizer)
     try:  # the optimiser's own checks (e.g. Adam's betas), on a throwaway instance
         optimizer(params=algorithm.parameters())
@@ -103,7 +106,7 @@ def build_learner(cfg: DictConfig) -> dict[str, Any]:
             f"optimizer={cfg.optimizer._target_} is not allowed with these "
             f"settings: {error}, so change the optimizer.* values."
         ) from None
-    regression = kind == "regression"
+    regression = data.kind == "regression"
     module = MetaLearningModule(
         algorithm,
         optimizer=optimizer,

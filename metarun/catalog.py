@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from hydra.utils import get_class
+from omegaconf import OmegaConf
 
 _PACKAGE = Path(__file__).resolve().parent
 # The config groups: inside an installed package (metarun/conf), else the repository's conf/.
@@ -45,8 +45,8 @@ def options(group: str) -> dict[str, Path]:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text()) or {}
-    return data if isinstance(data, dict) else {}
+    data = OmegaConf.to_container(OmegaConf.load(path))
+    return {str(k): v for k, v in data.items()} if isinstance(data, dict) else {}
 
 
 def target(group: str, name: str) -> str | None:
@@ -62,6 +62,27 @@ def target(group: str, name: str) -> str | None:
         if not parents:
             return None
         name = parents[0]
+    return None
+
+
+def preset_choice(preset: str, group: str) -> str | None:
+    """The option of ``group`` that ``experiment/<preset>.yaml`` selects (``override /group:``),
+    following the presets it builds on."""
+    files = options("experiment")
+    seen: set[str] = set()
+    while preset in files and preset not in seen:
+        seen.add(preset)
+        parent = None
+        for entry in _load(files[preset]).get("defaults", []):
+            if isinstance(entry, dict):
+                for key, value in entry.items():
+                    if str(key).split()[-1].lstrip("/") == group:
+                        return str(value)
+            elif isinstance(entry, str) and entry != "_self_":
+                parent = entry
+        if parent is None:
+            return None
+        preset = parent
     return None
 
 

@@ -69,10 +69,6 @@ class EpisodeBatch:
     def __len__(self) -> int:
         return self.support_x.shape[0]
 
-    @property
-    def is_regression(self) -> bool:
-        return self.query_y.is_floating_point()
-
     def tasks(self, start: int, stop: int) -> EpisodeBatch:
         """Tasks ``start .. stop - 1`` as a batch of their own (views, no copy)."""
 

@@ -20,9 +20,9 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
-def per_task_metric(pred: Tensor, target: Tensor) -> Tensor:
-    """Accuracy (classification) or MSE (regression) of each task: ``[B, M, ...]`` -> ``[B]``."""
-    if target.is_floating_point():
+def per_task_metric(pred: Tensor, target: Tensor, metric: str) -> Tensor:
+    """``metric`` of each task, "accuracy" or "mse": ``[B, M, ...]`` -> ``[B]``."""
+    if metric == "mse":
         return (pred.float() - target).pow(2).flatten(1).mean(1)
     return (pred.argmax(-1) == target).float().mean(1)
 
@@ -91,7 +91,7 @@ class MetaLearningModule(L.LightningModule):
         if sched is not None:
             sched.step()
         tasks = len(batch) * self.trainer.world_size
-        metric = per_task_metric(out.query_logits, batch.query_y).mean()
+        metric = per_task_metric(out.query_logits, batch.query_y, self.metric).mean()
         extra = {f"train/{k}": v.detach().float().mean() for k, v in (out.extra or {}).items()}
         self.log_dict(
             {
@@ -130,9 +130,9 @@ class MetaLearningModule(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: EpisodeBatch) -> None:
         out: MetaOutput = self.algorithm.predict(batch)
-        rows = [batch.index.float(), per_task_metric(out.query_logits, batch.query_y)]
+        rows = [batch.index.float(), per_task_metric(out.query_logits, batch.query_y, self.metric)]
         if out.query_logits_before is not None:
-            rows.append(per_task_metric(out.query_logits_before, batch.query_y))
+            rows.append(per_task_metric(out.query_logits_before, batch.query_y, self.metric))
         self._episodes.setdefault(stage, []).append(torch.stack(rows, 1))  # [B, 2 or 3]
         for name, values in (out.extra or {}).items():  # further per-task metrics, [B] each
             self._episodes.setdefault(f"{stage}/{name}", []).append(

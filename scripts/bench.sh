@@ -11,7 +11,8 @@
 #   MAML_TIME      the MAML reference run's budget (default 25 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export METARUN_DATA_DIR="${METARUN_DATA_DIR:-../shared/data}"
+: "${METARUN_DATA_DIR:?set METARUN_DATA_DIR to the folder that holds omniglot/}"
+export METARUN_DATA_DIR
 OUT="${BENCH_DIR:-outputs/bench}"
 PY=.venv/bin/python
 GRID=(--time "${BENCH_TIME:-00:00:01:30}" --episodes "${BENCH_EPISODES:-100}"

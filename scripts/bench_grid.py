@@ -26,42 +26,55 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from metarun.catalog import learners_for
+from metarun.published import lookup
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "conf" / "experiment"
 SHAPES = ("5w1s", "5w5s", "20w1s", "20w5s")
 
-# algo -> (README name, preset prefix, extra overrides)
-OMNIGLOT = {
-    "maml": ("MAML", "maml", []),
-    "fomaml": ("FOMAML", "maml", ["algorithm.first_order=true"]),
-    "anil": ("ANIL", "anil", []),
-    "meta_sgd": ("Meta-SGD", "meta_sgd", []),
-    "maml_plus_plus": ("MAML++", "maml_plus_plus", []),
-    "reptile": ("Reptile (transductive)", "reptile", []),
-    "lstm_optimizer": ("LSTM optimiser", "lstm_optimizer", []),
-    "protonet": ("ProtoNet", "protonet", []),
-    "matching_net": ("Matching Nets", "matching_net", []),
-    "relation_net": ("Relation Net", "relation_net", []),
-    "baseline": ("Baseline (fine-tuning)", "finetune", []),
-    "baseline_pp": ("Baseline++ (fine-tuning)", "finetune_pp", []),
+# Display names of the learners, and the Omniglot rows that are variants of one learner's
+# preset (README name, preset prefix, extra overrides). Every other classification learner
+# in conf/algorithm/ gets a row of its own, named after its config, with the preset
+# ``<name>_omniglot_<shape>``: a new learner needs no edit here.
+NAMES = {
+    "maml": "MAML",
+    "anil": "ANIL",
+    "meta_sgd": "Meta-SGD",
+    "maml_plus_plus": "MAML++",
+    "reptile": "Reptile (transductive)",
+    "lstm_optimizer": "LSTM optimiser",
+    "protonet": "ProtoNet",
+    "matching_net": "Matching Nets",
+    "relation_net": "Relation Net",
+}
+VARIANTS = {
+    "fomaml": [("fomaml", "FOMAML", "maml", ["algorithm.first_order=true"])],
+    "finetune": [
+        ("baseline", "Baseline (fine-tuning)", "finetune", []),
+        ("baseline_pp", "Baseline++ (fine-tuning)", "finetune_pp", []),
+    ],
 }
 
-# Published Omniglot accuracies (%) as printed, in the order of SHAPES; None where the paper
-# has none.
-PAPER = {
-    "maml": ("98.7", "99.9", "95.8", "98.9"),  # Finn et al. 2017, table 1
-    "fomaml": ("98.3", "99.2", "89.4", "97.9"),  # Finn et al. 2017, table 1
-    "anil": (None, None, "96.2", "98.0"),  # Raghu et al. 2020, table 2
-    "meta_sgd": ("99.53", "99.93", "95.93", "98.97"),  # Li et al. 2017, table 1
-    "maml_plus_plus": ("99.47", "99.93", "97.65", "99.33"),  # Antoniou et al. 2019, table 1
-    "reptile": ("97.68", "99.48", "89.43", "97.12"),  # Nichol et al. 2018, table 1 (+ transduction)
-    "lstm_optimizer": (None, None, None, None),
-    "protonet": ("98.8", "99.7", "96.0", "98.9"),  # Snell et al. 2017, table 1
-    "matching_net": ("98.1", "98.9", "93.8", "98.5"),  # Vinyals et al. 2016, table 1
-    "relation_net": ("99.6", "99.8", "97.6", "99.1"),  # Sung et al. 2018, table 1
-    "baseline": (None, None, None, None),
-    "baseline_pp": (None, None, None, None),
-}
+
+def omniglot_rows() -> dict[str, tuple[str, str, list[str]]]:
+    """row key -> (README name, preset prefix, extra overrides), from conf/algorithm/."""
+    rows: dict[str, tuple[str, str, list[str]]] = {}
+    for algo in learners_for("classification"):
+        for key, name, prefix, extra in VARIANTS.get(algo, [(algo, NAMES.get(algo, algo), algo, [])]):
+            rows[key] = (name, prefix, extra)
+    return rows
+
+
+OMNIGLOT = omniglot_rows()
+
+
+def paper(algo: str, shape: str) -> str | None:
+    """The published Omniglot accuracy of a row at ``shape`` (metarun/published.csv), as printed."""
+    ways, shots = shape.rstrip("s").split("w")
+    found = lookup(algo, "omniglot", int(ways), int(shots))
+    return None if found is None else found.printed.split(" ")[0]
+
 
 # Relation Net's training query counts per shape (Sung et al. 2018, section 4.1).
 RELATION_QUERIES = {"5w1s": 19, "5w5s": 15, "20w1s": 10, "20w5s": 5}
@@ -125,7 +138,6 @@ def run_cell(out: Path, overrides: list[str], budget: str, episodes: int) -> str
         f"hydra.run.dir={out}",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env.setdefault("METARUN_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     start = time.perf_counter()
     with (out / "bench.log").open("w") as log:
         log.write(" ".join(command) + "\n")
@@ -158,9 +170,9 @@ def omniglot_table(root: Path) -> str:
     lines = ["| Algorithm | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot | 20-way 5-shot |", "|---|---|---|---|---|"]
     for algo, (name, _, _) in OMNIGLOT.items():
         row = [name]
-        for i, shape in enumerate(SHAPES):
-            paper = PAPER[algo][i]
-            paper_text = "—" if paper is None else paper
+        for shape in SHAPES:
+            published = paper(algo, shape)
+            paper_text = "—" if published is None else published
             result = cell_result(root / "omniglot" / algo / shape)
             if result is None:
                 row.append(f"{failure(root / 'omniglot' / algo / shape)} ({paper_text})")

@@ -195,8 +195,8 @@ def test_ddp_test_mean_equals_one_process_evaluation_of_its_checkpoint(runs):
     for index in range(TEST_EPISODES):
         batch = collate_episodes([sampler.eval_episode(source, TEST, index)])
         out = module.algorithm.predict(batch)
-        after.append(per_task_metric(out.query_logits, batch.query_y).item())
-        before.append(per_task_metric(out.query_logits_before, batch.query_y).item())
+        after.append(per_task_metric(out.query_logits, batch.query_y, module.metric).item())
+        before.append(per_task_metric(out.query_logits_before, batch.query_y, module.metric).item())
     for key, values in (("mse", after), ("mse_before_adaptation", before)):
         mean, ci = mean_ci95(values)
         assert results["test"][key]["mean"] == pytest.approx(mean, rel=0, abs=1e-6), key

@@ -290,7 +290,7 @@ def test_fast_cpu_path_meta_gradient_is_within_tolerance_of_fp32(preset, tmp_pat
     and no faster, so its presets keep fp32.)
     """
     if data_dir() is None:
-        pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
+        pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (.ci/run sets it)")
     extra = NEEDS.get(
         (compose_config([f"experiment={preset}"], tmp_path).algorithm._target_.rsplit(".", 2)[1], "classification"), []
     )

@@ -51,7 +51,7 @@ def omniglot(tmp_path_factory):
     """{algorithm: (checkpoint, episode folder, episode)} for ProtoNet and MAML."""
     root = data_dir()
     if root is None or not (root / "omniglot" / "images_background.zip").exists():
-        pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
+        pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (.ci/run sets it)")
     out = {}
     for algorithm in ("protonet", "maml"):
         run = tmp_path_factory.mktemp(algorithm)

@@ -163,7 +163,7 @@ def test_experiment_preset_runs_a_few_steps(tmp_path, name, request):
         tmp_path,
     )
     if cfg.dataset._target_.endswith("Omniglot") and not Path(cfg.dataset.root).exists():
-        pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
+        pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (.ci/run sets it)")
     on_standins(cfg, request)
     results, _ = train(cfg)
     assert results["status"] == "completed" and results["train"]["steps"] == 2

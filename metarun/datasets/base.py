@@ -51,7 +51,7 @@ class Dataset(abc.ABC):
       ``test_dataset`` groups apply.
     - ``has_curve``: whether `curve` gives a regression task's true function (for plots).
 
-    Instances give `split` ("train", "val", "test") and `num_classes`.
+    Instances give `split` ("train", "val", "test") and `class_count`.
     """
 
     kind: ClassVar[TaskKind] = "classification"
@@ -62,7 +62,7 @@ class Dataset(abc.ABC):
     def split(self, name: str) -> Split:
         """The "train", "val" or "test" split."""
 
-    def num_classes(self, name: str) -> int:
+    def class_count(self, name: str) -> int:
         """How many classes split ``name`` has (a regression dataset: 0)."""
         return self.split(name).num_classes
 

@@ -339,7 +339,8 @@ class ImageDataset(Dataset):
         cache_dir: where the decoded splits are cached.
         image_size: side of the square images after the LANCZOS resize.
         channels: 3 (RGB) or 1 (grey); every image is converted.
-        mean, std: per-channel normalisation of the [0, 1] pixels, or null for none.
+        mean: per-channel mean of the [0, 1] pixels to normalise by, or null for none.
+        std: per-channel standard deviation to normalise by (null with ``mean``).
     """
 
     name: ClassVar[str] = "images"

@@ -105,7 +105,7 @@ class Omniglot(ImageDataset):
         """Class names of split `name`, one per label: ``Alphabet/characterNN/rotDDD``."""
         return [f"{key}/rot{90 * turns:03d}" for key, turns in self._class_list(name)]
 
-    def num_classes(self, name: str) -> int:
+    def class_count(self, name: str) -> int:
         """Classes of split `name`, from the split lists (nothing is decoded)."""
         return len(self._class_list(name))
 

@@ -118,9 +118,10 @@ def test_preset_builds(make_config):
     assert isinstance(build(make_config("experiment=cnp_sinusoid"))["algorithm"], CNP)
 
 
-def test_a_classification_dataset_is_refused(make_config, omniglot_available):
-    """algorithm=cnp selects the MLP decoder, so the error is the episode shape, not Conv4's."""
-    with pytest.raises(ConfigError, match="sampler.ways=5"):
+def test_a_classification_dataset_is_refused(make_config):
+    """The groups do not fit: one sentence before any model is built (its decoder settings
+    would not fit Conv4)."""
+    with pytest.raises(ConfigError, match="algorithm=CNP is not allowed with dataset=Omniglot: it solves regression"):
         build(make_config("dataset=omniglot", "algorithm=cnp"))
 
 

@@ -95,7 +95,7 @@ def two_process_gradients(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(configs(omniglot=True)))
 def test_same_meta_gradient_on_one_and_two_processes(name, two_process_gradients, tmp_path):
     if name not in two_process_gradients:
-        pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
+        pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (.ci/run sets it)")
     overrides, two = two_process_gradients[name]
     one = meta_gradient(overrides, tmp_path)  # one thread, as every algorithm test
     assert len(one) == len(two)

@@ -67,7 +67,7 @@ def every_config() -> list:
 def float64_setup(name: str, tmp_path: Path) -> tuple:
     """The algorithm of config ``name`` in float64 and its training meta-batch of step 0."""
     if name.endswith("_omniglot") and data_dir() is None:
-        pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (CI sets it to ../shared/data)")
+        pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (.ci/run sets it)")
     cfg = compose_config(configs()[name], tmp_path)
     with open_dict(cfg):
         for key, value in SHORT_EVAL.items():

@@ -16,10 +16,10 @@ REPO = Path(__file__).parents[2]
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """METARUN_DATA_DIR (CI: ../shared/data): the real Omniglot and the published split files."""
+    """METARUN_DATA_DIR (CI: the data folder beside the checkout): the real Omniglot and the published split files."""
     value = os.environ.get("METARUN_DATA_DIR")
     if not value:
-        pytest.skip("METARUN_DATA_DIR is not set; set it to ../shared/data to test against the real data files")
+        pytest.skip("METARUN_DATA_DIR is not set; set it to the data folder to test against the real data files")
     path = Path(value)
     return path if path.is_absolute() else REPO / path
 

@@ -1,0 +1,41 @@
+"""Every `metarun` command of the README and the docs composes and builds its learner as
+written (no data is read, nothing trains): a renamed key or group would fail here first."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from metarun.build import build_learner
+from tests.conftest import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[list[str]]:
+    """The overrides of each ``metarun ...`` line in the bash blocks of the README and the docs
+    (a sweep's first value of each swept key; lines with a ``<placeholder>`` are left out)."""
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if not line.startswith("metarun ") or "<" in line or "..." in line:
+                continue
+            words = [w for w in shlex.split(line)[1:] if w != "-m" and not w.startswith("hydra/")]
+            words = [w if "(" in w else re.sub(r"=([^,]*),.*", r"=\1", w) for w in words]
+            # a path on the user's machine ($HOME/...) is theirs: the rest of the line is checked
+            out.append(
+                [w for w in words if not w.startswith(("hydra.", "'")) and "interval(" not in w and "$HOME" not in w]
+            )
+    return list({tuple(o): o for o in out}.values())
+
+
+@pytest.mark.parametrize("overrides", readme_commands(), ids=" ".join)
+def test_readme_command_composes_and_builds(overrides, tmp_path):
+    cfg = compose_config(overrides, tmp_path)
+    objects = build_learner(cfg)
+    assert objects["algorithm"] is not None
