@@ -56,6 +56,17 @@ def dataset_class(node: DictConfig, key: str = "dataset") -> type[Dataset]:
     return cls
 
 
+def learner_class(node: DictConfig) -> type[MetaAlgorithm]:
+    """The `MetaAlgorithm` class an algorithm group names (nothing is built)."""
+    cls = get_class(node._target_)
+    if not (isinstance(cls, type) and issubclass(cls, MetaAlgorithm)):
+        raise ConfigError(
+            f"algorithm._target_={node._target_} is not allowed: it is not a metarun learner, so "
+            f"name a subclass of metarun.algorithms.base.MetaAlgorithm."
+        )
+    return cls
+
+
 def complete_config(cfg: DictConfig, learner: type[MetaAlgorithm]) -> None:
     """Fill the settings that follow from other groups, in ``cfg`` itself (so results.json and
     the checkpoint record what ran): ``model.out_features=auto`` becomes the learner's head
@@ -82,7 +93,7 @@ TEST_DATASET_FROM_DATASET = ("image_size", "channels", "mean", "std")
 def build_learner(cfg: DictConfig) -> dict[str, Any]:
     """The sampler, the algorithm and its module: every setting that needs no data, checked."""
     check_settings(cfg)
-    data, learner = dataset_class(cfg.dataset), get_class(cfg.algorithm._target_)
+    data, learner = dataset_class(cfg.dataset), learner_class(cfg.algorithm)
     if data.kind not in learner.tasks:  # before anything is built: the groups do not fit
         raise ConfigError(
             f"algorithm={learner.__name__} is not allowed with dataset={data.__name__}: it solves "

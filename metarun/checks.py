@@ -1,7 +1,10 @@
-"""Every check of a user's settings that needs no data, in one place: one sentence each.
+"""Checks of a user's settings, in one place: one sentence each, naming the key, the value and
+what is allowed.
 
-The runner calls `check_settings`, `check_run_settings` and `check_hardware` before it
-builds anything; `check_groups` after the learner is built (it needs the task kind).
+The primitives (`positive_number`, `positive_int`, `same_ways`) are what every constructor
+(learners, models, datasets, the sampler) validates its arguments with. The runner calls
+`check_settings`, `check_run_settings` and `check_hardware` before it builds anything, and
+`check_image_groups` once it knows the dataset.
 """
 
 from __future__ import annotations
@@ -15,11 +18,40 @@ from metarun.errors import ConfigError
 
 
 def positive_number(key: str, value: Any, allow_none: bool = False) -> None:
+    """``value`` must be a number greater than zero (a learning rate, a scale), or null if allowed."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         allowed = "a positive number or null" if allow_none else "a positive number"
         raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}.")
+
+
+def positive_int(key: str, value: Any, allow_none: bool = False, what: str = "a positive integer") -> int | None:
+    """``value`` must be an integer of at least one (a step count, a width), or null if allowed."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        allowed = f"{what} or null" if allow_none else what
+        raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}.")
+    return value
+
+
+def integer_at_least(key: str, value: Any, minimum: int) -> int:
+    """``value`` must be an integer of at least ``minimum`` (an epoch count may be 0)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+        raise ConfigError(f"{key}={value!r} is not allowed: it must be {what}.")
+    return value
+
+
+def same_ways(train_ways: int, ways: int) -> None:
+    """A learner with a fixed classifier head tests on as many ways as it trained on."""
+    if ways != train_ways:
+        raise ConfigError(
+            f"sampler.ways={ways} is not allowed with sampler.train_ways={train_ways} for "
+            f"this algorithm: its classifier head has a fixed number of outputs, so ways "
+            f"must equal train_ways."
+        )
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -37,12 +69,9 @@ def check_settings(cfg: DictConfig) -> None:
             f"objective_direction={direction!r} is not allowed: choose maximize or "
             f"minimize (the direction a sweeper optimises the validation metric in)."
         )
-    chunk = cfg.get("task_chunk")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
-        raise ConfigError(
-            f"task_chunk={chunk!r} is not allowed: it must be a positive integer "
-            f"(tasks per backward pass) or null for the whole meta-batch."
-        )
+    positive_int(
+        "task_chunk", cfg.get("task_chunk"), allow_none=True, what="a positive integer (tasks per backward pass)"
+    )
 
 
 def check_run_settings(cfg: DictConfig) -> None:

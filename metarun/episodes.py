@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
+from metarun.checks import integer_at_least
 from metarun.errors import ConfigError
 
 TRAIN, VAL, TEST = 0, 1, 2
@@ -138,9 +139,7 @@ class AugmentableSource(TaskSource, Protocol):
 
 
 def _positive(key: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{key}={value!r} is not allowed: it must be a positive integer.")
-    return value
+    return integer_at_least(key, value, 1)
 
 
 class EpisodeSampler:

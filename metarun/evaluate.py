@@ -35,7 +35,8 @@ def checkpoint_config(ckpt_path: str, overrides: list[str]) -> tuple[DictConfig,
     cfg = OmegaConf.create(checkpoint["metarun_config"])
     for item in overrides:
         key = item.lstrip("+").split("=", 1)[0]
-        if "=" not in item or "." not in key:
+        group = "." not in key and (key not in cfg or OmegaConf.is_dict(cfg[key]))  # e.g. algorithm=protonet
+        if "=" not in item or group:
             raise ConfigError(
                 f"override {item.lstrip('+')!r} is not allowed for metarun-eval: it "
                 f"tests the checkpoint's own algorithm and model, so give key=value "

@@ -55,8 +55,8 @@ def build_error(tmp_path: Path, *overrides: str) -> str:
         ("sampler.shots=0", "sampler.shots=0 is not allowed: it must be a positive integer."),
         ("sampler.shots=-1", "sampler.shots=-1 is not allowed: it must be a positive integer."),
         ("sampler.meta_batch_size=0", "sampler.meta_batch_size=0 is not allowed: it must be a positive integer."),
-        ("algorithm.inner_lr=0", "algorithm.inner_lr=0 is not allowed: it must be positive."),
-        ("algorithm.inner_lr=-0.01", "algorithm.inner_lr=-0.01 is not allowed: it must be positive."),
+        ("algorithm.inner_lr=0", "algorithm.inner_lr=0 is not allowed: it must be a positive number."),
+        ("algorithm.inner_lr=-0.01", "algorithm.inner_lr=-0.01 is not allowed: it must be a positive number."),
         ("algorithm.inner_steps=0", "algorithm.inner_steps=0 is not allowed: it must be a positive integer."),
     ],
 )
@@ -265,7 +265,7 @@ def test_command_shows_the_traceback_with_hydra_full_error(commands):
     run = commands["inner_lr_full_error"]
     assert run.returncode != 0
     assert "Traceback" in run.stderr
-    assert "ConfigError: algorithm.inner_lr=0 is not allowed: it must be positive." in run.stderr
+    assert "ConfigError: algorithm.inner_lr=0 is not allowed: it must be a positive number." in run.stderr
     assert "metarun: error:" not in run.stderr
 
 

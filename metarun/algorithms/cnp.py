@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
-from metarun.algorithms.checks import check_positive_int
+from metarun.checks import positive_int
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -94,7 +94,7 @@ class CNP(MetaAlgorithm):
     ) -> None:
         super().__init__()
         for key, value in (("algorithm.x_dim", x_dim), ("algorithm.y_dim", y_dim)):
-            check_positive_int(key, value)
+            positive_int(key, value)
         if not 0 <= min_std < 1:
             raise ConfigError(f"algorithm.min_std={min_std!r} is not allowed: it must be in [0, 1).")
         enc = linear_sizes(encoder)

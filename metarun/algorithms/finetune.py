@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
-from metarun.algorithms.checks import check_positive_int
 from metarun.algorithms.tasks import support_gradients
+from metarun.checks import positive_int, positive_number
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -82,10 +82,9 @@ class FineTune(MetaAlgorithm):
             ("algorithm.num_train_classes", num_train_classes),
             ("algorithm.finetune_steps", finetune_steps),
         ):
-            check_positive_int(key, value)
+            positive_int(key, value)
         for key, value in (("algorithm.finetune_lr", finetune_lr), ("algorithm.cosine_scale", cosine_scale)):
-            if isinstance(value, bool) or not value > 0:
-                raise ConfigError(f"{key}={value!r} is not allowed: it must be positive.")
+            positive_number(key, value)
         dim = getattr(model, "embedding_dim", None)
         if not isinstance(dim, int):
             raise ConfigError(

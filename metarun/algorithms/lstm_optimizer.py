@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
-from metarun.algorithms.checks import check_positive_int, check_same_ways
 from metarun.algorithms.inner_loop import Params, adapted_meta_loss, adapted_predictions, forward, task_loss
 from metarun.algorithms.tasks import in_transform, support_gradients
+from metarun.checks import positive_int, positive_number, same_ways
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -170,9 +170,8 @@ class LSTMOptimizer(MetaAlgorithm):
             ("algorithm.hidden", hidden),
             ("algorithm.layers", layers),
         ):
-            check_positive_int(key, value)
-        if isinstance(output_scale, bool) or not output_scale > 0:
-            raise ConfigError(f"algorithm.output_scale={output_scale!r} is not allowed: it must be positive.")
+            positive_int(key, value)
+        positive_number("algorithm.output_scale", output_scale)
         if variant not in VARIANTS:
             raise ConfigError(f"algorithm.variant={variant!r} is not allowed: choose one of {', '.join(VARIANTS)}.")
         if variant == "ravi" and not output_scale < 1:
@@ -204,7 +203,7 @@ class LSTMOptimizer(MetaAlgorithm):
                 self.forget_gate.bias.fill_(5.0)
 
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
-        check_same_ways(train_ways, ways)
+        same_ways(train_ways, ways)
 
     def _inputs(self, x: Tensor) -> Tensor:
         return preprocess(x) if self.preprocess else x.unsqueeze(-1)  # [P, features]

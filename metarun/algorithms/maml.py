@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
-from metarun.algorithms.checks import check_positive, check_positive_int, check_same_ways
 from metarun.algorithms.inner_loop import adapt, adapted_meta_loss, adapted_predictions
+from metarun.checks import positive_int, positive_number, same_ways
 from metarun.episodes import EpisodeBatch
 
 
@@ -37,15 +37,15 @@ class MAML(MetaAlgorithm):
         first_order: bool = False,
     ) -> None:
         super().__init__()
-        check_positive("algorithm.inner_lr", inner_lr)
+        positive_number("algorithm.inner_lr", inner_lr)
         for key, steps in (("algorithm.inner_steps", inner_steps), ("algorithm.test_inner_steps", test_inner_steps)):
-            check_positive_int(key, steps)
+            positive_int(key, steps)
         self.model = model
         self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
         self.first_order = first_order
 
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
-        check_same_ways(train_ways, ways)
+        same_ways(train_ways, ways)
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         return adapted_meta_loss(

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
-from metarun.algorithms.checks import check_positive, check_same_ways
 from metarun.algorithms.inner_loop import Params, adapt, query_forward, task_loss
+from metarun.checks import integer_at_least, positive_number, same_ways
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 from metarun.models.norm import TaskNorm2d
@@ -18,12 +18,6 @@ MSL_FLOOR = 0.03  # the non-final step weights anneal down to MSL_FLOOR / inner_
 def _key(name: str) -> str:
     """A dotted module or parameter name as an `nn.ModuleDict` / `nn.ParameterDict` key."""
     return name.replace(".", "__")
-
-
-def _check_count(key: str, value: int, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
-        raise ConfigError(f"{key}={value!r} is not allowed: it must be {what}.")
 
 
 def multi_step_loss_weights(steps: int, epoch: int, anneal_epochs: int) -> list[float]:
@@ -134,12 +128,12 @@ class MAMLPlusPlus(MetaAlgorithm):
         steps_per_epoch: int = 500,
     ) -> None:
         super().__init__()
-        check_positive("algorithm.inner_lr", inner_lr)
-        _check_count("algorithm.inner_steps", inner_steps, 1)
-        _check_count("algorithm.test_inner_steps", test_inner_steps, 1)
-        _check_count("algorithm.multi_step_loss_epochs", multi_step_loss_epochs, 0)
-        _check_count("algorithm.first_order_epochs", first_order_epochs, 0)
-        _check_count("algorithm.steps_per_epoch", steps_per_epoch, 1)
+        positive_number("algorithm.inner_lr", inner_lr)
+        integer_at_least("algorithm.inner_steps", inner_steps, 1)
+        integer_at_least("algorithm.test_inner_steps", test_inner_steps, 1)
+        integer_at_least("algorithm.multi_step_loss_epochs", multi_step_loss_epochs, 0)
+        integer_at_least("algorithm.first_order_epochs", first_order_epochs, 0)
+        integer_at_least("algorithm.steps_per_epoch", steps_per_epoch, 1)
         self.model = model
         self.inner_steps, self.test_inner_steps = inner_steps, test_inner_steps
         self.multi_step_loss_epochs = multi_step_loss_epochs
@@ -211,7 +205,7 @@ class MAMLPlusPlus(MetaAlgorithm):
     # meta-learning -------------------------------------------------------------------------
 
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
-        check_same_ways(train_ways, ways)
+        same_ways(train_ways, ways)
 
     def end_outer_step(self) -> None:
         self.outer_step.add_(1)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
-from metarun.algorithms.checks import check_positive_int
+from metarun.checks import positive_int
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -104,8 +104,8 @@ class MatchingNet(MetaAlgorithm):
                 "model.out_features is not allowed to be set for MatchingNet: the "
                 "embedding network has no classifier head, so it must be null."
             )
-        check_positive_int("algorithm.fce_lstm_layers", fce_lstm_layers)
-        check_positive_int("algorithm.attention_steps", attention_steps)
+        positive_int("algorithm.fce_lstm_layers", fce_lstm_layers)
+        positive_int("algorithm.attention_steps", attention_steps)
         self.model = model
         self.fce: FullContextEmbedding | None = None
         if fce:

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
-from metarun.algorithms.checks import check_positive, check_positive_int, check_same_ways
 from metarun.algorithms.inner_loop import adapt, adapted_meta_loss, adapted_predictions
+from metarun.checks import positive_int, positive_number, same_ways
 from metarun.episodes import EpisodeBatch
 
 
@@ -49,9 +49,9 @@ class MetaSGD(MetaAlgorithm):
         first_order: bool = False,
     ) -> None:
         super().__init__()
-        check_positive("algorithm.init_inner_lr", init_inner_lr)
+        positive_number("algorithm.init_inner_lr", init_inner_lr)
         for key, steps in (("algorithm.inner_steps", inner_steps), ("algorithm.test_inner_steps", test_inner_steps)):
-            check_positive_int(key, steps)
+            positive_int(key, steps)
         self.model = model
         self.inner_steps, self.test_inner_steps = inner_steps, test_inner_steps
         self.first_order = first_order
@@ -69,7 +69,7 @@ class MetaSGD(MetaAlgorithm):
         return {name: self.inner_lrs[key] for name, key in self._lr_keys.items()}
 
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
-        check_same_ways(train_ways, ways)
+        same_ways(train_ways, ways)
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         lrs = self.learning_rates()

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
-from metarun.algorithms.checks import check_positive_int
 from metarun.algorithms.cnp import check_regression, check_sizes, decode, gaussian_log_prob, linear_sizes
+from metarun.checks import positive_int
 from metarun.episodes import EpisodeBatch, task_generator
 from metarun.errors import ConfigError
 
@@ -86,7 +86,7 @@ class NeuralProcess(MetaAlgorithm):
             ("algorithm.y_dim", y_dim),
             ("algorithm.test_samples", test_samples),
         ):
-            check_positive_int(key, value)
+            positive_int(key, value)
         if not 0 <= min_std < 1:
             raise ConfigError(f"algorithm.min_std={min_std!r} is not allowed: it must be in [0, 1).")
         pairs = "the encoders read (x, y) pairs of algorithm.x_dim + algorithm.y_dim numbers"

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.checks import positive_int
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 from metarun.models.norm import NORMS, batch_norm
@@ -83,10 +84,7 @@ class RelationNet(MetaAlgorithm):
                 f"needs a convolutional backbone with features and feature_shape, "
                 f"such as Conv4."
             )
-        if isinstance(relation_hidden, bool) or not isinstance(relation_hidden, int) or relation_hidden <= 0:
-            raise ConfigError(
-                f"algorithm.relation_hidden={relation_hidden!r} is not allowed: it must be a positive integer."
-            )
+        positive_int("algorithm.relation_hidden", relation_hidden)
         if norm not in NORMS:
             raise ConfigError(f"algorithm.norm={norm!r} is not allowed: choose one of {', '.join(NORMS)}.")
         self.model = model

@@ -9,23 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
-from metarun.algorithms.checks import check_same_ways
 from metarun.algorithms.inner_loop import Params, forward, query_forward, task_loss
 from metarun.algorithms.tasks import support_gradients
+from metarun.checks import positive_int, positive_number, same_ways
 from metarun.episodes import EpisodeBatch, task_generator
 from metarun.errors import ConfigError
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 # Streams of the minibatch-order generators, apart from the sampler's 0 (train), 1, 2 (val, test).
 TRAIN_ORDER, EVAL_ORDER = 10, 11
-
-
-def _positive_int(key: str, value: int | None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        allowed = "a positive integer or null" if allow_none else "a positive integer"
-        raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}.")
 
 
 def minibatch_indices(
@@ -130,12 +122,11 @@ class Reptile(MetaAlgorithm):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(inner_lr, bool) or not inner_lr > 0:
-            raise ConfigError(f"algorithm.inner_lr={inner_lr!r} is not allowed: it must be positive.")
-        _positive_int("algorithm.inner_steps", inner_steps)
-        _positive_int("algorithm.test_inner_steps", test_inner_steps)
-        _positive_int("algorithm.inner_batch_size", inner_batch_size, allow_none=True)
-        _positive_int("algorithm.test_inner_batch_size", test_inner_batch_size, allow_none=True)
+        positive_number("algorithm.inner_lr", inner_lr)
+        positive_int("algorithm.inner_steps", inner_steps)
+        positive_int("algorithm.test_inner_steps", test_inner_steps)
+        positive_int("algorithm.inner_batch_size", inner_batch_size, allow_none=True)
+        positive_int("algorithm.test_inner_batch_size", test_inner_batch_size, allow_none=True)
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ConfigError(
                 f"algorithm.inner_optimizer={inner_optimizer!r} is not allowed: "
@@ -146,8 +137,7 @@ class Reptile(MetaAlgorithm):
             raise ConfigError(
                 f"algorithm.inner_betas={list(inner_betas)!r} is not allowed: it must be two numbers in [0, 1)."
             )
-        if not inner_eps > 0:
-            raise ConfigError(f"algorithm.inner_eps={inner_eps!r} is not allowed: it must be positive.")
+        positive_number("algorithm.inner_eps", inner_eps)
         self.model = model
         self.inner_lr, self.inner_steps = inner_lr, inner_steps
         self.test_inner_steps = test_inner_steps
@@ -160,7 +150,7 @@ class Reptile(MetaAlgorithm):
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
-        check_same_ways(train_ways, ways)
+        same_ways(train_ways, ways)
 
     def end_outer_step(self) -> None:
         self.updates += 1

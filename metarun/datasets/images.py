@@ -44,6 +44,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from metarun.checks import integer_at_least
 from metarun.datasets.base import SPLITS, ClassImages, Dataset
 from metarun.errors import ConfigError
 
@@ -75,8 +76,7 @@ Item = tuple[str, Any, "tuple[float, float, float, float] | None"]
 
 def check_image_args(image_size: Any, channels: Any) -> None:
     """One sentence for a bad ``dataset.image_size`` or ``dataset.channels``."""
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0:
-        raise ConfigError(f"dataset.image_size={image_size!r} is not allowed: it must be a positive integer.")
+    integer_at_least("dataset.image_size", image_size, 1)
     if channels not in (1, 3) or isinstance(channels, bool):
         raise ConfigError(f"dataset.channels={channels!r} is not allowed: use 1 (grey) or 3 (RGB).")
 
