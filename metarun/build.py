@@ -8,7 +8,7 @@ decoded; `build_data` adds the dataset and its episode loaders.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import torch
 from hydra.errors import InstantiationException
@@ -45,26 +45,25 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     return build_data(cfg, build_learner(cfg))
 
 
-def dataset_class(node: DictConfig, key: str = "dataset") -> type[Dataset]:
-    """The `Dataset` class a dataset group names (nothing is built)."""
+def named_class(node: DictConfig, key: str, base: type) -> type:
+    """The class a group's ``_target_`` names, which must subclass ``base`` (nothing is built)."""
     cls = get_class(node._target_)
-    if not (isinstance(cls, type) and issubclass(cls, Dataset)):
+    if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(
-            f"{key}._target_={node._target_} is not allowed: it is not a metarun dataset, so "
-            f"name a subclass of metarun.datasets.base.Dataset."
+            f"{key}._target_={node._target_} is not allowed: it is not a subclass of "
+            f"{base.__module__}.{base.__name__}, so name one."
         )
     return cls
+
+
+def dataset_class(node: DictConfig) -> type[Dataset]:
+    """The `Dataset` class a dataset group names."""
+    return cast("type[Dataset]", named_class(node, "dataset", Dataset))
 
 
 def learner_class(node: DictConfig) -> type[MetaAlgorithm]:
-    """The `MetaAlgorithm` class an algorithm group names (nothing is built)."""
-    cls = get_class(node._target_)
-    if not (isinstance(cls, type) and issubclass(cls, MetaAlgorithm)):
-        raise ConfigError(
-            f"algorithm._target_={node._target_} is not allowed: it is not a metarun learner, so "
-            f"name a subclass of metarun.algorithms.base.MetaAlgorithm."
-        )
-    return cls
+    """The `MetaAlgorithm` class an algorithm group names."""
+    return cast("type[MetaAlgorithm]", named_class(node, "algorithm", MetaAlgorithm))
 
 
 def complete_config(cfg: DictConfig, learner: type[MetaAlgorithm]) -> None:
