@@ -58,6 +58,11 @@ def build_error(tmp_path: Path, *overrides: str) -> str:
         ("algorithm.inner_lr=0", "algorithm.inner_lr=0 is not allowed: it must be a positive number."),
         ("algorithm.inner_lr=-0.01", "algorithm.inner_lr=-0.01 is not allowed: it must be a positive number."),
         ("algorithm.inner_steps=0", "algorithm.inner_steps=0 is not allowed: it must be a positive integer."),
+        (
+            "dataset._target_=collections.OrderedDict",
+            "dataset._target_=collections.OrderedDict is not allowed: it is not a subclass of "
+            "metarun.datasets.base.Dataset, so name one.",
+        ),
     ],
 )
 def test_bad_setting_is_one_sentence(tmp_path, override, message):
