@@ -7,6 +7,7 @@ decoded; `build_data` adds the dataset and its episode loaders.
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any, cast
 
@@ -26,14 +27,25 @@ from metarun.module import MetaLearningModule
 
 
 def instantiate_checked(node: Any, **kwargs: Any) -> Any:
-    """`instantiate`, re-raising a constructor's `ConfigError` as itself, not Hydra's wrapper."""
+    """`instantiate`, re-raising a constructor's `ConfigError` as itself, not Hydra's wrapper;
+    a key the class does not take (a setting of another backbone or learner, e.g. a preset's
+    ``model.pool`` after ``model=conv4``) is one sentence naming it and what the class takes."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         found = config_error(err)
-        if found is None:
+        if found is not None:
+            raise found from None
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err.__cause__ or err))
+        if unknown is None or not OmegaConf.is_dict(node):
             raise
-        raise found from None
+        group, cls = node._key() or "the config", get_class(node._target_)
+        takes = [k for k in inspect.signature(cls).parameters if k not in ("self", *kwargs)]
+        raise ConfigError(
+            f"{group}.{unknown.group(1)}={node.get(unknown.group(1))} is not allowed with "
+            f"{group}={cls.__name__}: it takes no {unknown.group(1)} (it takes {', '.join(takes)}), so "
+            f"drop that setting or choose a {group} that has it."
+        ) from None
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
@@ -105,6 +117,8 @@ def build_learner(cfg: DictConfig) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
         torch.manual_seed(cfg.seed)
         model = instantiate_checked(cfg.model)
+        if cfg.get("channels_last"):  # a hardware choice: any backbone, 4-D weights only
+            model.to(memory_format=torch.channels_last)
         algorithm = instantiate_checked(cfg.algorithm, model=model)  # and its own parameters
     algorithm.check_episode_shape(sampler.train_ways, sampler.ways)
     algorithm.set_task_batching(cfg.get("task_batching", "auto"))

@@ -18,7 +18,7 @@ import torch
 from metarun.errors import ConfigError
 
 # 1: before the format was recorded; 2: + metarun_format, written at step boundaries;
-# 3: task_batching is a top-level setting (it was algorithm.task_batching)
+# 3: task_batching and channels_last are top-level settings (algorithm.task_batching, model.channels_last)
 FORMAT = 3
 LAST = "last.ckpt"
 
@@ -91,6 +91,10 @@ def migrate_config(config: dict[str, Any], found: int) -> dict[str, Any]:
         if isinstance(algorithm, dict) and "task_batching" in algorithm:
             config = {**config, "algorithm": {k: v for k, v in algorithm.items() if k != "task_batching"}}
             config.setdefault("task_batching", algorithm["task_batching"])
+        model = config.get("model")
+        if isinstance(model, dict) and "channels_last" in model:
+            config = {**config, "model": {k: v for k, v in model.items() if k != "channels_last"}}
+            config.setdefault("channels_last", model["channels_last"])
     return config
 
 

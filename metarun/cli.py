@@ -22,6 +22,10 @@ MOVED = {
         "task_batching",
         "how a meta-batch's tasks run is a hardware choice, set beside task_chunk",
     ),
+    "model.channels_last": (
+        "channels_last",
+        "the memory layout is a hardware choice that every backbone takes",
+    ),
 }
 # What a cross-domain test set always takes from the training dataset.
 FROM_DATASET = ("image_size", "channels", "mean", "std")

@@ -28,7 +28,7 @@ performance() {  # README "Performance": metarun against plain PyTorch, the fast
     $PY $B experiment=maml_omniglot_5w1s task_batching=loop \
         -- experiment=maml_omniglot_5w1s task_batching=vmap bench.steps=10 bench.warmup=2 | tee -a "$P"
     # today's fp32 step first, then the presets' fast path (bf16 autocast + channels_last)
-    $PY $B experiment=protonet_omniglot_20w1s hardware=cpu model.channels_last=false \
+    $PY $B experiment=protonet_omniglot_20w1s hardware=cpu channels_last=false \
         -- experiment=protonet_omniglot_20w1s bench.steps=30 bench.warmup=5 | tee -a "$P"
     for size in 1 8 32; do  # one process each: peak RSS growth of second-order MAML, chunks of 1
         $PY $B experiment=maml_omniglot_5w1s sampler.meta_batch_size=$size task_chunk=1 bench.steps=3 | tee -a "$P"

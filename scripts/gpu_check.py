@@ -38,7 +38,7 @@ PROTONET = [
     "experiment=protonet_omniglot_20w1s",
     "hardware=gpu",
     "model.norm=transductive",
-    "model.channels_last=false",
+    "channels_last=false",
 ]
 PRECISIONS = {"fp32": ["trainer.precision=32-true"], "bf16": ["trainer.precision=bf16-mixed"]}
 

@@ -302,7 +302,7 @@ def test_fast_cpu_path_meta_gradient_is_within_tolerance_of_fp32(preset, tmp_pat
                 *extra,
                 "sampler.meta_batch_size=1",
                 "sampler.train_ways=20",
-                f"model.channels_last={fast}",
+                f"channels_last={fast}",
             ],
             tmp_path / str(fast),
         )

@@ -23,11 +23,12 @@ from omegaconf import OmegaConf, open_dict
 
 import metarun.tracking
 from metarun.algorithms.protonet import ProtoNet
-from metarun.build import complete_config
-from metarun.catalog import classes
+from metarun.build import build_learner, complete_config
+from metarun.catalog import classes, preset_choice
+from metarun.errors import ConfigError
 from metarun.module import MetaLearningModule
 from metarun.runner import train
-from tests.conftest import CONFIG_DIR, ROOT, TINY, compose_config, on_standins
+from tests.conftest import CONFIG_DIR, ROOT, TINY, compose_config, finish, launch, on_standins
 
 # TINY, plus: 4 outer steps (validation at 2 and 4), 2 evaluation episodes of 10 query
 # points, 2 test-time inner steps (MAML).
@@ -168,6 +169,39 @@ def test_experiment_preset_runs_a_few_steps(tmp_path, name, request):
     results, _ = train(cfg)
     assert results["status"] == "completed" and results["train"]["steps"] == 2
     assert all(math.isfinite(block["mean"]) for block in results["test"].values())
+
+
+IMAGE_PRESETS = [n for n in EXPERIMENTS if preset_choice(n, "dataset") not in (None, "sinusoid")]
+
+
+@pytest.mark.parametrize("model", ["resnet12", "timm"])
+@pytest.mark.parametrize("name", IMAGE_PRESETS)
+def test_a_preset_takes_another_backbone_or_says_why(tmp_path, name, model):
+    """``experiment=<image preset> model=<other backbone>``: the learner builds (the memory
+    layout, channels_last, is the runner's, for any backbone), or one sentence names the
+    preset's setting the backbone does not take."""
+    cfg = compose_config([f"experiment={name}", f"model={model}"], tmp_path)
+    try:
+        objects = build_learner(cfg)
+    except ConfigError as error:
+        assert str(error).startswith("model.") and "is not allowed with model=" in str(error)
+        assert str(error).count(". ") == 0 and str(error).endswith(".")
+    else:
+        assert objects["algorithm"].model.__class__.__name__ in ("ResNet12", "TimmBackbone")
+
+
+def test_swapping_the_backbone_of_a_preset_through_the_command(omniglot_available, tmp_path):
+    """The fast-path preset (bf16 + channels_last) with ResNet-12 trains; with a timm model its
+    batch-norm mode is one sentence (exit 2)."""
+    common = [*TINY, f"paths.data_dir={omniglot_available}", "experiment=protonet_omniglot_5w1s"]
+    resnet = finish(launch(tmp_path / "resnet12", *common, "model=resnet12", "sampler.train_ways=5"))
+    assert resnet.returncode == 0, resnet.stderr[-3000:]
+    assert json.loads((tmp_path / "resnet12" / "results.json").read_text())["train"]["steps"] == 3
+    timm = finish(launch(tmp_path / "timm", *common, "model=timm"))
+    assert timm.returncode == 2 and timm.stderr.strip().splitlines() == [
+        "metarun: error: model.norm=running is not allowed with model=TimmBackbone: it takes no norm (it takes "
+        "name, in_channels, image_size, out_features, weights), so drop that setting or choose a model that has it."
+    ]
 
 
 def test_protonet_on_omniglot(omniglot_available, tmp_path):

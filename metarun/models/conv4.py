@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from metarun.errors import ConfigError
@@ -26,9 +25,6 @@ class Conv4(nn.Module):
         pooled_blocks: how many blocks, from the first, end with the 2×2 max-pool; the
             others keep their resolution. 4 is the standard backbone; Relation Networks
             (Sung et al. 2018) pool only the first 2, so a spatial map is left to compare.
-        channels_last: keep the convolution weights and activations in the channels-last
-            memory layout (NHWC), which the CPU's (oneDNN) and the GPU's (cuDNN) fastest
-            convolutions use, especially with bfloat16; the values are unchanged.
 
     ``features(x)`` is the feature map ``[M, *feature_shape]`` before flattening.
     ``forward(x, context_size)``: with ``norm="tasknorm"`` or ``"support"`` the first
@@ -44,7 +40,6 @@ class Conv4(nn.Module):
         out_features: int | None = None,
         norm: str = "transductive",
         pooled_blocks: int = 4,
-        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(pooled_blocks, bool) or pooled_blocks not in range(5):
@@ -73,12 +68,9 @@ class Conv4(nn.Module):
         self.feature_shape = (hidden, side, side)  # [C, h, w] of features(x)
         self.embedding_dim = hidden * side * side
         self.head = classifier_head(self.embedding_dim, out_features)
-        self.channels_last = channels_last
-        if channels_last:
-            self.features.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor, context_size: int | None = None) -> Tensor:
-        h = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        h = x
         for layer in self.features:
             h = layer(h, context_size) if isinstance(layer, TaskNorm2d) else layer(h)
         z = h.flatten(1)  # [M, hidden * h * w]
