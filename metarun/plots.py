@@ -1,4 +1,6 @@
-"""Plots of regression tasks before and after adaptation."""
+"""The pictures a run and metarun-predict write: regression tasks before and after adaptation,
+classification episodes and predictions, learning curves. Images are drawn with the
+dataset's normalisation undone (`displayable`)."""
 
 from __future__ import annotations
 
@@ -42,14 +44,40 @@ def plot_regression_tasks(
     return path
 
 
-def _show(ax, image: torch.Tensor) -> None:
-    """A ``[C, H, W]`` image in [0, 1] on ``ax``, without axes."""
-    if image.shape[0] == 1:
-        ax.imshow(image[0].cpu(), cmap="gray", vmin=0, vmax=1)
+# A dataset's per-channel normalisation, (mean, std), each ``[C, 1, 1]``; None: pixels in [0, 1].
+Normalization = tuple[torch.Tensor, torch.Tensor] | None
+
+
+def displayable(image: torch.Tensor, normalization: Normalization = None) -> torch.Tensor:
+    """A ``[C, H, W]`` image as the eye should see it: the dataset's normalisation undone,
+    then clipped to [0, 1]. Every picture draws its images through this function."""
+    x = image.detach().float().cpu()
+    if normalization is not None:
+        mean, std = normalization
+        x = x * std.float().cpu() + mean.float().cpu()
+    return x.clamp(0, 1)
+
+
+def _show(ax, image: torch.Tensor, normalization: Normalization = None) -> None:
+    """A ``[C, H, W]`` image on ``ax``, without axes."""
+    x = displayable(image, normalization)
+    if x.shape[0] == 1:
+        ax.imshow(x[0], cmap="gray", vmin=0, vmax=1)
     else:
-        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).cpu())
+        ax.imshow(x.permute(1, 2, 0).numpy())
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def query_title(label: str, probability: float, true: str | None) -> tuple[str, str]:
+    """A query's title and colour: the prediction and its probability; green when right, red
+    with the true class under it when wrong, black when the class is not known."""
+    title = f"{label}"[:14] + f" ({probability:.2f})"
+    if true is None:
+        return title, "black"
+    if label == true:
+        return title, "green"
+    return f"{title}\ntrue: {str(true)[:14]}", "red"
 
 
 def plot_predictions(
@@ -61,34 +89,51 @@ def plot_predictions(
     path: Path,
     max_queries: int = 24,
     max_shots: int = 5,
+    normalization: Normalization = None,
 ) -> Path:
-    """The support images by class (one row each, up to ``max_shots``), then the first
-    ``max_queries`` queries, each titled with its predicted class and probability (green
-    when it matches the true class of a labelled query, red when not)."""
+    """The support images, then the first ``max_queries`` queries, each titled with its
+    predicted class and probability; when the query's class is known, a right prediction is
+    green and a wrong one red with the true class under it.
+
+    The layout stays compact from 5 to 50 ways: with several shots and up to 10 ways, one row
+    per class with up to ``max_shots`` of its images; else one image per class, flowing over
+    up to 10 columns.
+    Images are drawn with ``normalization`` undone (`displayable`).
+    """
     classes = list(support)
     shown = min(len(queries), max_queries)
-    columns = max(max_shots, 6)
+    shots = max(1, min(max_shots, max(len(images) for images in support.values())))
+    if len(classes) <= 10 and shots > 1:  # one row a class, its shots side by side
+        columns = max(6, shots)
+        rows = [[(name, image) for _, image in support[name][:shots]] for name in classes]
+    else:  # one image a class, flowing
+        columns = min(10, max(6, len(classes)))
+        flat = [(name, support[name][0][1]) for name in classes]
+        rows = [flat[i : i + columns] for i in range(0, len(flat), columns)]
     query_rows = -(-shown // columns)
-    fig, axes = plt.subplots(
-        len(classes) + query_rows, columns, figsize=(1.6 * columns, 1.7 * (len(classes) + query_rows)), squeeze=False
-    )
+    height = len(rows) + query_rows
+    fig, axes = plt.subplots(height, columns, figsize=(1.45 * columns, 1.6 * height + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for row, name in enumerate(classes):
-        for col, (_, image) in enumerate(support[name][:columns]):
-            ax = axes[row, col]
+    for r, row in enumerate(rows):
+        for c, (name, image) in enumerate(row):
+            ax = axes[r, c]
             ax.axis("on")
-            _show(ax, image)
-            if col == 0:
-                ax.set_ylabel(f"support: {name}"[:24], fontsize=8)
+            _show(ax, image, normalization)
+            if c == 0 or len(row) > 1 and row[0][0] != row[1][0]:
+                ax.set_title(f"{name}"[:16], fontsize=7, color="navy")
     for i in range(shown):
-        ax = axes[len(classes) + i // columns, i % columns]
+        ax = axes[len(rows) + i // columns, i % columns]
         ax.axis("on")
-        _show(ax, queries[i][1])
-        p = float(probabilities[i].max())
-        colour = "black" if truth is None else ("green" if labels[i] == truth[i] else "red")
-        ax.set_title(f"{labels[i]} ({p:.2f})"[:22], fontsize=8, color=colour)
-    fig.suptitle(f"{len(queries)} queries ({shown} shown): predicted class (probability)")
+        _show(ax, queries[i][1], normalization)
+        title, colour = query_title(labels[i], float(probabilities[i].max()), None if truth is None else truth[i])
+        ax.set_title(title, fontsize=7, color=colour)
+    what = "right in green, wrong in red with the true class" if truth is not None else "predicted class"
+    fig.suptitle(
+        f"support ({len(classes)} classes, titled in blue), then {shown} of {len(queries)} queries: "
+        f"prediction (probability); {what}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -130,10 +175,12 @@ def plot_learning_curves(train: list, val: list, metric: str, path: Path) -> Pat
     return path
 
 
-def plot_test_episode(algorithm, episode, path: Path, max_queries: int = 24) -> Path:
+def plot_test_episode(
+    algorithm, episode, path: Path, max_queries: int = 24, normalization: Normalization = None
+) -> Path:
     """One test episode of a classifier: its support images by class, then the first few
     queries of every class (``max_queries`` in all) titled with the predicted class and
-    probability (green when right, red when wrong)."""
+    probability (green when right, red when wrong), with the dataset's ``normalization`` undone."""
     batch = collate_episodes([episode])
     device = next(algorithm.parameters()).device
     batch = type(batch)(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in vars(batch).items()})
@@ -157,4 +204,6 @@ def plot_test_episode(algorithm, episode, path: Path, max_queries: int = 24) -> 
     queries = [(None, episode.query_x[i].float()) for i in shown]
     labels = [f"class {i}" for i in probabilities[shown].argmax(-1).tolist()]
     truth = [f"class {episode.query_y[i]}" for i in shown]
-    return plot_predictions(support, queries, labels, probabilities[shown], truth, path, max_queries)
+    return plot_predictions(
+        support, queries, labels, probabilities[shown], truth, path, max_queries, normalization=normalization
+    )

@@ -37,7 +37,7 @@ from metarun.datasets.images import IMAGE_SUFFIXES
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 from metarun.results import write_results
-from metarun.stats import mean_ci95
+from metarun.stats import mean_ci95, wilson_interval
 
 log = logging.getLogger(__name__)
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
@@ -371,13 +371,26 @@ def predict_images(learner: Learner, cfg: DictConfig, out: Path) -> dict[str, An
     }
     if truth:
         correct = [float(p == t) for p, t in zip(labels, truth)]
-        _, ci = mean_ci95(correct)  # over the queries
+        low, high = wilson_interval(int(sum(correct)), len(correct))  # a proportion over few queries
         mean = torch.tensor(correct).mean().item()  # in float32, as metarun-eval's episode accuracy
-        report["accuracy"] = {"mean": mean, "ci95": ci, "queries": len(correct)}
-        print(f"accuracy: {100 * mean:.4g}% ± {100 * ci:.2g}% (95% CI, {len(correct)} labelled queries)")
+        report["accuracy"] = {"mean": mean, "ci95_low": low, "ci95_high": high, "interval": "wilson"}
+        report["accuracy"]["queries"] = len(correct)
+        print(
+            f"accuracy: {100 * mean:.4g}% (95% Wilson interval {100 * low:.3g}–{100 * high:.3g}%, "
+            f"{int(sum(correct))} of {len(correct)} labelled queries)"
+        )
     from metarun.plots import plot_predictions
 
-    plot_predictions(support, queries, labels, probabilities, truth, out / "predictions.png", int(cfg.picture_queries))
+    plot_predictions(
+        support,
+        queries,
+        labels,
+        probabilities,
+        truth,
+        out / "predictions.png",
+        int(cfg.picture_queries),
+        normalization=learner.normalization,
+    )
     return report
 
 

@@ -223,7 +223,10 @@ def _train(
             results["plot"] = str(pictures["test_tasks"])
         elif not objects["regression"]:
             pictures["test_episode"] = plot_test_episode(
-                module.algorithm, sampler.eval_episode(test_split, TEST, 0), output_dir / "test_episode.png"
+                module.algorithm,
+                sampler.eval_episode(test_split, TEST, 0),
+                output_dir / "test_episode.png",
+                normalization=None if test_split.mean is None else (test_split.mean, test_split.std),
             )
         report(results, metric)
         log_test_table(logger, results["test"], step=steps)

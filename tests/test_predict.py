@@ -22,6 +22,7 @@ import metarun
 from metarun.episodes import TEST, collate_episodes
 from metarun.predict import load
 from metarun.runner import train
+from metarun.stats import wilson_interval
 from tests.conftest import EVAL, PREDICT, TINY, compose_config, data_dir, finish, launch
 from tests.test_cli import assert_one_sentence
 
@@ -83,6 +84,9 @@ def test_predict_gives_what_eval_gives_on_the_same_episode(omniglot, tmp_path, a
     tested = json.loads((tmp_path / "eval" / "results.json").read_text())["test"]["accuracy"]
     assert tested["episodes"] == 1
     assert report["accuracy"]["mean"] == tested["mean"]  # exactly: the same episode, same code
+    right = round(report["accuracy"]["mean"] * 15)  # a proportion of 15 queries: Wilson's interval
+    assert (report["accuracy"]["ci95_low"], report["accuracy"]["ci95_high"]) == wilson_interval(right, 15)
+    assert "95% Wilson interval" in done.stdout and f"{right} of 15 labelled queries" in done.stdout
     assert report["support"] == {f"class_{i}": 1 for i in range(5)} and report["queries"] == 15
     # the labels: the algorithm's own meta-test prediction of episode 0
     module = objects["module"]
@@ -348,3 +352,26 @@ def test_grey_images_for_an_rgb_model_are_converted_and_counted(rgb_checkpoint):
     assert grey.shape == (3, 16, 16) and learner.converted == 1
     learner.image(Image.new("RGB", (10, 10), (1, 2, 3)))
     assert learner.converted == 1  # an RGB image for an RGB model is not a conversion
+
+
+def test_the_picture_shows_the_images_colours(rgb_checkpoint, tmp_path):
+    """predictions.png of an RGB model (normalised by ImageNet's statistics) draws pink as pink
+    and green as green, within quantisation (the normalisation undone)."""
+    colours = {"pink": (255, 192, 203), "green": (40, 180, 60)}
+    for part in ("support", "query"):
+        for name, rgb in colours.items():
+            (tmp_path / part / name).mkdir(parents=True)
+            Image.new("RGB", (20, 20), rgb).save(tmp_path / part / name / "0.png")
+    done = finish(
+        command(
+            PREDICT,
+            tmp_path / "run",
+            f"ckpt_path={rgb_checkpoint[0]}",
+            f"support={tmp_path / 'support'}",
+            f"query={tmp_path / 'query'}",
+        )
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    picture = np.asarray(Image.open(tmp_path / "run" / "predictions.png").convert("RGB")).astype(int)
+    for name, rgb in colours.items():
+        assert (np.abs(picture - np.array(rgb)).max(-1) <= 3).sum() > 500, name
