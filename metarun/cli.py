@@ -5,13 +5,15 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
 from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
 
-from metarun.catalog import extra_config_dirs
+from metarun.catalog import extra_config_dirs, options
 from metarun.errors import ConfigError, Interrupted
 
 T = TypeVar("T")
@@ -122,6 +124,13 @@ def translate(argv: list[str]) -> list[str]:
     return out
 
 
+def options_text(group: str) -> str:
+    """A group's options, comma-separated and wrapped to the help text's column (its
+    ``${metarun.options:<group>}``), so ``--help`` lists what conf/ holds, never a copy."""
+    names = ", ".join(options(group))
+    return textwrap.fill(names, width=96, initial_indent=" " * 17, subsequent_indent=" " * 17).lstrip()
+
+
 def run_command(hydra_main: Callable[[], None], append_unless: tuple[str, ...] = ()) -> None:
     """Run a ``@hydra.main`` entry point on ``sys.argv`` after the checks above (and
     `translate`).
@@ -130,6 +139,7 @@ def run_command(hydra_main: Callable[[], None], append_unless: tuple[str, ...] =
     run's groups: a plain ``sampler.shots=5`` is passed to Hydra as ``+sampler.shots=5``
     unless its top-level key is one of these (the command's own keys).
     """
+    OmegaConf.register_new_resolver("metarun.options", options_text, replace=True)  # the --help texts
     argv = translate(sys.argv[1:])
     sys.argv[1:] = argv
     check_output_dirs(argv)

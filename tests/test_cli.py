@@ -281,3 +281,24 @@ def test_command_with_unknown_algorithm_lists_the_choices(commands):
     options = sorted(p.stem for p in (Path(CONFIG_DIR) / "algorithm").glob("*.yaml"))
     assert "Available options in 'algorithm':\n\t" + "\n\t".join(options) in run.stderr
     assert "Traceback" not in run.stderr + run.stdout
+
+
+def test_help_of_each_command_says_what_it_does_with_examples():
+    """--help: what the command does, copy-paste examples, the groups (from conf/), the outputs."""
+    from metarun.catalog import options
+    from tests.conftest import COMMAND_ENV, EVAL, METARUN, PREDICT
+
+    texts = {}
+    for exe in (METARUN, EVAL, PREDICT):
+        done = subprocess.run([exe, "--help"], env=COMMAND_ENV, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "powered by Hydra" not in done.stdout and "Examples:" in done.stdout and "Outputs:" in done.stdout
+        texts[Path(exe).name] = done.stdout
+    assert texts["metarun"].startswith("metarun: meta-train, validate and test")
+    assert texts["metarun"].count("\n  metarun ") >= 5
+    for name in [*options("algorithm"), *options("dataset"), *options("experiment")]:
+        assert name in texts["metarun"], name
+    assert texts["metarun-eval"].count("\n  metarun-eval ") >= 4
+    predict = texts["metarun-predict"]
+    assert "Formats:" in predict and "support/<class>/<image>" in predict and predict.count("\n  metarun-predict ") >= 4
+    assert "dataset" not in predict.split("Formats:")[0]  # no unrelated groups
