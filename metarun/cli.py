@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import shutil
 import sys
 import textwrap
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from metarun.catalog import extra_config_dirs, options
 from metarun.errors import ConfigError, Interrupted
+from metarun.run_directory import launching_rank
 
 T = TypeVar("T")
 DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
@@ -62,13 +67,41 @@ def exit_on_config_error(fn: Callable[..., T]) -> Callable[..., T]:
         except Interrupted as err:
             print(f"metarun: {err}", file=sys.stderr)
             sys.exit(err.exit_code)
+        except MissingMandatoryValue as err:  # a required key (ckpt_path=...) not given
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            remove_unused_run_directory()
+            fail(f"{err.full_key} is not set: give {err.full_key}=<value> (see --help for examples).")
         except (ConfigError, InstantiationException) as err:
             found = config_error(err)
             if found is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
+            remove_unused_run_directory()
             fail(str(found))
 
     return wrapper
+
+
+# What a command writes in its run directory before it reads data or trains: a directory
+# holding nothing else was this command's own, and is removed when it stops on a mistake.
+BEFORE_STARTING = {".hydra", ".metarun.lock", "checkpoints"}
+
+
+def remove_unused_run_directory() -> None:
+    """Remove the run directory of a command that stopped before it wrote anything of its own
+    (a mistake found before training), so failed attempts leave no empty run folders."""
+    try:
+        folder = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not under Hydra (the API, the tests)
+        return
+    if not launching_rank():  # a DDP rank shares rank 0's directory
+        return
+    logs = {f"{HydraConfig.get().job.name}.log"}
+    entries = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    checkpoints = folder / "checkpoints"
+    if entries <= BEFORE_STARTING | logs and not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        logging.shutdown()  # Hydra's file handler holds the log open
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_output_dirs(argv: Iterable[str]) -> None:

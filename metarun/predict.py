@@ -33,7 +33,7 @@ from metarun.build import build_learner, dataset_class
 from metarun.catalog import CONFIG_DIR, head_free_learners
 from metarun.checkpoint_files import load_checkpoint, load_weights
 from metarun.cli import exit_on_config_error, run_command
-from metarun.datasets.images import IMAGE_SUFFIXES
+from metarun.datasets.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageTooLarge, failure_reason, open_image
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 from metarun.results import write_results
@@ -74,6 +74,8 @@ class Learner:
         self.name = type(self.algorithm).__name__
         self.classes: list[Any] = []
         self.converted = 0  # images whose colour mode was changed to the model's
+        # images larger than this are skipped (the checkpoint dataset's decompression-bomb guard)
+        self.max_pixels = int(self.config.dataset.get("max_image_pixels") or DEFAULT_MAX_PIXELS)
         self._support: tuple[Tensor, Tensor] | None = None
         mean, std = self.config.dataset.get("mean"), self.config.dataset.get("std")
         # the dataset's per-channel normalisation, as its episodes have it: [C, 1, 1] each, or None
@@ -97,7 +99,7 @@ class Learner:
             )
         if isinstance(item, Image.Image):
             return self._prepared(item, prepare)
-        with Image.open(item) as opened:
+        with open_image(item, self.max_pixels) as opened:
             return self._prepared(opened, prepare)
 
     @property
@@ -199,8 +201,10 @@ def _readable(learner: Learner, paths: list[Path], skipped: list[str]) -> list[t
     for path in paths:
         try:
             out.append((path, learner.image(path)))
+        except ImageTooLarge as error:
+            skipped.append(f"{path} (too large: {error}; dataset.max_image_pixels allows more)")
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            skipped.append(f"{path} ({type(error).__name__})")
+            skipped.append(f"{path} ({failure_reason(error)})")
     return out
 
 
@@ -209,8 +213,10 @@ def read_support(learner: Learner, folder: str, skipped: list[str]) -> dict[str,
     root = Path(folder)
     key = f"support={folder}"
     if not root.is_dir():
+        found = "a file" if root.is_file() else "no such folder"
         raise ConfigError(
-            f"{key} is not allowed: it is not a folder, so give a folder with one subfolder of images per class."
+            f"{key} is not allowed: it is {found}, and this checkpoint was trained on "
+            f"{learner.dataset.__name__} images, so give a folder with one subfolder of images per class."
         )
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
@@ -242,7 +248,10 @@ def read_queries(
     labels: list[str] | None = None
     if source.is_file():
         lines = [line.strip() for line in source.read_text().splitlines() if line.strip()]
-        paths = [(source.parent / p) if not Path(p).is_absolute() else Path(p) for p in lines]
+        # a relative path: from the list's folder, else from the working directory (`ls d/*/*.png > list.txt`)
+        paths = [
+            Path(p) if Path(p).is_absolute() or not (source.parent / p).is_file() else source.parent / p for p in lines
+        ]
         missing = [p for p in paths if not p.is_file()]
         skipped.extend(f"{p} (no such file)" for p in missing)
         images = _readable(learner, [p for p in paths if p.is_file()], skipped)
@@ -280,6 +289,11 @@ def read_queries(
 def read_points(path: str, key: str, need_y: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """``x [M, Dx]`` and ``y [M, Dy]`` (or None) from a CSV with columns ``x…`` and ``y…``."""
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(
+            f"{key}={path} is not allowed: it is a folder, but this checkpoint was trained on regression "
+            f"tasks, so give a CSV file with columns x... and y... (an image checkpoint takes folders)."
+        )
     if not file.is_file():
         raise ConfigError(f"{key}={path} is not allowed: no such file, so give a CSV file with columns x (and y).")
     with open(file, newline="") as f:

@@ -147,3 +147,12 @@ class SignalFlag:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def launching_rank() -> bool:
+    """Whether this process starts the run (global rank 0): DDP ranks started by Lightning,
+    torchrun or srun share its run directory and must not claim it again."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return os.environ[var] == "0"
+    return True

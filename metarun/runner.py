@@ -30,7 +30,7 @@ from metarun.module import MetaLearningModule
 from metarun.plots import plot_learning_curves, plot_regression_tasks, plot_test_episode
 from metarun.results import environment, experiment_block, report, test_block, write_results
 from metarun.resume import resolve_resume
-from metarun.run_directory import RunDirectory, SignalFlag
+from metarun.run_directory import RunDirectory, SignalFlag, launching_rank
 from metarun.tracking import ProgressLog, ResumableCSVLogger, RunPictures, finish, log_pictures, log_test_table
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,6 @@ class StartStep(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, ResumableCSVLogger):
                 logger.drop_rows_from(self.step)
-
-
-def launching_rank() -> bool:
-    """Whether this process starts the run (global rank 0): DDP ranks started by Lightning,
-    torchrun or srun share its run directory and must not claim it again."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if var in os.environ:
-            return os.environ[var] == "0"
-    return True
 
 
 @contextlib.contextmanager

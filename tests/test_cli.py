@@ -90,8 +90,8 @@ def test_too_many_shots_and_queries_for_real_omniglot(omniglot_available, tmp_pa
     got = build_error(tmp_path, "dataset=omniglot", "sampler.shots=10", "sampler.queries=15")
     assert got == (
         "sampler.shots + sampler.queries = 10 + 15 = 25 is not allowed: split "
-        "omniglot/vinyals/val has only 20 images in its smallest class, so shots + "
-        "queries must be at most 20."
+        "omniglot/vinyals/val has only 20 images in its smallest class (Hebrew/character01/rot000), "
+        "so lower sampler.shots or sampler.queries to a sum of at most 20, or give that class more images."
     )
 
 
@@ -147,8 +147,8 @@ def test_too_many_shots_and_queries_for_a_class(tmp_path, small_omniglot):
     got = build_error(tmp_path, *small_omniglot, "sampler.ways=2", "sampler.shots=2", "sampler.queries=2")
     assert got == (
         "sampler.shots + sampler.queries = 2 + 2 = 4 is not allowed: split "
-        "omniglot/lake/val has only 3 images in its smallest class, so shots + "
-        "queries must be at most 3."
+        "omniglot/lake/val has only 3 images in its smallest class (Background2/character01/rot000), "
+        "so lower sampler.shots or sampler.queries to a sum of at most 3, or give that class more images."
     )
 
 
@@ -302,3 +302,25 @@ def test_help_of_each_command_says_what_it_does_with_examples():
     predict = texts["metarun-predict"]
     assert "Formats:" in predict and "support/<class>/<image>" in predict and predict.count("\n  metarun-predict ") >= 4
     assert "dataset" not in predict.split("Formats:")[0]  # no unrelated groups
+
+
+def test_a_failed_command_leaves_no_run_directory_and_names_what_to_do(tmp_path):
+    """metarun-eval with no arguments, a bad value, and Hydra's own advice for a typo
+    (+sampler.way=5): one sentence each, exit 2, and no leftover run directory."""
+    from tests.conftest import COMMAND_ENV, EVAL, METARUN
+
+    cases = {
+        "eval": ([EVAL], "metarun: error: ckpt_path is not set: give ckpt_path=<value> (see --help for examples)."),
+        "value": ([METARUN, "algorithm.inner_lr=0"], "metarun: error: algorithm.inner_lr=0 is not allowed: it must be"),
+        "typo": (
+            [METARUN, "+sampler.way=5"],
+            "metarun: error: sampler.way=5 is not allowed with sampler=EpisodeSampler: it takes no way (it takes "
+            "ways, shots, queries",
+        ),
+    }
+    for name, (argv, message) in cases.items():
+        done = subprocess.run(
+            [*argv, f"hydra.run.dir={tmp_path / name}"], env=COMMAND_ENV, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(message), (name, done.stderr)
+        assert "Traceback" not in done.stderr and not (tmp_path / name).exists(), name

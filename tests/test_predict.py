@@ -375,3 +375,72 @@ def test_the_picture_shows_the_images_colours(rgb_checkpoint, tmp_path):
     picture = np.asarray(Image.open(tmp_path / "run" / "predictions.png").convert("RGB")).astype(int)
     for name, rgb in colours.items():
         assert (np.abs(picture - np.array(rgb)).max(-1) <= 3).sum() > 500, name
+
+
+@pytest.fixture(scope="module")
+def sinusoid_checkpoint(tmp_path_factory):
+    """MAML trained 3 steps on sinusoids: a regression checkpoint."""
+    run = tmp_path_factory.mktemp("sine")
+    train(compose_config(TINY, run))
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_what_users_point_at_is_read_or_named(rgb_checkpoint, sinusoid_checkpoint, tmp_path, monkeypatch):
+    """A file list written from the working directory is read; a regression checkpoint given
+    folders says so; a text file named .png and a 20000 x 20000 image are skipped and counted
+    (no stream object in the reasons)."""
+    from tests.datasets.test_image_folder import huge_png
+
+    for name, rgb in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        (tmp_path / "support" / name).mkdir(parents=True)
+        Image.new("RGB", (20, 20), rgb).save(tmp_path / "support" / name / "0.png")
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    Image.new("RGB", (20, 20), (190, 40, 40)).save(queries / "a.png")
+    (queries / "notes.png").write_text("not a picture")
+    huge_png(queries / "scan.png", 20000, 20000)
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "list.txt").write_text(
+        "queries/a.png\nqueries/notes.png\nqueries/scan.png\n"
+    )  # from tmp_path
+    monkeypatch.chdir(tmp_path)
+    learner = load(rgb_checkpoint[0])
+    from metarun.predict import read_queries, read_support
+
+    skipped: list[str] = []
+    images, labels = read_queries(learner, "lists/list.txt", ["red", "blue"], skipped)
+    assert [p.name for p, _ in images] == ["a.png"] and labels is None
+    assert skipped == [
+        "queries/notes.png (it is not an image PIL can read (its contents are not PNG, JPEG or another image format))",
+        "queries/scan.png (too large: 400,000,000 pixels, more than 89,478,485; dataset.max_image_pixels allows more)",
+    ]
+    with pytest.raises(metarun.errors.ConfigError, match=r"support=lists/list.txt is not allowed: it is a file, and"):
+        read_support(learner, "lists/list.txt", [])
+    # through the command: counted in predict.json
+    done = finish(
+        command(
+            PREDICT,
+            tmp_path / "run",
+            f"ckpt_path={rgb_checkpoint[0]}",
+            f"support={tmp_path / 'support'}",
+            f"query={queries}",
+        )
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "predict.json").read_text())
+    assert report["queries"] == 1 and len(report["skipped"]) == 2 and "BytesIO" not in done.stderr
+    # a regression checkpoint given image folders
+    done = finish(
+        command(
+            PREDICT,
+            tmp_path / "sine",
+            f"ckpt_path={sinusoid_checkpoint}",
+            f"support={tmp_path / 'support'}",
+            f"query={queries}",
+        )
+    )
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        f"metarun: error: support={tmp_path / 'support'} is not allowed: it is a folder, but this checkpoint "
+        f"was trained on regression tasks, so give a CSV file with columns x... and y... (an image checkpoint "
+        f"takes folders)."
+    )

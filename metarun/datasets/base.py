@@ -85,6 +85,7 @@ class ClassImages:
         name: the split's name for error messages (e.g. "omniglot/vinyals/train").
         mean, std: per-channel normalisation applied to the [0, 1] pixels of every episode
             (after any augmentation), or None for none.
+        names: the class name of each label, for messages (None: class ids are named).
     """
 
     def __init__(
@@ -94,7 +95,9 @@ class ClassImages:
         name: str,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        names: Sequence[str] | None = None,
     ) -> None:
+        self.names = None if names is None else list(names)
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         self.images, self.labels, self.name = images, labels.long(), name
@@ -122,10 +125,14 @@ class ClassImages:
                 f"{self.num_classes} classes, so ways must be at most {self.num_classes}."
             )
         if shots + queries > self.min_count:
+            smallest = int(torch.argmin(self.counts))
+            which = self.names[smallest] if self.names is not None else f"class id {smallest}"
+            images = "image" if self.min_count == 1 else "images"
             raise ConfigError(
                 f"{prefix}shots + {prefix}queries = {shots} + {queries} = {shots + queries} is not "
-                f"allowed: split {self.name} has only {self.min_count} images in its smallest "
-                f"class, so shots + queries must be at most {self.min_count}."
+                f"allowed: split {self.name} has only {self.min_count} {images} in its smallest "
+                f"class ({which}), so lower {prefix}shots or {prefix}queries to a sum of at most "
+                f"{self.min_count}, or give that class more images."
             )
 
     def episode(

@@ -14,7 +14,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from metarun.datasets.images import CORRUPT, ImageDataset, Item, download, file_fingerprint, load_pickle
+from metarun.datasets.images import (
+    CORRUPT,
+    DEFAULT_MAX_PIXELS,
+    ImageDataset,
+    Item,
+    download,
+    file_fingerprint,
+    load_pickle,
+)
 from metarun.errors import ConfigError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -45,9 +53,10 @@ class CIFAR100Splits(ImageDataset):
         channels: int = 3,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
         download: bool = True,
     ) -> None:
-        super().__init__(root, cache_dir, image_size, channels, mean, std)
+        super().__init__(root, cache_dir, image_size, channels, mean, std, max_image_pixels)
         self.download = download
         self._data: tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[str]] | None = None
 

@@ -6,7 +6,14 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from metarun.datasets.images import ImageDataset, Item, folder_fingerprint, image_files, packaged_lines
+from metarun.datasets.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDataset,
+    Item,
+    folder_fingerprint,
+    image_files,
+    packaged_lines,
+)
 from metarun.errors import ConfigError
 
 
@@ -35,9 +42,10 @@ class CUB(ImageDataset):
         channels: int = 3,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
         crop_to_box: bool = False,
     ) -> None:
-        super().__init__(root, cache_dir, image_size, channels, mean, std)
+        super().__init__(root, cache_dir, image_size, channels, mean, std, max_image_pixels)
         self.crop_to_box = bool(crop_to_box)
 
     def cache_stem(self, split: str) -> str:

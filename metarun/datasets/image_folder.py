@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from metarun.datasets.images import SPLITS, ImageDataset, Item, folder_fingerprint, image_files
+from metarun.datasets.images import DEFAULT_MAX_PIXELS, SPLITS, ImageDataset, Item, folder_fingerprint, image_files
 from metarun.errors import ConfigError
 
 
@@ -35,6 +35,7 @@ class ImageFolder(ImageDataset):
         channels: int = 3,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
         split_files: dict[str, str] | None = None,
         split_ratio: list[float] | tuple[float, ...] = (0.6, 0.2, 0.2),
         split_seed: int = 0,
@@ -44,7 +45,7 @@ class ImageFolder(ImageDataset):
                 "dataset.root=null is not allowed: set it to your folder with one folder of images per class "
                 "(dataset.root=/path/to/root, root/<class>/<image>)."
             )
-        super().__init__(root, cache_dir, image_size, channels, mean, std)
+        super().__init__(root, cache_dir, image_size, channels, mean, std, max_image_pixels)
         if not self.root.is_dir():
             raise ConfigError(f"dataset.root={self.root} is not a folder, so {self.hint}.")
         self.folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and image_files(p))

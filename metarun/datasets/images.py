@@ -27,10 +27,12 @@ import logging
 import multiprocessing
 import os
 import pickle
+import re
 import tarfile
 import tempfile
 import time
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -41,10 +43,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from metarun.checks import integer_at_least
+from metarun.checks import integer_at_least, positive_int
 from metarun.datasets.base import SPLITS, ClassImages, Dataset
 from metarun.errors import ConfigError
 
@@ -67,6 +69,60 @@ CORRUPT = (
     ValueError,
     pickle.UnpicklingError,
 )
+
+# The most pixels an image may have before it is refused as a possible decompression bomb:
+# PIL's own default (about 9,459 x 9,459); dataset.max_image_pixels raises it.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+class ImageTooLarge(ValueError):
+    """An image with more pixels than allowed (``dataset.max_image_pixels``)."""
+
+    def __init__(self, pixels: int, limit: int, size: tuple[int, int] | None = None) -> None:
+        self.pixels, self.limit = pixels, limit
+        shape = f"{size[0]}×{size[1]} = " if size else ""
+        super().__init__(f"{shape}{pixels:,} pixels, more than {limit:,}")
+
+
+@contextlib.contextmanager
+def _pil_limit(max_pixels: int) -> Any:
+    """PIL's decompression-bomb limit set to ``max_pixels`` while an image is opened (PIL has
+    no per-call setting, so its module value is set and put back), its warning silenced:
+    `open_image` makes the decision and names the file."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def open_image(source: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """``Image.open(source)`` (a path or a binary stream; nothing is decoded yet), or
+    `ImageTooLarge` when it has more than ``max_pixels`` pixels."""
+    with _pil_limit(max_pixels):
+        try:
+            image = Image.open(source)
+        except Image.DecompressionBombError as error:  # more than twice the limit
+            found = re.search(r"\((\d+) pixels\)", str(error))
+            raise ImageTooLarge(int(found.group(1)) if found else 2 * max_pixels + 1, max_pixels) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageTooLarge(width * height, max_pixels, (width, height))
+    return image
+
+
+def failure_reason(error: BaseException) -> str:
+    """A decoding error as a reason for a sentence: its type and message, without the
+    in-memory stream PIL names (``<_io.BytesIO object at 0x...>``)."""
+    if isinstance(error, UnidentifiedImageError):
+        return "it is not an image PIL can read (its contents are not PNG, JPEG or another image format)"
+    text = re.sub(r"\s*<_io\.\w+ object at 0x[0-9a-f]+>", "", str(error)).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
 
 # One image to decode: (zip archive path, or "" for a plain file / in-memory data;
 # the member or file path, encoded bytes, or a decoded uint8 array [H, W] or [H, W, C];
@@ -95,17 +151,17 @@ def prepare_image(
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
-def _open(member: Any, archive: zipfile.ZipFile | None) -> Image.Image:
+def _open(member: Any, archive: zipfile.ZipFile | None, max_pixels: int) -> Image.Image:
     if isinstance(member, np.ndarray) and (member.ndim == 3 or (member.ndim == 2 and member.shape[1] > 1)):
         return Image.fromarray(member)  # decoded pixels [H, W] or [H, W, C]
     if isinstance(member, (bytes, np.ndarray)):  # encoded bytes (e.g. a PNG in a pickle)
         data = member.tobytes() if isinstance(member, np.ndarray) else member
     else:
         data = archive.read(member) if archive else Path(member).read_bytes()
-    return Image.open(io.BytesIO(data))
+    return open_image(io.BytesIO(data), max_pixels)
 
 
-def _decode_chunk(items: list[Item], size: int, channels: int) -> np.ndarray:
+def _decode_chunk(items: list[Item], size: int, channels: int, max_pixels: int) -> np.ndarray:
     """`items` as uint8 ``[n, C, size, size]``; raises (index, error) as `_Failed`."""
     out = np.empty((len(items), channels, size, size), dtype=np.uint8)
     archives: dict[str, zipfile.ZipFile] = {}
@@ -114,10 +170,12 @@ def _decode_chunk(items: list[Item], size: int, channels: int) -> np.ndarray:
             try:
                 if container and container not in archives:
                     archives[container] = zipfile.ZipFile(container)
-                with _open(member, archives.get(container)) as image:
+                with _open(member, archives.get(container), max_pixels) as image:
                     out[i] = prepare_image(image, size, channels, box)
+            except ImageTooLarge as error:
+                raise _Failed(i, str(error), too_large=True) from None
             except CORRUPT as error:
-                raise _Failed(i, f"{type(error).__name__}: {error}") from None
+                raise _Failed(i, failure_reason(error)) from None
     finally:
         for archive in archives.values():
             archive.close()
@@ -127,9 +185,9 @@ def _decode_chunk(items: list[Item], size: int, channels: int) -> np.ndarray:
 class _Failed(Exception):
     """A worker's decoding error: the item's position in its chunk and the reason."""
 
-    def __init__(self, index: int, reason: str) -> None:
-        super().__init__(index, reason)
-        self.index, self.reason = index, reason
+    def __init__(self, index: int, reason: str, too_large: bool = False) -> None:
+        super().__init__(index, reason, too_large)
+        self.index, self.reason, self.too_large = index, reason, too_large
 
 
 def describe(item: Item) -> str:
@@ -145,12 +203,14 @@ def decode(
     channels: int,
     corrupt: Callable[[str, str], ConfigError],
     out: np.ndarray | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Tensor:
     """Decode `items` in order into uint8 ``[N, C, size, size]``, with up to 2 processes.
 
     ``corrupt(what, reason)`` builds the one-sentence error for a damaged image. ``out``
     (e.g. the cache file, memory-mapped by `cached`'s ``allocate``) receives the images, so
-    a large set is never held in memory whole; by default a new array.
+    a large set is never held in memory whole; by default a new array. An image of more
+    than ``max_pixels`` pixels is refused in one sentence naming it.
     """
     chunks = [list(items[i : i + CHUNK]) for i in range(0, len(items), CHUNK)]
     # Linux only: fork, as the workers run only zipfile and PIL and so skip re-importing
@@ -161,12 +221,19 @@ def decode(
     if out is None:
         out = np.empty((len(items), channels, size, size), dtype=np.uint8)
     with pool or contextlib.nullcontext():
-        results = (pool.map if pool else map)(_decode_chunk, chunks, [size] * len(chunks), [channels] * len(chunks))
+        n = len(chunks)
+        results = (pool.map if pool else map)(_decode_chunk, chunks, [size] * n, [channels] * n, [max_pixels] * n)
         for start, chunk in zip(range(0, len(items), CHUNK), chunks):
             try:
                 out[start : start + len(chunk)] = next(results)
             except _Failed as failed:
-                raise corrupt(describe(chunk[failed.index]), failed.reason) from None
+                what = describe(chunk[failed.index])
+                if failed.too_large:
+                    raise ConfigError(
+                        f"{what} is not allowed: it has {failed.reason} (dataset.max_image_pixels, a guard "
+                        f"against decompression bombs), so shrink or remove it, or raise dataset.max_image_pixels."
+                    ) from None
+                raise corrupt(what, failed.reason) from None
     return torch.from_numpy(out)
 
 
@@ -341,6 +408,7 @@ class ImageDataset(Dataset):
         channels: 3 (RGB) or 1 (grey); every image is converted.
         mean: per-channel mean of the [0, 1] pixels to normalise by, or null for none.
         std: per-channel standard deviation to normalise by (null with ``mean``).
+        max_image_pixels: images with more pixels are refused (a decompression-bomb guard).
     """
 
     name: ClassVar[str] = "images"
@@ -354,8 +422,10 @@ class ImageDataset(Dataset):
         channels: int = 3,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         check_image_args(image_size, channels)
+        self.max_image_pixels = int(positive_int("dataset.max_image_pixels", max_image_pixels) or 0)
         check_normalization(mean, std, channels)
         self.root = Path(root).expanduser().resolve()
         self.cache_dir = Path(cache_dir).expanduser().resolve()
@@ -382,13 +452,13 @@ class ImageDataset(Dataset):
             def build(allocate: Allocate) -> tuple[Tensor, Tensor, dict[str, Any]]:
                 items, labels, classes = self._items(name)
                 out = allocate((len(items), self.channels, self.image_size, self.image_size))
-                images = decode(items, self.image_size, self.channels, self._corrupt, out)
+                images = decode(items, self.image_size, self.channels, self._corrupt, out, self.max_image_pixels)
                 return images, torch.tensor(labels, dtype=torch.long), {"classes": classes}
 
             what = f"{self.name}/{name}"
             images, labels, meta = cached(self.cache_dir / self.cache_stem(name), self._fingerprint(name), build, what)
             self._classes[name] = list(meta["classes"])
-            self._splits[name] = ClassImages(images, labels, what, self.mean, self.std)
+            self._splits[name] = ClassImages(images, labels, what, self.mean, self.std, self._classes[name])
         return self._splits[name]
 
     def classes(self, name: str) -> list[str]:

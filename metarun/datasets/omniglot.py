@@ -20,7 +20,7 @@ from torch import Tensor
 
 from metarun.datasets import images as image_layer
 from metarun.datasets.base import ClassImages
-from metarun.datasets.images import CORRUPT, SPLITS, ImageDataset
+from metarun.datasets.images import CORRUPT, DEFAULT_MAX_PIXELS, SPLITS, ImageDataset
 from metarun.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,12 @@ class Omniglot(ImageDataset):
         channels: int = 1,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
         split_scheme: str = "vinyals",
         rotations: bool = True,
         download: bool = True,
     ) -> None:
-        super().__init__(root, cache_dir, image_size, channels, mean, std)
+        super().__init__(root, cache_dir, image_size, channels, mean, std, max_image_pixels)
         if split_scheme not in SCHEMES:
             raise ConfigError(f"dataset.split_scheme={split_scheme!r} is not allowed: use one of {', '.join(SCHEMES)}.")
         self.split_scheme = split_scheme
@@ -126,7 +127,7 @@ class Omniglot(ImageDataset):
             sizes = torch.tensor([len(block) for block in blocks])  # [num_classes]
             labels = torch.repeat_interleave(torch.arange(len(classes)), sizes)  # [N]
             what = f"omniglot/{self.split_scheme}/{name}"
-            self._splits[name] = ClassImages(torch.cat(blocks), labels, what, self.mean, self.std)
+            self._splits[name] = ClassImages(torch.cat(blocks), labels, what, self.mean, self.std, self.classes(name))
         return self._splits[name]
 
     def _class_list(self, name: str) -> list[tuple[str, int]]:
@@ -191,7 +192,7 @@ class Omniglot(ImageDataset):
                 else:
                     names = [p.relative_to(source).as_posix() for p in (source / part).glob("*/*/*.png")]
             except CORRUPT as error:
-                raise self._corrupt(str(source), f"{type(error).__name__}: {error}") from error
+                raise self._corrupt(str(source), image_layer.failure_reason(error)) from error
             members = sorted(n for n in names if n.endswith(".png") and n.split("/")[0] == part and n.count("/") == 3)
             if not members:
                 raise ConfigError(
@@ -201,7 +202,9 @@ class Omniglot(ImageDataset):
             members_of.append(members)
             items += [(str(source), m, None) if source.is_file() else ("", str(source / m), None) for m in members]
         out = allocate((len(items), self.channels, self.image_size, self.image_size)) if allocate else None
-        images = image_layer.decode(items, self.image_size, self.channels, self._corrupt, out)  # [N, C, H, W]
+        images = image_layer.decode(
+            items, self.image_size, self.channels, self._corrupt, out, self.max_image_pixels
+        )  # [N, C, H, W]
         characters = [
             "/".join(member.split("/")[1:3]) for members in members_of for member in members
         ]  # [N] Alphabet/characterNN

@@ -3,6 +3,8 @@ and the one-sentence errors of damaged data, through the `metarun` command (exit
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -80,12 +82,43 @@ def test_too_few_classes_and_no_root(tmp_path: Path) -> None:
         ImageFolder(None, str(tmp_path / "cache"))  # type: ignore[arg-type]
 
 
+def huge_png(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header says ``width`` x ``height`` grey pixels (a decompression bomb as far
+    as any reader can tell before decoding), written in a few bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_an_image_over_the_pixel_limit_is_refused_and_the_limit_can_be_raised(tmp_path: Path) -> None:
+    from metarun.datasets.images import ImageTooLarge, open_image
+
+    path = huge_png(tmp_path / "big.png", 12000, 12000)  # 144 M pixels: under PIL's own refusal
+    with pytest.raises(ImageTooLarge, match="12000×12000 = 144,000,000 pixels, more than 89,478,485"):
+        open_image(path)
+    with open_image(path, 200_000_000) as image:  # raised: opened (its pixels are not read here)
+        assert image.size == (12000, 12000)
+    with pytest.raises(ImageTooLarge, match="400,000,000 pixels"):  # over twice the limit: PIL's refusal
+        open_image(huge_png(tmp_path / "bigger.png", 20000, 20000))
+
+
 @pytest.mark.slow
 def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> None:
     """Damaged images and archives, and image-only groups on sinusoids: exit 2, one sentence."""
     mine = image_folder(tmp_path / "mine", classes=6)
     victim = sorted((mine / "class_03").iterdir())[0]
     victim.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    text = image_folder(tmp_path / "text", classes=6)  # a text file named like an image
+    not_image = sorted((text / "class_02").iterdir())[0].with_suffix(".png")
+    not_image.write_text("these are notes, not a picture\n")
+    huge = image_folder(tmp_path / "huge", classes=6)
+    huge_png(huge / "class_01" / "scan.png", 20000, 20000)
     data = tmp_path / "data"
     archive = cifar_archive(data / "cifar100") / "cifar-100-python.tar.gz"
     archive.write_bytes(archive.read_bytes()[:5000])
@@ -94,6 +127,8 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
     common = ["algorithm=protonet", f"paths.cache_dir={tmp_path / 'cache'}", f"paths.data_dir={data}"]
     runs = {
         "image": [*common, "dataset=image_folder", f"dataset.root={mine}", "dataset.image_size=16"],
+        "not_image": [*common, "dataset=image_folder", f"dataset.root={text}", "dataset.image_size=16"],
+        "huge": [*common, "dataset=image_folder", f"dataset.root={huge}", "dataset.image_size=16"],
         "archive": [*common, "dataset=cifar_fs", "dataset.download=false"],
         "missing": [*common, "dataset=mini_imagenet", "dataset.image_size=16"],
         "transform": ["transform=standard"],
@@ -107,6 +142,11 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
     }
     expected = {
         "image": (f"dataset.root={mine}: {victim} is truncated or corrupt", "so replace it"),
+        "not_image": (f"{not_image} is truncated or corrupt (it is not an image PIL can read",),
+        "huge": (
+            f"{huge / 'class_01' / 'scan.png'} is not allowed: it has 400,000,000 pixels, more than 89,478,485",
+            "raise dataset.max_image_pixels",
+        ),
         "archive": ("cifar-100-python.tar.gz is truncated or corrupt", "eb9058c3a382ffc7106e4002c42a8d85"),
         "missing": ("has no image", "ImageNet's terms do not allow metarun to download them"),
         "transform": ("transform=Augment is not allowed with dataset=Sinusoid", "drop the transform override"),
@@ -126,4 +166,4 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
         lines = [line for line in done.stderr.splitlines() if line.startswith("metarun: error: ")]
         assert done.returncode == 2 and len(lines) == 1, (key, done.stderr[-2000:])
         assert all(part in lines[0] for part in expected[key]), (key, lines[0])
-        assert lines[0].endswith(".") and "Traceback" not in done.stderr, key
+        assert lines[0].endswith(".") and "Traceback" not in done.stderr and "BytesIO" not in done.stderr, key
