@@ -28,7 +28,10 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class RunDirectory:
-    """Holds a run directory for one metarun process (an advisory ``flock`` on ``.metarun.lock``).
+    """Holds a run directory for one metarun process: a POSIX record lock (``lockf``) on
+    ``.metarun.lock``, which processes it forks (the image decoders) do not inherit, so a run
+    killed with SIGKILL never leaves its directory locked by orphans; the lock ends with the
+    process, and the next run notes the pid it takes over from.
 
     Refuses, with one sentence each: a directory another metarun process holds, a
     directory that already holds a run (checkpoints or results.json) unless this run
@@ -54,7 +57,7 @@ class RunDirectory:
                 f"({os_reason(error)}), so choose a writable hydra.run.dir."
             ) from None
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock.seek(0)
             holder = self._lock.read().strip() or "unknown"
@@ -64,6 +67,10 @@ class RunDirectory:
                 f"running there, so wait for it or choose another "
                 f"hydra.run.dir."
             ) from None
+        self._lock.seek(0)
+        previous = self._lock.read().strip()
+        if previous.isdigit() and int(previous) != os.getpid() and not pid_alive(int(previous)):
+            log.info("%s: the run of pid %s ended without finishing (killed?); taking over", self.output_dir, previous)
         self._lock.seek(0)
         self._lock.truncate()
         self._lock.write(str(os.getpid()))
@@ -103,7 +110,7 @@ class RunDirectory:
     def __exit__(self, *exc: Any) -> None:
         if self._lock is not None and not self._lock.closed:
             with contextlib.suppress(OSError):
-                fcntl.flock(self._lock, fcntl.LOCK_UN)
+                fcntl.lockf(self._lock, fcntl.LOCK_UN)
             self._lock.close()
 
 
@@ -155,4 +162,15 @@ def launching_rank() -> bool:
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
         if var in os.environ:
             return os.environ[var] == "0"
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 probes without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
     return True

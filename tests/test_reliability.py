@@ -8,6 +8,7 @@ resumed run must end with exactly the metrics of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import json
@@ -203,7 +204,7 @@ def test_run_directory_in_use_by_another_process_refuses(tmp_path):
     with open(tmp_path / ".metarun.lock", "w") as held:
         held.write("4242")
         held.flush()
-        fcntl.flock(held, fcntl.LOCK_EX)  # as a running metarun holds it
+        fcntl.lockf(held, fcntl.LOCK_EX)  # as a running metarun holds it
         done = finish(launch(tmp_path, *TINY))
     assert done.returncode == 2
     assert (
@@ -475,3 +476,60 @@ def test_wandb_online_with_an_unreachable_server_logs_offline_quickly(tmp_path, 
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert time.monotonic() - started < 60  # W&B's own online fallback waits about 90 s
     assert results["status"] == "completed"
+
+
+# ------------------------------------------------------------------ kill -9 during the first decode
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of ``pid``'s children (Linux /proc)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_kill_9_during_the_first_decode_leaves_nothing_behind(tmp_path):
+    """SIGKILL while two workers decode an image folder: the workers end with it (no live
+    process after 10 s), and the rerun in the same run directory removes the partial cache,
+    takes the lock over and completes."""
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    g = torch.Generator().manual_seed(0)
+    for c in range(16):  # 12 training classes of 700: 8,400 images, enough for 2 decode workers
+        (root / f"class_{c:02d}").mkdir(parents=True)
+        noise = torch.randint(0, 256, (700, 48, 48), generator=g, dtype=torch.uint8).numpy()
+        for i in range(700):
+            Image.fromarray(noise[i], mode="L").save(root / f"class_{c:02d}" / f"{i}.png")
+    cache = tmp_path / "cache"
+    run = [*TINY, "dataset=image_folder", f"dataset.root={root}", "dataset.image_size=16"]
+    run += ["dataset.split_ratio=[0.75,0.125,0.125]"]
+    run += ["algorithm=protonet", "sampler.ways=2", "sampler.queries=2", f"paths.cache_dir={cache}"]
+    proc = launch(tmp_path / "run", *run)
+    deadline = time.monotonic() + 240
+    while not (list(cache.glob(".*.tmp")) and len(children_of(proc.pid)) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "the decode never started"
+        time.sleep(0.02)
+    workers = children_of(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(w) for w in workers)
+    assert list(cache.glob(".*.tmp"))  # the killed run's partial cache, until the rerun
+    done = finish(launch(tmp_path / "run", *run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the partial cache of process" in done.stdout + done.stderr and not list(cache.glob(".*.tmp"))
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"

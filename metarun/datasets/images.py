@@ -21,6 +21,7 @@ split's images (`_items`) and what identifies its sources (`_fingerprint`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import io
 import logging
@@ -28,6 +29,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import signal
 import tarfile
 import tempfile
 import time
@@ -49,6 +51,7 @@ from torch import Tensor
 from metarun.checks import integer_at_least, positive_int
 from metarun.datasets.base import SPLITS, ClassImages, Dataset
 from metarun.errors import ConfigError
+from metarun.run_directory import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ CACHE_FORMAT = 2
 DOWNLOAD_TIMEOUT_S = 60.0
 MIN_IMAGES_PER_WORKER = 4000  # below this a process pool costs more than it saves
 CHUNK = 2000  # images per decoding task
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 # Errors of a truncated or corrupt archive or image: zip structure, deflate stream, image
 # decoding (PIL raises OSError/UnidentifiedImageError, or SyntaxError for a broken chunk),
 # a pickle cut short (EOFError, UnpicklingError).
@@ -197,6 +201,15 @@ def describe(item: Item) -> str:
     return str(member) if isinstance(member, (str, Path)) else "an image stored in the source"
 
 
+def _die_with(parent: int) -> None:
+    """A decode worker ends when the process that forked it does (Linux's PR_SET_PDEATHSIG):
+    a run killed with SIGKILL (the out-of-memory killer, a lost node) leaves no orphans."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
+
+
 def decode(
     items: Sequence[Item],
     size: int,
@@ -217,7 +230,13 @@ def decode(
     # torch (~2 s each with spawn); on 2 cores this decodes ~1.6x faster than in-process.
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
     workers = min(2, cpus, len(items) // MIN_IMAGES_PER_WORKER)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) if workers > 1 else None
+    pool = (
+        ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"), initializer=_die_with, initargs=(os.getpid(),)
+        )
+        if workers > 1
+        else None
+    )
     if out is None:
         out = np.empty((len(items), channels, size, size), dtype=np.uint8)
     with pool or contextlib.nullcontext():
@@ -256,12 +275,13 @@ def cached(
     loaded = _load_cache(array_path, meta_path, fingerprint, what)
     if loaded is not None:
         return loaded
+    _remove_partial_caches(array_path, what)
     written: list[tuple[Path, np.memmap]] = []  # the temporary cache file build() decodes into
 
     def allocate(shape: tuple[int, ...]) -> np.ndarray:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{array_path.name}.", suffix=".tmp")
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{array_path.name}.{os.getpid()}.", suffix=".tmp")
             os.close(fd)
             array = np.lib.format.open_memmap(name, mode="w+", dtype=np.uint8, shape=shape)
         except OSError as error:
@@ -291,6 +311,23 @@ def cached(
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)  # a failed build leaves no partial cache
     return _load_cache(array_path, meta_path, fingerprint, what) or (images, labels, meta)
+
+
+def _remove_partial_caches(array_path: Path, what: str) -> None:
+    """Remove the temporary cache files of runs that ended while decoding (killed: nothing
+    else leaves one), named ``.<cache>.<pid>.<random>.tmp``; a live process's is kept."""
+    for tmp in array_path.parent.glob(f".{array_path.name}.*.tmp"):
+        pid = tmp.name[len(array_path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            size = tmp.stat().st_size if tmp.exists() else 0
+            tmp.unlink(missing_ok=True)
+            log.warning(
+                "%s: removed %s (%.1f MB), the partial cache of process %s, which ended while decoding",
+                what,
+                tmp.name,
+                size / 1e6,
+                pid,
+            )
 
 
 def _load_cache(
@@ -385,10 +422,11 @@ def packaged_lines(*parts: str) -> list[str]:
 def check_normalization(mean: Sequence[float] | None, std: Sequence[float] | None, channels: int) -> None:
     for key, value in (("mean", mean), ("std", std)):
         if value is not None and (len(value) != channels or (key == "std" and min(value) <= 0)):
-            rule = "positive numbers" if key == "std" else "numbers"
+            rule = ("positive " if key == "std" else "") + ("number" if channels == 1 else "numbers")
             raise ConfigError(
                 f"dataset.{key}={list(value)} is not allowed: it must be {channels} {rule} "
-                f"(one per channel, dataset.channels={channels}) or null."
+                f"(one per channel, dataset.channels={channels}) or null, so set dataset.mean and "
+                f"dataset.std to {channels} value{'s' if channels > 1 else ''} each, or both to null."
             )
     if (mean is None) != (std is None):
         raise ConfigError("dataset.mean and dataset.std are not allowed one without the other: set both or neither.")
