@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -164,6 +165,22 @@ def options_text(group: str) -> str:
     return textwrap.fill(names, width=96, initial_indent=" " * 17, subsequent_indent=" " * 17).lstrip()
 
 
+class _NoAdvertisement(logging.Filter):
+    """Drops Lightning's advertisements for its cloud services ("💡 Tip: ...") from a run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_libraries() -> None:
+    """A command's output without other libraries' noise that is not about the run: Lightning's
+    tips, and the deprecation of torch's ``LeafSpec`` that Lightning's own code triggers."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertisement())
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+
+
 def run_command(hydra_main: Callable[[], None], append_unless: tuple[str, ...] = ()) -> None:
     """Run a ``@hydra.main`` entry point on ``sys.argv`` after the checks above (and
     `translate`).
@@ -172,6 +189,7 @@ def run_command(hydra_main: Callable[[], None], append_unless: tuple[str, ...] =
     run's groups: a plain ``sampler.shots=5`` is passed to Hydra as ``+sampler.shots=5``
     unless its top-level key is one of these (the command's own keys).
     """
+    quiet_libraries()
     OmegaConf.register_new_resolver("metarun.options", options_text, replace=True)  # the --help texts
     argv = translate(sys.argv[1:])
     sys.argv[1:] = argv

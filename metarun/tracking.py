@@ -182,7 +182,8 @@ class ProgressLog(Callback):
     stdout that is not a terminal (a log file, a scheduler's output), where Lightning's
     progress bar would write a carriage-return update for every step.
 
-    Example: ``step 500/4000 | train/loss 0.8123 | train/mse 0.8123 | 412 tasks/s | 61 s``.
+    Example: ``step 500/4000 | train/loss 0.8123 | train/mse 0.8123 | 412 tasks/s (this step) | 61 s``
+    (results.json's ``train.tasks_per_second`` is the mean over the run).
 
     Args:
         every_n_steps: outer steps between lines.
@@ -206,7 +207,7 @@ class ProgressLog(Callback):
             if k.startswith("train/") and k not in ("train/steps", "train/tasks_per_second")
         ]
         if "train/tasks_per_second" in metrics:
-            parts.append(f"{float(metrics['train/tasks_per_second']):.4g} tasks/s")
+            parts.append(f"{float(metrics['train/tasks_per_second']):.4g} tasks/s (this step)")
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else "?"
         log.info("step %d/%s | %s | %.0f s", step, total, " | ".join(parts), time.monotonic() - self.started)
 

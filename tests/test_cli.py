@@ -324,3 +324,21 @@ def test_a_failed_command_leaves_no_run_directory_and_names_what_to_do(tmp_path)
         )
         assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(message), (name, done.stderr)
         assert "Traceback" not in done.stderr and not (tmp_path / name).exists(), name
+
+
+def test_a_run_prints_the_run_and_no_library_noise(tmp_path):
+    """No advertisement, no deprecation warning of a library, and the progress line says its
+    speed is the step's (results.json's is the run's mean)."""
+    from tests.conftest import COMMAND_ENV, METARUN, TINY
+
+    done = subprocess.run(
+        [METARUN, *TINY, "trainer.enable_progress_bar=true", f"hydra.run.dir={tmp_path}"],
+        env=COMMAND_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    assert "Tip" not in output and "LeafSpec" not in output and "Warning" not in output, output[-2000:]
+    assert "tasks/s (this step)" in output and "test mse:" in output

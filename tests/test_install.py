@@ -20,8 +20,6 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
-
 
 def run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     done = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -29,6 +27,7 @@ def run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedP
     return done
 
 
+@pytest.mark.slow
 def test_installed_package_runs_from_another_directory(tmp_path):
     source = tmp_path / "source"  # a copy: building writes build/ next to the sources
     for name in ("metarun", "conf"):
@@ -36,7 +35,7 @@ def test_installed_package_runs_from_another_directory(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     wheels = tmp_path / "wheels"
-    run(
+    built = run(
         sys.executable,
         "-m",
         "pip",
@@ -49,6 +48,8 @@ def test_installed_package_runs_from_another_directory(tmp_path):
         str(source),
         cwd=tmp_path,
     )
+    ours = [line for line in (built.stdout + built.stderr).splitlines() if "Location 'file:" not in line]
+    assert not [line for line in ours if "Warning" in line or "absent from" in line], ours[:20]  # a quiet build
     venv = tmp_path / "fresh"
     run(sys.executable, "-m", "venv", "--without-pip", str(venv), cwd=tmp_path)
     python = venv / "bin" / "python"
@@ -99,3 +100,24 @@ def test_installed_package_runs_from_another_directory(tmp_path):
         env=env,
     )
     assert json.loads((elsewhere / "eval" / "results.json").read_text())["test"]["mse"]["episodes"] == 3
+
+
+def test_every_folder_of_data_files_is_a_listed_package():
+    """pyproject.toml lists every folder under conf/ and metarun/ as a package (else
+    setuptools warns at every install): a new folder fails here, by name."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    conf = {"metarun.conf." + ".".join(p.relative_to(ROOT / "conf").parts) for p in (ROOT / "conf").rglob("*")}
+    code = {"metarun." + ".".join(p.relative_to(ROOT / "metarun").parts) for p in (ROOT / "metarun").rglob("*")}
+    folders = {name for name in conf | code if "__pycache__" not in name}
+    on_disk = {
+        name
+        for name in folders
+        if (
+            ROOT.joinpath("conf", *name.split(".")[2:])
+            if name.startswith("metarun.conf.")
+            else ROOT.joinpath(*name.split("."))
+        ).is_dir()
+    }
+    assert not on_disk - listed, sorted(on_disk - listed)
