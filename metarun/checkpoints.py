@@ -89,6 +89,8 @@ class RunCheckpoints(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint["metarun_config"] = self.config
         checkpoint["metarun_format"] = FORMAT
+        if trainer.logger is not None and trainer.logger.version not in (None, ""):  # which tracker run to continue
+            checkpoint["metarun_logger_version"] = str(trainer.logger.version)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.signals.take()  # over Lightning's SIGTERM handler, which would stop mid-validation

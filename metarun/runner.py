@@ -115,7 +115,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_run_settings(cfg)
     learner = build_learner(cfg)  # every setting checked before the disk is touched
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    ckpt_path, _ = resolve_resume(
+    ckpt_path, resumed = resolve_resume(
         cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir), resolved, OmegaConf.to_container(cfg, resolve=False)
     )
     if ckpt_path:
@@ -124,7 +124,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         RunDirectory(output_dir, resuming=ckpt_path is not None) if launching_rank() else contextlib.nullcontext()
     )
     with SignalFlag() as signals, directory, restored_environment("MASTER_PORT"):
-        return _train(cfg, build_data(cfg, learner), output_dir, resolved, ckpt_path, signals)
+        version = (resumed or {}).get("metarun_logger_version")  # the resumed run's tracker run
+        return _train(cfg, build_data(cfg, learner), output_dir, resolved, ckpt_path, signals, version)
 
 
 def _train(
@@ -134,6 +135,7 @@ def _train(
     resolved: dict[str, Any],
     ckpt_path: str | None,
     signals: SignalFlag,
+    logger_version: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     module: MetaLearningModule = objects["module"]
     sampler = objects["sampler"]
@@ -148,7 +150,9 @@ def _train(
     last = RunCheckpoints(
         output_dir / "checkpoints", cfg.checkpoint.every_n_steps, cfg.checkpoint.every_minutes, resolved, signals
     )
-    logger = instantiate_checked(cfg.logger) if cfg.get("logger") else False
+    # a resumed run continues its tracker's run (W&B's run id; the CSV and TensorBoard folders)
+    resume = {"version": logger_version} if logger_version else {}
+    logger = instantiate_checked(cfg.logger, **resume) if cfg.get("logger") else False
     start = StartStep()
     history = RunPictures(metric, cfg.trainer.get("log_every_n_steps") or 50)
     callbacks: list[Callback] = [checkpoint, last, start, history]

@@ -7,9 +7,12 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -81,6 +84,17 @@ def _wandb_reachable(timeout: float = REACH_TIMEOUT_S) -> bool:
         return False
 
 
+def sweep_group() -> str | None:
+    """``<task>-<sweep folder>`` for a job of a Hydra multirun (its jobs share it), else None."""
+    try:
+        hydra = HydraConfig.get()
+    except ValueError:  # not under Hydra
+        return None
+    if hydra.mode != RunMode.MULTIRUN:
+        return None
+    return f"{hydra.job.name}-{Path(hydra.sweep.dir).name}"
+
+
 def wandb_logger(
     project: str,
     save_dir: str,
@@ -88,6 +102,9 @@ def wandb_logger(
     entity: str | None = None,
     name: str | None = None,
     tags: list[str] | None = None,
+    group: str | None = None,
+    log_checkpoint: bool = False,
+    version: str | None = None,
 ) -> Logger:
     """A Weights & Biases logger (Lightning's `WandbLogger`), offline when it must be.
 
@@ -98,10 +115,18 @@ def wandb_logger(
     ``WANDB_BASE_URL`` (W&B's cloud by default). If W&B cannot start at all, the run
     continues with a CSV logger and a warning.
 
+    The composed config is the run's W&B config. A resumed run continues its W&B run (the
+    run id, ``version``, is stored in every checkpoint; ``resume="allow"``); the jobs of one
+    multirun share a W&B group named after the sweep; ``log_checkpoint`` logs the best
+    checkpoint as a W&B artifact at the end of training.
+
     Args:
         project, entity, name, tags: the W&B run's identity.
         save_dir: the run directory.
         mode: "auto", "online" or "offline".
+        group: the W&B group; None: ``<task>-<sweep folder>`` in a multirun, none otherwise.
+        log_checkpoint: log the best checkpoint as an artifact (opt-in: checkpoints are large).
+        version: the W&B run id to continue (given by the runner on resume), or None for a new one.
     """
     if mode not in ("auto", "online", "offline"):
         raise ConfigError(f"logger.mode={mode!r} is not allowed: choose auto, online or offline.")
@@ -123,7 +148,18 @@ def wandb_logger(
             wandb.finish()  # would otherwise be reused by WandbLogger and get this run's logs
         # mode goes to wandb.init: WandbLogger(offline=True) would set os.environ["WANDB_MODE"]
         # for the whole process, so a later run in the same process could not go online.
-        logger = WandbLogger(project=project, entity=entity, name=name, tags=tags, save_dir=save_dir, mode=mode)
+        logger = WandbLogger(
+            project=project,
+            entity=entity,
+            name=name,
+            tags=tags,
+            save_dir=save_dir,
+            mode=mode,
+            group=group or sweep_group(),
+            log_model=bool(log_checkpoint),
+            version=version,
+            resume="allow",
+        )
         _ = logger.experiment  # start the run now, so a failure falls back here
         return logger
     except Exception as err:  # tracking must never stop training

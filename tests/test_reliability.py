@@ -533,3 +533,57 @@ def test_kill_9_during_the_first_decode_leaves_nothing_behind(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "the partial cache of process" in done.stdout + done.stderr and not list(cache.glob(".*.tmp"))
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
+
+
+def wandb_env(tmp_path: Path) -> dict[str, str]:
+    """A command's environment with W&B offline (no key) and its folders under tmp_path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE", "HYDRA_FULL_ERROR")}
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        env[var] = str(tmp_path / "wandb_home" / var.lower())
+    return {**env, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+
+
+def offline_runs(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_wandb_continues_the_same_run_after_sigterm_and_groups_a_multirun(tmp_path):
+    """logger=wandb offline: a run stopped by SIGTERM and resumed writes both parts under one
+    W&B run id; the jobs of a multirun share a group named after the sweep."""
+    from tests.test_train import read_wandb_file
+
+    run = tmp_path / "run"
+    common = [*RUN, "logger=wandb", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen([METARUN, *common], env=wandb_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and not (last.exists() and step_of(last) >= 20) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=240) == 128 + signal.SIGTERM
+    done = subprocess.run([METARUN, *common, "ckpt_path=last"], env=wandb_env(tmp_path), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    parts = offline_runs(run / "wandb")
+    ids = {p.name.rsplit("-", 1)[1] for p in parts}
+    assert len(parts) == 2 and len(ids) == 1, parts  # two sittings, one W&B run
+    sweep = tmp_path / "sweep"
+    done = subprocess.run(
+        [
+            METARUN,
+            "-m",
+            *[o for o in TINY if not o.startswith("logger=")],
+            "logger=wandb",
+            "seed=0,1",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        env=wandb_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    groups = set()
+    for part in offline_runs(sweep):
+        records = read_wandb_file(next(part.glob("run-*.wandb")))
+        groups |= {r.run.run_group for r in records if r.WhichOneof("record_type") == "run"}
+    assert len(offline_runs(sweep)) == 2 and groups == {f"train-{sweep.name}"}

@@ -586,3 +586,14 @@ def test_every_image_dataset_mounts_as_test_dataset_at_the_training_size(tmp_pat
     assert resolved["test_dataset"]["image_size"] == 32 and resolved["test_dataset"]["channels"] == 3
     assert resolved["test_dataset"]["mean"] == resolved["dataset"]["mean"]
     assert cfg.test_dataset._target_.startswith(f"metarun.datasets.{name}.")
+
+
+def test_wandb_logs_the_best_checkpoint_as_an_artifact_when_asked(offline_wandb, tmp_path):
+    def model_artifacts(out: Path) -> list:
+        records = wandb_records(next((out / "wandb").glob("offline-run-*")))
+        return [r.artifact for r in records if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"]
+
+    results, _ = run(tmp_path / "with", "logger=wandb", "logger.log_checkpoint=true")
+    assert model_artifacts(tmp_path / "with") and results["val"]["best_checkpoint"]
+    run(tmp_path / "without", "logger=wandb")  # opt-in: checkpoints are large
+    assert not model_artifacts(tmp_path / "without")
