@@ -39,3 +39,38 @@ def test_readme_command_composes_and_builds(overrides, tmp_path):
     cfg = compose_config(overrides, tmp_path)
     objects = build_learner(cfg)
     assert objects["algorithm"] is not None
+
+
+def runnable(overrides: list[str]) -> bool:
+    """A README command this machine can run as written, at tiny sizes: its data is here
+    (sinusoids, or Omniglot through METARUN_DATA_DIR), no GPU, one process, no tracker."""
+    text = " ".join(overrides)
+    needs = (
+        "hardware=gpu",
+        "hardware=ddp",
+        "hardware=fp16",
+        "logger=wandb",
+        "imagenet",
+        "image_folder",
+        "cifar",
+        "fc100",
+        "cub",
+    )
+    return "ckpt_path" not in text and not any(n in text for n in needs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [o for o in readme_commands() if runnable(o)], ids=" ".join)
+def test_readme_command_runs_at_tiny_size(overrides, tmp_path, request):
+    """The runnable README commands train 3 steps and test (the others compose and build above;
+    DDP, GPUs and the image benchmarks have their own tests)."""
+    from metarun.runner import train
+    from tests.conftest import TINY, data_dir
+
+    cfg = compose_config([*overrides, *TINY], tmp_path)
+    if cfg.dataset._target_.endswith("Omniglot"):
+        if data_dir() is None:
+            pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (.ci/run sets it)")
+        cfg.paths.data_dir = str(data_dir())
+    results, _ = train(cfg)
+    assert results["status"] == "completed" and results["train"]["steps"] == 3
