@@ -193,7 +193,7 @@ def plot_test_episode(
     support: dict = {}
     for image, label in zip(episode.support_x, episode.support_y.tolist()):
         support.setdefault(f"class {label}", []).append((None, image.float()))
-    support = dict(sorted(support.items()))
+    support = dict(sorted(support.items(), key=lambda item: int(item[0].split()[-1])))  # class 0, 1, ..., 10
     ways = len(support)
     per_class = max(1, max_queries // ways)
     shown = [

@@ -62,3 +62,19 @@ def test_a_wrong_prediction_names_the_true_class():
     assert query_title("cat", 0.9, "cat") == ("cat (0.90)", "green")
     assert query_title("cat", 0.6, "dog") == ("cat (0.60)\ntrue: dog", "red")
     assert query_title("cat", 0.6, None) == ("cat (0.60)", "black")
+
+
+def test_support_classes_are_in_label_order(tmp_path, monkeypatch):
+    """class 0, 1, 2, ..., 10, not the text order 0, 1, 10, 11, ..."""
+    import metarun.plots
+    from metarun.algorithms.protonet import ProtoNet
+    from metarun.episodes import Episode
+    from metarun.models.conv4 import Conv4
+
+    seen = {}
+    monkeypatch.setattr(metarun.plots, "plot_predictions", lambda support, *a, **k: seen.update(support=list(support)))
+    x = torch.rand(12, 1, 28, 28)
+    metarun.plots.plot_test_episode(
+        ProtoNet(Conv4(hidden=4)), Episode(x, torch.arange(12), x, torch.arange(12), None), tmp_path / "p.png"
+    )
+    assert seen["support"] == [f"class {i}" for i in range(12)]

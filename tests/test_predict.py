@@ -42,6 +42,11 @@ def save_png(x: torch.Tensor, path: Path) -> None:
     Image.fromarray(x[0].mul(255).round().byte().numpy(), mode="L").save(path)
 
 
+def predict_command(ckpt: Path, support: Path, query: Path, run_dir: Path) -> subprocess.CompletedProcess:
+    """metarun-predict on ``support`` and ``query``, run to the end."""
+    return finish(command(PREDICT, run_dir, f"ckpt_path={ckpt}", f"support={support}", f"query={query}"))
+
+
 def predictions(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "predictions.csv") as f:
         return list(csv.DictReader(f))
@@ -267,15 +272,7 @@ def test_regression_points(sinusoid_checkpoints, tmp_path, algorithm):
     write_points(tmp_path / "support.csv", x, 2 * np.sin(x - 0.5))
     xq = np.linspace(-5, 5, 11)
     write_points(tmp_path / "query.csv", xq, 2 * np.sin(xq - 0.5))
-    done = finish(
-        command(
-            PREDICT,
-            tmp_path / "run",
-            f"ckpt_path={ckpt}",
-            f"support={tmp_path / 'support.csv'}",
-            f"query={tmp_path / 'query.csv'}",
-        )
-    )
+    done = predict_command(ckpt, tmp_path / "support.csv", tmp_path / "query.csv", tmp_path / "run")
     assert done.returncode == 0, done.stderr[-2000:]
     rows = predictions(tmp_path / "run")
     assert len(rows) == 11 and ("std0" in rows[0]) == (algorithm == "cnp")
@@ -292,14 +289,8 @@ def test_regression_points(sinusoid_checkpoints, tmp_path, algorithm):
 
 def test_regression_csv_without_y_is_one_sentence(sinusoid_checkpoints, tmp_path):
     write_points(tmp_path / "support.csv", np.linspace(-1, 1, 3), None)
-    done = finish(
-        command(
-            PREDICT,
-            tmp_path / "run",
-            f"ckpt_path={sinusoid_checkpoints['cnp']}",
-            f"support={tmp_path / 'support.csv'}",
-            f"query={tmp_path / 'support.csv'}",
-        )
+    done = predict_command(
+        sinusoid_checkpoints["cnp"], tmp_path / "support.csv", tmp_path / "support.csv", tmp_path / "run"
     )
     assert done.returncode == 2
     assert (
@@ -362,15 +353,7 @@ def test_the_picture_shows_the_images_colours(rgb_checkpoint, tmp_path):
         for name, rgb in colours.items():
             (tmp_path / part / name).mkdir(parents=True)
             Image.new("RGB", (20, 20), rgb).save(tmp_path / part / name / "0.png")
-    done = finish(
-        command(
-            PREDICT,
-            tmp_path / "run",
-            f"ckpt_path={rgb_checkpoint[0]}",
-            f"support={tmp_path / 'support'}",
-            f"query={tmp_path / 'query'}",
-        )
-    )
+    done = predict_command(rgb_checkpoint[0], tmp_path / "support", tmp_path / "query", tmp_path / "run")
     assert done.returncode == 0, done.stderr[-3000:]
     picture = np.asarray(Image.open(tmp_path / "run" / "predictions.png").convert("RGB")).astype(int)
     for name, rgb in colours.items():
@@ -417,28 +400,12 @@ def test_what_users_point_at_is_read_or_named(rgb_checkpoint, sinusoid_checkpoin
     with pytest.raises(metarun.errors.ConfigError, match=r"support=lists/list.txt is not allowed: it is a file, and"):
         read_support(learner, "lists/list.txt", [])
     # through the command: counted in predict.json
-    done = finish(
-        command(
-            PREDICT,
-            tmp_path / "run",
-            f"ckpt_path={rgb_checkpoint[0]}",
-            f"support={tmp_path / 'support'}",
-            f"query={queries}",
-        )
-    )
+    done = predict_command(rgb_checkpoint[0], tmp_path / "support", queries, tmp_path / "run")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "predict.json").read_text())
     assert report["queries"] == 1 and len(report["skipped"]) == 2 and "BytesIO" not in done.stderr
     # a regression checkpoint given image folders
-    done = finish(
-        command(
-            PREDICT,
-            tmp_path / "sine",
-            f"ckpt_path={sinusoid_checkpoint}",
-            f"support={tmp_path / 'support'}",
-            f"query={queries}",
-        )
-    )
+    done = predict_command(sinusoid_checkpoint, tmp_path / "support", queries, tmp_path / "sine")
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
         f"metarun: error: support={tmp_path / 'support'} is not allowed: it is a folder, but this checkpoint "
         f"was trained on regression tasks, so give a CSV file with columns x... and y... (an image checkpoint "
