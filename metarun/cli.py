@@ -93,7 +93,7 @@ def remove_unused_run_directory() -> None:
     (a mistake found before training), so failed attempts leave no empty run folders."""
     try:
         folder = Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # not under Hydra (the API, the tests)
+    except (ValueError, MissingMandatoryValue):  # not under a Hydra command (the API, the tests)
         return
     if not launching_rank():  # a DDP rank shares rank 0's directory
         return
