@@ -392,6 +392,10 @@ BAD_SETTINGS = {
         "algorithm.task_batching=vmap is not allowed: how a meta-batch's tasks run is a hardware "
         "choice, set beside task_chunk, so write task_batching=vmap."
     ),
+    "model.channels_last=true": (
+        "model.channels_last=true is not allowed: the memory layout is a hardware choice that every "
+        "backbone takes, so write channels_last=true."
+    ),
     "objective_direction=up": (
         "objective_direction='up' is not allowed: choose maximize or minimize (the direction "
         "a sweeper optimises the validation metric in)."
