@@ -23,6 +23,7 @@ from metarun.cli import config_error
 from metarun.datamodule import EpisodicDataModule
 from metarun.datasets.base import Dataset
 from metarun.errors import ConfigError
+from metarun.init_from import init_backbone
 from metarun.module import MetaLearningModule
 
 
@@ -48,13 +49,13 @@ def instantiate_checked(node: Any, **kwargs: Any) -> Any:
         ) from None
 
 
-def build(cfg: DictConfig) -> dict[str, Any]:
+def build(cfg: DictConfig, initialise: bool = True) -> dict[str, Any]:
     """Instantiate every configured object; stops early (`ConfigError`) on an impossible setting.
 
     Everything that needs no data (sampler, model, algorithm, optimiser) is built and
     checked first (`build_learner`), so a bad setting is reported before a dataset is decoded.
     """
-    return build_data(cfg, build_learner(cfg))
+    return build_data(cfg, build_learner(cfg, initialise))
 
 
 def named_class(node: DictConfig, key: str, base: type) -> type:
@@ -101,8 +102,27 @@ def complete_config(cfg: DictConfig, learner: type[MetaAlgorithm]) -> None:
 TEST_DATASET_FROM_DATASET = ("image_size", "channels", "mean", "std")
 
 
-def build_learner(cfg: DictConfig) -> dict[str, Any]:
-    """The sampler, the algorithm and its module: every setting that needs no data, checked."""
+def build_model(node: DictConfig) -> Any:
+    """The backbone a model group describes; ``init_from`` is not the constructor's but
+    `build_learner`'s (`metarun.init_from`)."""
+    if "init_from" not in node:
+        return instantiate_checked(node)
+    init_from = node.init_from
+    with open_dict(node):
+        del node["init_from"]
+    try:
+        return instantiate_checked(node)
+    finally:
+        with open_dict(node):
+            node.init_from = init_from
+
+
+def build_learner(cfg: DictConfig, initialise: bool = True) -> dict[str, Any]:
+    """The sampler, the algorithm and its module: every setting that needs no data, checked.
+
+    ``model.init_from`` copies another run's backbone into the model unless ``initialise``
+    is False (a checkpoint's own weights are about to replace them: `metarun-eval`, `predict`).
+    The returned ``lineage`` says where the weights came from (None: a fresh initialisation)."""
     check_settings(cfg)
     data, learner = dataset_class(cfg.dataset), learner_class(cfg.algorithm)
     if data.kind not in learner.tasks:  # before anything is built: the groups do not fit
@@ -114,9 +134,11 @@ def build_learner(cfg: DictConfig) -> dict[str, Any]:
     check_image_groups(cfg, data.takes_images)
     complete_config(cfg, learner)
     sampler = instantiate_checked(cfg.sampler)
+    init_from = cfg.model.get("init_from") if initialise else None
     with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
         torch.manual_seed(cfg.seed)
-        model = instantiate_checked(cfg.model)
+        model = build_model(cfg.model)
+        lineage = init_backbone(model, str(init_from)) if init_from else None
         if cfg.get("channels_last"):  # a hardware choice: any backbone, 4-D weights only
             model.to(memory_format=torch.channels_last)
         algorithm = instantiate_checked(cfg.algorithm, model=model)  # and its own parameters
@@ -133,6 +155,7 @@ def build_learner(cfg: DictConfig) -> dict[str, Any]:
     regression = data.kind == "regression"
     module = MetaLearningModule(
         algorithm,
+        lineage=lineage,
         optimizer=optimizer,
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         grad_clip=cfg.grad_clip,
@@ -140,14 +163,22 @@ def build_learner(cfg: DictConfig) -> dict[str, Any]:
         task_chunk=cfg.get("task_chunk"),
     )
     augment = instantiate_checked(cfg.transform) if cfg.get("transform") else None  # checked before any data
-    return {"sampler": sampler, "algorithm": algorithm, "module": module, "regression": regression, "augment": augment}
+    return {
+        "sampler": sampler,
+        "algorithm": algorithm,
+        "module": module,
+        "regression": regression,
+        "augment": augment,
+        "lineage": lineage,
+    }
 
 
 def build_data(cfg: DictConfig, learner: dict[str, Any]) -> dict[str, Any]:
     """``learner`` plus the dataset and its episode loaders (the episode shapes checked)."""
     dataset = instantiate_checked(cfg.dataset)
     test_dataset = build_test_dataset(cfg.test_dataset) if cfg.get("test_dataset") else None
-    datamodule = EpisodicDataModule(dataset, learner["sampler"], learner["augment"], test_dataset)
+    plain = not learner["algorithm"].episodic  # a whole-class learner trains on plain mini-batches
+    datamodule = EpisodicDataModule(dataset, learner["sampler"], learner["augment"], test_dataset, plain)
     datamodule.prepare()
     return {**learner, "dataset": dataset, "datamodule": datamodule}
 

@@ -11,6 +11,7 @@ from metarun.episodes import (
     TEST,
     VAL,
     Augment,
+    EpisodeBatch,
     EpisodeSampler,
     EvalEpisodes,
     TaskSource,
@@ -34,6 +35,9 @@ class EpisodicDataModule(L.LightningDataModule):
         augment: the training augmentation (`transform` group), or None.
         test_dataset: cross-domain evaluation: meta-test on this dataset's test split
             instead of ``dataset``'s (e.g. mini-ImageNet -> CUB, Chen et al. 2019).
+        plain_batches: train on plain mini-batches of ``sampler.batch_size`` images (a
+            learner that trains on whole classes, `MetaAlgorithm.episodic` False); the
+            validation and test sets are episodes all the same.
     """
 
     def __init__(
@@ -42,8 +46,10 @@ class EpisodicDataModule(L.LightningDataModule):
         sampler: EpisodeSampler,
         augment: Augment | None = None,
         test_dataset: SplitDataset | None = None,
+        plain_batches: bool = False,
     ) -> None:
         super().__init__()
+        self.plain_batches = plain_batches
         self.dataset, self.sampler, self.augment = dataset, sampler, augment
         self.test_dataset = test_dataset or dataset
         self.splits: dict[str, TaskSource] = {}
@@ -53,12 +59,18 @@ class EpisodicDataModule(L.LightningDataModule):
         if not self.splits:
             self.splits = {name: self.dataset.split(name) for name in ("train", "val")}
             self.splits["test"] = self.test_dataset.split("test")
-            self.sampler.check(self.splits["train"], self.splits["val"], self.splits["test"])
+            self.sampler.check(self.splits["train"], self.splits["val"], self.splits["test"], self.plain_batches)
 
     def setup(self, stage: str) -> None:
         self.prepare()
         if self.trainer is not None:
             self.sampler.shard(self.trainer.world_size)
+
+    def train_batch(self, step: int, rank: int = 0, world_size: int = 1) -> EpisodeBatch:
+        """This rank's slice of training step ``step``'s meta-batch, as the loader serves it
+        (episodes, or plain mini-batches for a whole-class learner)."""
+        self.prepare()
+        return self.sampler.train_batch(self.splits["train"], step, rank, world_size, self.augment, self.plain_batches)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -69,6 +81,7 @@ class EpisodicDataModule(L.LightningDataModule):
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             augment=self.augment,
+            plain=self.plain_batches,
         )
         return DataLoader(episodes, batch_size=None, num_workers=0)
 

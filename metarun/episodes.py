@@ -130,6 +130,14 @@ class TaskSource(Protocol):
     def episode(self, generator: torch.Generator, ways: int, shots: int, queries: int) -> Episode: ...
 
 
+class BatchSource(TaskSource, Protocol):
+    """A source of plain mini-batches for whole-class training (`ClassImages`)."""
+
+    def check_batch(self, size: int, key: str) -> None: ...
+
+    def batch(self, generator: torch.Generator, size: int, augment: Augment | None = None) -> Episode: ...
+
+
 class AugmentableSource(TaskSource, Protocol):
     """A source of image episodes that also augments training episodes (`ClassImages`)."""
 
@@ -152,6 +160,9 @@ class EpisodeSampler:
             differently (Snell et al. 2017 train ProtoNet 60-way); None means "as test".
         val_episodes, test_episodes: sizes of the fixed validation and test lists.
         eval_batch_size: episodes per validation/test loader batch.
+        batch_size: images per plain mini-batch, for the learners that train on whole
+            classes rather than episodes (``algorithm=pretrain``, ``rfs``): each of the
+            ``meta_batch_size`` tasks of a training step is then one such mini-batch.
         seed: seeds training tasks; eval_seed seeds the fixed validation/test lists, so
             every algorithm and training seed is scored on the same episodes.
     """
@@ -168,6 +179,7 @@ class EpisodeSampler:
         val_episodes: int = 100,
         test_episodes: int = 600,
         eval_batch_size: int = 1,
+        batch_size: int = 64,
         seed: int = 0,
         eval_seed: int = 0,
     ) -> None:
@@ -181,18 +193,23 @@ class EpisodeSampler:
         self.val_episodes = _positive("sampler.val_episodes", val_episodes)
         self.test_episodes = _positive("sampler.test_episodes", test_episodes)
         self.eval_batch_size = _positive("sampler.eval_batch_size", eval_batch_size)
+        self.batch_size = _positive("sampler.batch_size", batch_size)
         self.seed = seed
         self.eval_seed = eval_seed
 
-    def check(self, train: TaskSource, val: TaskSource, test: TaskSource) -> None:
-        """Stop early when a split cannot provide the requested episode shapes.
+    def check(self, train: TaskSource, val: TaskSource, test: TaskSource, plain: bool = False) -> None:
+        """Stop early when a split cannot provide the requested episode shapes (``plain``:
+        training draws mini-batches of ``batch_size`` images instead of episodes).
 
         Evaluation shapes are checked first: train_* default to ways/shots/queries, so a
         bad ``sampler.ways`` is reported under the key the user set.
         """
         for split in (val, test):
             split.check_episode(self.ways, self.shots, self.queries, "sampler.")
-        train.check_episode(self.train_ways, self.train_shots, self.train_queries, "sampler.train_")
+        if plain:
+            cast(BatchSource, train).check_batch(self.batch_size, "sampler.batch_size")
+        else:
+            train.check_episode(self.train_ways, self.train_shots, self.train_queries, "sampler.train_")
 
     def shard(self, world_size: int) -> int:
         """Tasks per process; the meta-batch must split evenly across processes."""
@@ -204,13 +221,26 @@ class EpisodeSampler:
         return self.meta_batch_size // world_size
 
     def train_batch(
-        self, source: TaskSource, step: int, rank: int = 0, world_size: int = 1, augment: Augment | None = None
+        self,
+        source: TaskSource,
+        step: int,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: Augment | None = None,
+        plain: bool = False,
     ) -> EpisodeBatch:
         """This rank's slice of the meta-batch of training step `step`; ``augment`` (the
         `transform` group) draws from each task's own generator, so it is the same on any
-        number of processes."""
+        number of processes. ``plain``: each task is a mini-batch of ``batch_size`` images
+        (`BatchSource.batch`) instead of an episode."""
         per_rank = self.shard(world_size)
         tasks = range(rank * per_rank, (rank + 1) * per_rank)
+        if plain:
+            batches = cast(BatchSource, source)
+            drawn = [batches.batch(task_generator(self.seed, TRAIN, step, t), self.batch_size, augment) for t in tasks]
+            for t, episode in zip(tasks, drawn):
+                episode.index = t
+            return collate_episodes(drawn)
         return collate_episodes(
             [self._draw(source, task_generator(self.seed, TRAIN, step, t), t, augment) for t in tasks]
         )
@@ -234,7 +264,8 @@ class EpisodeSampler:
 
 
 class TrainEpisodes(IterableDataset):
-    """Endless training meta-batches starting at `start_step` (set on resume)."""
+    """Endless training meta-batches starting at `start_step` (set on resume); ``plain``:
+    of mini-batches (`EpisodeSampler.train_batch`)."""
 
     def __init__(
         self,
@@ -244,14 +275,15 @@ class TrainEpisodes(IterableDataset):
         rank: int,
         world_size: int,
         augment: Augment | None = None,
+        plain: bool = False,
     ) -> None:
-        self.sampler, self.source, self.augment = sampler, source, augment
+        self.sampler, self.source, self.augment, self.plain = sampler, source, augment, plain
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
 
     def __iter__(self) -> Iterator[EpisodeBatch]:
         step = self.start_step
         while True:
-            yield self.sampler.train_batch(self.source, step, self.rank, self.world_size, self.augment)
+            yield self.sampler.train_batch(self.source, step, self.rank, self.world_size, self.augment, self.plain)
             step += 1
 
 

@@ -51,7 +51,7 @@ def evaluate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """Rebuild the checkpoint's run, load its weights, test, and write results.json."""
     run_cfg, checkpoint = checkpoint_config(cfg.ckpt_path, overrides)
     run_cfg.paths = cfg.paths
-    objects = build(run_cfg)
+    objects = build(run_cfg, initialise=False)  # the checkpoint's weights replace any model.init_from
     module = objects["module"]
     load_weights(
         module,
@@ -74,6 +74,8 @@ def evaluate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         "environment": environment(trainer),
         "config": OmegaConf.to_container(run_cfg, resolve=True),
     }
+    if checkpoint.get("metarun_lineage"):
+        results["lineage"] = checkpoint["metarun_lineage"]
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)

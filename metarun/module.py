@@ -44,6 +44,8 @@ class MetaLearningModule(L.LightningModule):
             chunk's meta-loss, weighted by its share of the tasks, is back-propagated on
             its own and the gradients accumulate, so peak memory is one chunk's graph; the
             optimiser steps once, with the meta-gradient of the whole meta-batch.
+        lineage: where the backbone's starting weights came from (`metarun.init_from`),
+            kept in every checkpoint (``metarun_lineage``), or None.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class MetaLearningModule(L.LightningModule):
         grad_clip: float | None = None,
         regression: bool = False,
         task_chunk: int | None = None,
+        lineage: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -61,6 +64,7 @@ class MetaLearningModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.grad_clip = grad_clip
         self.task_chunk = task_chunk
+        self.lineage = lineage
         self.metric = "mse" if regression else "accuracy"
         self.best: dict[str, float | int | None] = {"value": None, "step": None}
         self._episodes: dict[str, list[Tensor]] = {}
@@ -192,6 +196,8 @@ class MetaLearningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["metarun_best"] = dict(self.best)
+        if self.lineage:
+            checkpoint["metarun_lineage"] = self.lineage
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best = dict(checkpoint.get("metarun_best", self.best))

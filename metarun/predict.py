@@ -36,6 +36,7 @@ from metarun.cli import exit_on_config_error, run_command
 from metarun.datasets.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageTooLarge, failure_reason, open_image
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
+from metarun.init_from import describe
 from metarun.results import write_results
 from metarun.stats import mean_ci95, wilson_interval
 
@@ -60,7 +61,7 @@ class Learner:
     def __init__(self, checkpoint: dict[str, Any], path: str) -> None:
         self.path = path
         self.config = OmegaConf.create(checkpoint["metarun_config"])
-        objects = build_learner(self.config)  # the trained settings; no data is loaded
+        objects = build_learner(self.config, initialise=False)  # the trained settings; no data is loaded
         module = objects["module"]
         load_weights(
             module,
@@ -72,6 +73,7 @@ class Learner:
         self.regression: bool = objects["regression"]
         self.dataset = dataset_class(self.config.dataset)
         self.name = type(self.algorithm).__name__
+        self.lineage: dict[str, Any] | None = checkpoint.get("metarun_lineage")  # model.init_from's source
         self.classes: list[Any] = []
         self.converted = 0  # images whose colour mode was changed to the model's
         # images larger than this are skipped (the checkpoint dataset's decompression-bomb guard)
@@ -338,6 +340,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     else:
         report = predict_images(learner, cfg, out)
     report["seconds"] = time.perf_counter() - started
+    if learner.lineage:
+        report["lineage"] = learner.lineage
+        print(describe(learner.lineage))
     write_results(out, report, "predict.json")
     print(f"predictions: {out / report['predictions']}")
     return report

@@ -11,6 +11,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
+from metarun.init_from import describe
+
 
 def experiment_block(cfg: DictConfig, sampler: Any) -> dict[str, Any]:
     """The ``experiment`` block of results.json (training and `metarun-eval`): what ran, on
@@ -66,6 +68,9 @@ def write_results(output_dir: Path, results: dict[str, Any], name: str = "result
 
 
 def report(results: dict[str, Any], metric: str) -> None:
+    started = describe(results.get("lineage"))
+    if started:
+        print(started)
     for name, value in results["test"].items():
         scale, unit = (100.0, "%") if metric == "accuracy" else (1.0, "")
         print(

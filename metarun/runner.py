@@ -204,6 +204,8 @@ def _train(
         "environment": environment(trainer),
         "config": resolved,
     }
+    if module.lineage:  # where the backbone's starting weights came from (model.init_from)
+        results["lineage"] = module.lineage
     if trainer.is_global_zero:
         write_results(output_dir, results)
         pictures = {

@@ -309,7 +309,7 @@ def test_fast_cpu_path_meta_gradient_is_within_tolerance_of_fp32(preset, tmp_pat
         on_standins(cfg, request)
         objects = build(cfg)
         algorithm = objects["algorithm"].train()
-        batch = objects["sampler"].train_batch(objects["datamodule"].splits["train"], 0)
+        batch = objects["datamodule"].train_batch(0)
         with bf16_autocast(enabled=fast):
             algorithm.meta_loss(batch).loss.backward()
         grads[fast] = torch.cat([p.grad.flatten() for p in algorithm.parameters() if p.grad is not None])

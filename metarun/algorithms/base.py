@@ -13,6 +13,26 @@ from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
 
+def embedding_network(
+    model: nn.Module, learner: str, why: str = "the embedding network has no classifier head"
+) -> nn.Module:
+    """``model``, refused with one sentence if it ends in a classifier head (an embedding
+    learner's backbone: ``model.out_features`` must be null, as ``auto`` makes it)."""
+    if getattr(model, "head", None) is not None:
+        raise ConfigError(f"model.out_features is not allowed to be set for {learner}: {why}, so it must be null.")
+    return model
+
+
+def embedding_dim(model: nn.Module, learner: str) -> int:
+    """The backbone's ``embedding_dim``; one sentence for a backbone without one."""
+    dim = getattr(model, "embedding_dim", None)
+    if not isinstance(dim, int):
+        raise ConfigError(
+            f"model is not allowed for {learner}: it must expose an integer embedding_dim (e.g. model=conv4)."
+        )
+    return dim
+
+
 @dataclass
 class MetaOutput:
     """What an algorithm returns for a meta-batch.
@@ -37,7 +57,7 @@ class MetaAlgorithm(nn.Module):
     """Owns the meta-parameters; the module never knows which algorithm it runs.
 
     A learner states what the runner, the predict command and the divergence message need
-    to know about it as class attributes (`tasks`, `needs_head`, `lr_keys`) and methods
+    to know about it as class attributes (`tasks`, `needs_head`, `lr_keys`, `episodic`) and methods
     (`vmap_refusal`, `check_episode_shape`): nothing outside the learner names it.
 
     How the tasks of a meta-batch run is a hardware choice, the top-level ``task_batching``,
@@ -54,6 +74,10 @@ class MetaAlgorithm(nn.Module):
     needs_head: bool = True
     #: the ``algorithm.*`` learning-rate keys a divergence message suggests lowering
     lr_keys: tuple[str, ...] = ()
+    #: False for a learner trained on whole classes: each training task is then a plain
+    #: mini-batch of ``sampler.batch_size`` images (empty support set; ``query_y``: split class
+    #: ids), while validation and test are episodes as for every learner
+    episodic: bool = True
 
     def __init__(self) -> None:
         super().__init__()

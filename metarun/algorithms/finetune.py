@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_dim, embedding_network
 from metarun.algorithms.tasks import support_gradients
 from metarun.checks import positive_int, positive_number
 from metarun.episodes import EpisodeBatch
@@ -71,11 +71,7 @@ class FineTune(MetaAlgorithm):
         cosine_scale: float = 10.0,
     ) -> None:
         super().__init__()
-        if getattr(model, "head", None) is not None:
-            raise ConfigError(
-                "model.out_features is not allowed to be set for FineTune: the "
-                "algorithm owns its classifier heads, so it must be null."
-            )
+        embedding_network(model, "FineTune", "the algorithm owns its classifier heads")
         if head not in HEADS:
             raise ConfigError(f"algorithm.head={head!r} is not allowed: choose one of {', '.join(HEADS)}.")
         for key, value in (
@@ -85,11 +81,7 @@ class FineTune(MetaAlgorithm):
             positive_int(key, value)
         for key, value in (("algorithm.finetune_lr", finetune_lr), ("algorithm.cosine_scale", cosine_scale)):
             positive_number(key, value)
-        dim = getattr(model, "embedding_dim", None)
-        if not isinstance(dim, int):
-            raise ConfigError(
-                "model is not allowed for FineTune: it must expose an integer embedding_dim (e.g. model=conv4)."
-            )
+        dim = embedding_dim(model, "FineTune")
         self.model, self.head, self.num_train_classes = model, head, num_train_classes
         self.finetune_steps, self.finetune_lr, self.cosine_scale = finetune_steps, finetune_lr, cosine_scale
         bound = 1 / math.sqrt(dim)  # nn.Linear's initialisation, from a seeded generator

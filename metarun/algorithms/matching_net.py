@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network
 from metarun.checks import positive_int
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
@@ -99,11 +99,7 @@ class MatchingNet(MetaAlgorithm):
         attention_steps: int = 2,
     ) -> None:
         super().__init__()
-        if getattr(model, "head", None) is not None:
-            raise ConfigError(
-                "model.out_features is not allowed to be set for MatchingNet: the "
-                "embedding network has no classifier head, so it must be null."
-            )
+        embedding_network(model, "MatchingNet")
         positive_int("algorithm.fce_lstm_layers", fce_lstm_layers)
         positive_int("algorithm.attention_steps", attention_steps)
         self.model = model

@@ -6,9 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network
 from metarun.episodes import EpisodeBatch
-from metarun.errors import ConfigError
+
+
+def class_means(support: Tensor, support_y: Tensor, ways: int) -> Tensor:
+    """The mean support embedding of each class: ``support [B, N*K, D]``, ``support_y [B, N*K]`` -> ``[B, N, D]``."""
+    onehot = F.one_hot(support_y, ways).to(support.dtype)  # [B, N*K, N]
+    return onehot.transpose(1, 2) @ support / onehot.sum(1)[..., None]  # [B, N, D]
 
 
 def prototype_logits(support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
@@ -16,9 +21,7 @@ def prototype_logits(support: Tensor, support_y: Tensor, query: Tensor, ways: in
 
     ``support [B, N*K, D]``, ``support_y [B, N*K]``, ``query [B, M, D]`` -> ``[B, M, N]``.
     """
-    onehot = F.one_hot(support_y, ways).to(support.dtype)  # [B, N*K, N]
-    protos = onehot.transpose(1, 2) @ support / onehot.sum(1)[..., None]  # [B, N, D]
-    return -torch.cdist(query, protos).pow(2)  # [B, M, N]
+    return -torch.cdist(query, class_means(support, support_y, ways)).pow(2)  # [B, M, N]
 
 
 class ProtoNet(MetaAlgorithm):
@@ -38,11 +41,7 @@ class ProtoNet(MetaAlgorithm):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        if getattr(model, "head", None) is not None:
-            raise ConfigError(
-                "model.out_features is not allowed to be set for ProtoNet: the "
-                "embedding network has no classifier head, so it must be null."
-            )
+        embedding_network(model, "ProtoNet")
         self.model = model
 
     def _logits(self, batch: EpisodeBatch) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network
 from metarun.checks import positive_int
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
@@ -72,11 +72,7 @@ class RelationNet(MetaAlgorithm):
 
     def __init__(self, model: nn.Module, relation_hidden: int = 8, norm: str = "transductive") -> None:
         super().__init__()
-        if getattr(model, "head", None) is not None:
-            raise ConfigError(
-                "model.out_features is not allowed to be set for RelationNet: the "
-                "embedding network has no classifier head, so it must be null."
-            )
+        embedding_network(model, "RelationNet")
         shape = getattr(model, "feature_shape", None)
         if not isinstance(getattr(model, "features", None), nn.Module) or shape is None:
             raise ConfigError(

@@ -135,6 +135,37 @@ class ClassImages:
                 f"{self.min_count}, or give that class more images."
             )
 
+    def pixels(self, ids: Tensor, generator: torch.Generator, augment: Augment | None) -> Tensor:
+        """Images ``ids [M]`` as floats ``[M, C, H, W]``: in [0, 1], augmented (from ``generator``,
+        after the images are chosen) when ``augment`` is given, then normalised."""
+        x = self.images.index_select(0, ids).float().div_(255.0)  # [M, C, H, W]
+        if augment is not None:
+            x = augment(x, generator)
+        if self.mean is not None and self.std is not None:
+            x = (x - self.mean) / self.std
+        return x
+
+    def check_batch(self, size: int, key: str) -> None:
+        """Stop early when the split has fewer than ``size`` images for a plain mini-batch."""
+        if size > len(self.labels):
+            raise ConfigError(
+                f"{key}={size} is not allowed: split {self.name} has only {len(self.labels)} images, so "
+                f"it must be at most {len(self.labels)}."
+            )
+
+    def batch(self, generator: torch.Generator, size: int, augment: Augment | None = None) -> Episode:
+        """A plain mini-batch for whole-class training: ``size`` distinct images drawn
+        uniformly from the split, as the query set (``query_y``: their split class ids in
+        ``0..num_classes-1``), with an empty support set and no ``classes``."""
+        ids = torch.randperm(len(self.labels), generator=generator)[:size]  # [M]
+        x = self.pixels(ids, generator, augment)  # [M, C, H, W]
+        return Episode(
+            support_x=x[:0],  # [0, C, H, W]
+            support_y=self.labels[:0],  # [0]
+            query_x=x,  # [M, C, H, W]
+            query_y=self.labels[ids],  # [M] split class ids
+        )
+
     def episode(
         self, generator: torch.Generator, ways: int, shots: int, queries: int, augment: Augment | None = None
     ) -> Episode:
@@ -149,11 +180,7 @@ class ClassImages:
         keys[torch.arange(width)[None, :] >= self.counts[classes][:, None]] = 2.0  # padding last
         pick = keys.argsort(dim=1)[:, : shots + queries]  # [N, K+Q] distinct slots
         ids = self.by_class[classes[:, None], pick]  # [N, K+Q] image ids
-        x = self.images.index_select(0, ids.reshape(-1)).float().div_(255.0)  # [N*(K+Q), C, H, W]
-        if augment is not None:
-            x = augment(x, generator)
-        if self.mean is not None and self.std is not None:
-            x = (x - self.mean) / self.std
+        x = self.pixels(ids.reshape(-1), generator, augment)  # [N*(K+Q), C, H, W]
         x = x.view(ways, shots + queries, *x.shape[1:])  # [N, K+Q, C, H, W]
         y = torch.arange(ways)[:, None].expand(ways, shots + queries)  # [N, K+Q]
         c, h, w = x.shape[-3:]

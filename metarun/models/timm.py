@@ -5,11 +5,11 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from metarun.errors import ConfigError
 from metarun.models.head import classifier_head
+from metarun.models.weights import load_backbone_file
 
 
 class TimmBackbone(nn.Module):
@@ -49,48 +49,11 @@ class TimmBackbone(nn.Module):
             raise ConfigError(f"model.name={name!r} is not allowed: timm has no such model ({hint}).")
         self.features = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels)
         if weights:
-            self._load(Path(weights).expanduser(), name)
+            load_backbone_file(self.features, Path(weights).expanduser(), "model.weights", name)
         self.image_size = image_size
         self.uses_context = False
         self.embedding_dim = int(self.features.num_features)
         self.head = classifier_head(self.embedding_dim, out_features)
-
-    def _load(self, path: Path, name: str) -> None:
-        if not path.is_file():
-            raise ConfigError(f"model.weights={path} is not allowed: no such file (nothing is downloaded at run time).")
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                state = state.get("state_dict", state) if isinstance(state, dict) else state
-        except Exception as error:  # an untrusted file: whatever the reader raises is one sentence
-            raise ConfigError(
-                f"model.weights={path} is not allowed: it is not a readable weights file ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:200]})."
-            ) from None
-        own = self.features.state_dict()
-        classifier = {
-            k for k in state if k not in own and k.split(".")[0] in ("fc", "head", "classifier", "last_linear")
-        }
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own) - classifier)
-        shapes = sorted(k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape))
-        if missing or unexpected or shapes:
-            what = (
-                f"it lacks {missing[0]}"
-                if missing
-                else f"it has {unexpected[0]}"
-                if unexpected
-                else f"{shapes[0]} has shape {tuple(state[shapes[0]].shape)}, not {tuple(own[shapes[0]].shape)}"
-            )
-            raise ConfigError(
-                f"model.weights={path} is not allowed with model.name={name}: {what}, so give the weights of "
-                f"that architecture (with dataset.channels input channels)."
-            )
-        self.features.load_state_dict({k: v for k, v in state.items() if k in own})
 
     def forward(self, x: Tensor, context_size: int | None = None) -> Tensor:
         z = self.features(x)  # [M, D] pooled features

@@ -15,11 +15,12 @@ from metarun.episodes import TEST, EpisodeBatch, EpisodeSampler, TaskSource, col
 
 
 def meta_train(algorithm: MetaAlgorithm, sampler: EpisodeSampler, source: TaskSource, steps: int, lr: float) -> None:
-    """``steps`` Adam outer steps on the sampler's seeded training meta-batches."""
+    """``steps`` Adam outer steps on the sampler's seeded training meta-batches (plain
+    mini-batches for a whole-class learner)."""
     opt = torch.optim.Adam(algorithm.parameters(), lr=lr)
     algorithm.train()
     for step in range(steps):
-        loss = algorithm.meta_loss(sampler.train_batch(source, step)).loss
+        loss = algorithm.meta_loss(sampler.train_batch(source, step, plain=not algorithm.episodic)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

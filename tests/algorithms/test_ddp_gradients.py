@@ -52,8 +52,7 @@ def configs(omniglot: bool) -> dict[str, list[str]]:
 def meta_gradient(overrides: list[str], output_dir: Path, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
     """This rank's gradient of the meta-loss of training step 0 (zeros where unused)."""
     objects = build(compose_config(overrides, output_dir))
-    algorithm, sampler, data = objects["algorithm"], objects["sampler"], objects["datamodule"]
-    batch = sampler.train_batch(data.splits["train"], 0, rank, world_size, data.augment)
+    algorithm, batch = objects["algorithm"], objects["datamodule"].train_batch(0, rank, world_size)
     algorithm.train()
     params = [p for p in algorithm.parameters() if p.requires_grad]
     grads = torch.autograd.grad(algorithm.meta_loss(batch).loss, params, allow_unused=True)

@@ -150,26 +150,3 @@ def test_learns_omniglot_5way_1shot(omniglot_available, make_config, head):
         at_least=0.55,
         gain=0.15,
     )
-
-
-def test_whole_class_head_follows_the_dataset(tmp_path, make_config, omniglot_available):
-    """``algorithm.num_train_classes=auto``: Omniglot's Vinyals training split gives 4112 classes,
-    an image folder of 7 training classes gives 7 (read from the data, never from a config)."""
-    from tests.datasets import standins
-
-    cfg = make_config("dataset=omniglot", "algorithm=finetune")
-    objects = build(cfg)
-    assert objects["algorithm"].weight.shape[0] == 4112 and cfg.algorithm.num_train_classes == 4112
-
-    standins.image_folder(tmp_path / "folder", classes=10, per_class=3)
-    cfg = make_config(
-        "dataset=image_folder",
-        f"dataset.root={tmp_path / 'folder'}",
-        "dataset.image_size=16",
-        "dataset.split_ratio=[0.7,0.2,0.1]",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        "algorithm=finetune",
-        "sampler.ways=1",
-        "sampler.queries=1",
-    )
-    assert build(cfg)["algorithm"].weight.shape[0] == 7

@@ -21,7 +21,7 @@ from omegaconf import open_dict
 
 from metarun.algorithms.tasks import map_tasks
 from metarun.build import build
-from metarun.episodes import EpisodeBatch
+from metarun.episodes import VAL, EpisodeBatch, collate_episodes
 from metarun.errors import ConfigError
 from metarun.module import backward_in_chunks
 from metarun.runner import train
@@ -65,7 +65,9 @@ def every_config() -> list:
 
 
 def float64_setup(name: str, tmp_path: Path) -> tuple:
-    """The algorithm of config ``name`` in float64 and its training meta-batch of step 0."""
+    """The algorithm of config ``name`` in float64, its training meta-batch of step 0, and the
+    batch it predicts: the same, or 3 validation episodes for a learner trained on plain
+    mini-batches (which predicts on episodes only)."""
     if name.endswith("_omniglot") and data_dir() is None:
         pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (.ci/run sets it)")
     cfg = compose_config(configs()[name], tmp_path)
@@ -76,10 +78,17 @@ def float64_setup(name: str, tmp_path: Path) -> tuple:
     objects = build(cfg)
     device = torch.device(os.environ.get("METARUN_TEST_DEVICE", "cpu"))
     algorithm = objects["algorithm"].double().to(device)
-    batch = objects["sampler"].train_batch(objects["datamodule"].splits["train"], 0)
+    data = objects["datamodule"]
+    batch = to_float64(data.train_batch(0), device)
+    if algorithm.episodic:
+        return algorithm, batch, batch
+    episodes = collate_episodes([objects["sampler"].eval_episode(data.splits["val"], VAL, i) for i in range(3)])
+    return algorithm, batch, to_float64(episodes, device)
+
+
+def to_float64(batch: EpisodeBatch, device: torch.device) -> EpisodeBatch:
     fields = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in vars(batch).items()}
-    fields = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in fields.items()}
-    return algorithm, EpisodeBatch(**fields)
+    return EpisodeBatch(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in fields.items()})
 
 
 def loss_and_gradient(algorithm, batch: EpisodeBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -94,20 +103,20 @@ def loss_and_gradient(algorithm, batch: EpisodeBatch) -> tuple[torch.Tensor, lis
 def test_loop_vmap_and_chunks_give_the_same_meta_learning(name, tmp_path):
     """One build per config (the suite's time): loop against vmap, then chunks against the
     whole meta-batch."""
-    algorithm, batch = float64_setup(name, tmp_path)
-    check_loop_and_vmap_agree(algorithm, batch)
+    algorithm, batch, episodes = float64_setup(name, tmp_path)
+    check_loop_and_vmap_agree(algorithm, batch, episodes)
     algorithm.task_batching = "loop"
     check_chunks_give_the_whole_meta_gradient(algorithm, batch)
 
 
-def check_loop_and_vmap_agree(algorithm, batch: EpisodeBatch) -> None:
+def check_loop_and_vmap_agree(algorithm, batch: EpisodeBatch, episodes: EpisodeBatch) -> None:
     """The same meta-loss, meta-gradient and predictions looped and vmapped (or a clear
     refusal), and no state changed by `meta_loss`."""
     state = {k: v.clone() for k, v in algorithm.state_dict().items()}
     algorithm.task_batching = "loop"
     loss, grads = loss_and_gradient(algorithm, batch)
     algorithm.eval()
-    predicted = algorithm.predict(batch)
+    predicted = algorithm.predict(episodes)
     algorithm.task_batching = "vmap"
     if algorithm.vmap_refusal() is not None:
         with pytest.raises(ConfigError, match="task_batching=vmap is not allowed"):
@@ -119,7 +128,7 @@ def check_loop_and_vmap_agree(algorithm, batch: EpisodeBatch) -> None:
     for g, v in zip(grads, vgrads):
         torch.testing.assert_close(v, g, rtol=1e-8, atol=1e-10)
     algorithm.eval()
-    vpredicted = algorithm.predict(batch)
+    vpredicted = algorithm.predict(episodes)
     torch.testing.assert_close(vpredicted.query_logits, predicted.query_logits, rtol=1e-8, atol=1e-10)
     # meta_loss keeps no state: per-step counters move in end_outer_step only
     for k, v in algorithm.state_dict().items():
