@@ -155,6 +155,7 @@ def test_experiment_preset_runs_a_few_steps(tmp_path, name, request):
             "trainer.max_steps=2",
             "trainer.val_check_interval=2",
             "sampler.meta_batch_size=2",
+            "sampler.batch_size=8",
             "sampler.val_episodes=2",
             "sampler.test_episodes=2",
             "sampler.eval_batch_size=2",
@@ -176,11 +177,12 @@ IMAGE_PRESETS = [n for n in EXPERIMENTS if preset_choice(n, "dataset") not in (N
 
 @pytest.mark.parametrize("model", ["resnet12", "timm"])
 @pytest.mark.parametrize("name", IMAGE_PRESETS)
-def test_a_preset_takes_another_backbone_or_says_why(tmp_path, name, model):
+def test_a_preset_takes_another_backbone_or_says_why(tmp_path, name, model, request):
     """``experiment=<image preset> model=<other backbone>``: the learner builds (the memory
     layout, channels_last, is the runner's, for any backbone), or one sentence names the
     preset's setting the backbone does not take."""
     cfg = compose_config([f"experiment={name}", f"model={model}"], tmp_path)
+    on_standins(cfg, request)  # a whole-class learner counts the training classes
     try:
         objects = build_learner(cfg)
     except ConfigError as error:

@@ -17,16 +17,37 @@ from metarun.errors import ConfigError
 HEADS = ("linear", "cosine")
 
 
-def cosine_logits(features: Tensor, weight: Tensor, scale: float) -> Tensor:
+def cosine_logits(features: Tensor, weight: Tensor, scale: float | Tensor) -> Tensor:
     """``scale · cos(w_c, f)`` for every class: ``features [M, D]``, ``weight [N, D]`` -> ``[M, N]``."""
     return scale * F.normalize(features, dim=-1) @ F.normalize(weight, dim=-1).T
 
 
-def head_logits(features: Tensor, weight: Tensor, bias: Tensor | None, head: str, scale: float) -> Tensor:
+def head_logits(features: Tensor, weight: Tensor, bias: Tensor | None, head: str, scale: float | Tensor) -> Tensor:
     """Linear ``f Wᵀ + b`` or cosine ``scale · cos(W, f)`` logits, ``[M, N]``."""
     if head == "cosine":
         return cosine_logits(features, weight, scale)
     return F.linear(features, weight, bias)
+
+
+def fit_head(
+    support: Tensor, support_y: Tensor, start: list[Tensor], head: str, scale: float | Tensor, steps: int, lr: float
+) -> tuple[Tensor, Tensor | None]:
+    """A ``head`` ("linear" or "cosine") fitted from ``start`` (weight, and bias for
+    "linear") on frozen ``support [N*K, D]`` embeddings by ``steps`` full-batch SGD steps
+    (momentum 0.9, weight decay 1e-3, as Chen et al.'s code); pure, no gradient to ``start``."""
+    params = dict(zip(("weight", "bias"), (p.detach() for p in start)))
+    velocity = {k: torch.zeros_like(p) for k, p in params.items()}
+    support = support.detach()
+    scale = scale.detach() if isinstance(scale, Tensor) else scale
+
+    def loss(p: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(head_logits(support, p["weight"], p.get("bias"), head, scale), support_y)
+
+    for _ in range(steps):
+        _, grads = support_gradients(loss, params, create_graph=False)
+        velocity = {k: 0.9 * velocity[k] + grads[k] + 1e-3 * p for k, p in params.items()}
+        params = {k: p - lr * velocity[k] for k, p in params.items()}
+    return params["weight"], params.get("bias")
 
 
 class FineTune(MetaAlgorithm):
@@ -126,20 +147,7 @@ class FineTune(MetaAlgorithm):
 
     def fit_head(self, support: Tensor, support_y: Tensor, start: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         """A new head fitted from ``start`` on frozen ``support [N*K, D]`` embeddings (pure)."""
-        params = dict(zip(("weight", "bias"), start))
-        velocity = {k: torch.zeros_like(p) for k, p in params.items()}
-        support = support.detach()
-
-        def loss(p: dict[str, Tensor]) -> Tensor:
-            return F.cross_entropy(
-                head_logits(support, p["weight"], p.get("bias"), self.head, self.cosine_scale), support_y
-            )
-
-        for _ in range(self.finetune_steps):
-            _, grads = support_gradients(loss, params, create_graph=False)
-            velocity = {k: 0.9 * velocity[k] + grads[k] + 1e-3 * p for k, p in params.items()}
-            params = {k: p - self.finetune_lr * velocity[k] for k, p in params.items()}
-        return params["weight"], params.get("bias")
+        return fit_head(support, support_y, start, self.head, self.cosine_scale, self.finetune_steps, self.finetune_lr)
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
         nk = batch.support_y.shape[1]
