@@ -25,6 +25,7 @@ from metarun.datasets.base import Dataset
 from metarun.errors import ConfigError
 from metarun.init_from import init_backbone
 from metarun.module import MetaLearningModule
+from metarun.test_time import TestTimeFinetune
 
 
 def instantiate_checked(node: Any, **kwargs: Any) -> Any:
@@ -153,9 +154,12 @@ def build_learner(cfg: DictConfig, initialise: bool = True) -> dict[str, Any]:
             f"settings: {error}, so change the optimizer.* values."
         ) from None
     regression = data.kind == "regression"
+    test_time = TestTimeFinetune(**(cfg.get("test_time") or {}), seed=cfg.seed)
+    test_time.check(algorithm)
     module = MetaLearningModule(
         algorithm,
         lineage=lineage,
+        test_time=test_time,
         optimizer=optimizer,
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         grad_clip=cfg.grad_clip,

@@ -15,6 +15,7 @@ from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.episodes import EpisodeBatch
 from metarun.errors import NonFiniteLoss
 from metarun.stats import mean_ci95
+from metarun.test_time import TestTimeFinetune
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -46,6 +47,8 @@ class MetaLearningModule(L.LightningModule):
             optimiser steps once, with the meta-gradient of the whole meta-batch.
         lineage: where the backbone's starting weights came from (`metarun.init_from`),
             kept in every checkpoint (``metarun_lineage``), or None.
+        test_time: fine-tuning at test time (`metarun.test_time`), applied by `test_step`
+            only (validation picks the checkpoint without it).
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class MetaLearningModule(L.LightningModule):
         regression: bool = False,
         task_chunk: int | None = None,
         lineage: dict[str, Any] | None = None,
+        test_time: TestTimeFinetune | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -65,6 +69,7 @@ class MetaLearningModule(L.LightningModule):
         self.grad_clip = grad_clip
         self.task_chunk = task_chunk
         self.lineage = lineage
+        self.test_time = test_time or TestTimeFinetune()
         self.metric = "mse" if regression else "accuracy"
         self.best: dict[str, float | int | None] = {"value": None, "step": None}
         self._episodes: dict[str, list[Tensor]] = {}
@@ -133,7 +138,9 @@ class MetaLearningModule(L.LightningModule):
     # evaluation ---------------------------------------------------------------------------
 
     def _eval_step(self, stage: str, batch: EpisodeBatch) -> None:
-        out: MetaOutput = self.algorithm.predict(batch)
+        out: MetaOutput = (
+            self.test_time.predict(self.algorithm, batch) if stage == "test" else self.algorithm.predict(batch)
+        )
         rows = [batch.index.float(), per_task_metric(out.query_logits, batch.query_y, self.metric)]
         if out.query_logits_before is not None:
             rows.append(per_task_metric(out.query_logits_before, batch.query_y, self.metric))

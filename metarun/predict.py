@@ -58,9 +58,12 @@ class Learner:
         path: where it came from (for messages).
     """
 
-    def __init__(self, checkpoint: dict[str, Any], path: str) -> None:
+    def __init__(self, checkpoint: dict[str, Any], path: str, test_time: dict[str, Any] | None = None) -> None:
         self.path = path
         self.config = OmegaConf.create(checkpoint["metarun_config"])
+        for key, value in (test_time or {}).items():  # fine-tuning at test time, over the checkpoint's own
+            if value is not None:
+                OmegaConf.update(self.config, f"test_time.{key}", value, force_add=True)
         objects = build_learner(self.config, initialise=False)  # the trained settings; no data is loaded
         module = objects["module"]
         load_weights(
@@ -70,6 +73,7 @@ class Learner:
             "give a checkpoint written by this metarun",
         )
         self.algorithm: MetaAlgorithm = module.algorithm.eval()
+        self.test_time = module.test_time  # the checkpoint's test_time settings, or the overrides
         self.regression: bool = objects["regression"]
         self.dataset = dataset_class(self.config.dataset)
         self.name = type(self.algorithm).__name__
@@ -177,7 +181,7 @@ class Learner:
         """Labels and probabilities ``[M, N]`` of ``examples`` (regression: mean, std)."""
         query = self._stack(examples)
         with torch.no_grad():  # as Lightning's test loop; learners enable gradients to adapt
-            out = self.algorithm.predict(self.batch(query))
+            out = self.test_time.predict(self.algorithm, self.batch(query))
         if self.regression:
             std = None if out.query_std is None else out.query_std[0]
             return out.query_logits[0], std  # [M, Dy]
@@ -185,9 +189,12 @@ class Learner:
         return [self.classes[i] for i in probabilities.argmax(-1).tolist()], probabilities
 
 
-def load(ckpt_path: str | Path) -> Learner:
-    """A `Learner` from a metarun checkpoint, loaded safely (``weights_only=True``)."""
-    return Learner(load_checkpoint(ckpt_path), str(ckpt_path))
+def load(ckpt_path: str | Path, test_time: dict[str, Any] | None = None) -> Learner:
+    """A `Learner` from a metarun checkpoint, loaded safely (``weights_only=True``).
+
+    ``test_time``: fine-tuning at test time over the checkpoint's own settings, e.g.
+    ``{"finetune_steps": 20, "lr": 0.001}`` (`metarun.test_time.TestTimeFinetune`)."""
+    return Learner(load_checkpoint(ckpt_path), str(ckpt_path), test_time)
 
 
 # ------------------------------------------------------------------ files a user points at
@@ -332,7 +339,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                 f"support=<folder or .csv> and query=<folder, file list or .csv>."
             )
     started = time.perf_counter()
-    learner = load(cfg.ckpt_path)
+    test_time = OmegaConf.to_container(cfg.test_time) if cfg.get("test_time") else None
+    learner = load(cfg.ckpt_path, test_time)  # type: ignore[arg-type]
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if learner.regression:
@@ -340,6 +348,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     else:
         report = predict_images(learner, cfg, out)
     report["seconds"] = time.perf_counter() - started
+    if learner.test_time.enabled:
+        report["test_time"] = learner.test_time.settings()
     if learner.lineage:
         report["lineage"] = learner.lineage
         print(describe(learner.lineage))

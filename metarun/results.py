@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metarun.init_from import describe
 
@@ -29,6 +29,8 @@ def experiment_block(cfg: DictConfig, sampler: Any) -> dict[str, Any]:
     }
     if cfg.get("test_dataset"):
         block["test_dataset"] = cfg.test_dataset._target_.rsplit(".", 1)[-1]
+    if (OmegaConf.select(cfg, "test_time.finetune_steps") or 0) > 0:  # fine-tuned at test time
+        block["test_time"] = OmegaConf.to_container(cfg.test_time, resolve=True)
     return block
 
 
