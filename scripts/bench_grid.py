@@ -99,6 +99,7 @@ def omniglot_overrides(algo: str, shape: str) -> list[str]:
         (f"{prefix}_omniglot_{shape}", []),
         (f"{prefix}_omniglot_{ways}w1s", [f"sampler.shots={shots}"]),
         (f"{prefix}_omniglot_5w1s", [f"sampler.ways={ways}", f"sampler.shots={shots}"]),
+        (f"{prefix}_omniglot_20w1s", [f"sampler.ways={ways}", f"sampler.shots={shots}"]),
     ):
         if (EXPERIMENTS / f"{name}.yaml").exists():
             out = [f"experiment={name}", *adapt, *extra]
@@ -107,7 +108,8 @@ def omniglot_overrides(algo: str, shape: str) -> list[str]:
             if ways == "20" and name.endswith("5w1s") and algo not in ("baseline", "baseline_pp"):
                 out.append("sampler.meta_batch_size=16")  # as maml_omniglot_20w1s
             return out
-    raise SystemExit(f"bench_grid: error: no Omniglot preset for {algo}")
+    # no paper preset: the learner's own config on Omniglot at this shape
+    return ["dataset=omniglot", f"algorithm={prefix}", f"sampler.ways={ways}", f"sampler.shots={shots}", *extra]
 
 
 def cells(grid: str, algos: list[str]) -> list[tuple[str, str, list[str]]]:

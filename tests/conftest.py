@@ -40,6 +40,12 @@ TINY = [
 ]
 
 
+# This CPU's bf16 kernels: native (AVX-512 BF16 / AMX) or emulated, slower and less exact. The
+# presets' fast CPU path (bf16 + channels_last) is measured and toleranced on native ones only;
+# elsewhere the tests that run a preset run it in fp32.
+NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+FP32_HERE = [] if NATIVE_BF16 else ["hardware=cpu", "channels_last=false"]
+
 # Two CPU processes over gloo, launched as a user launches them: Lightning re-executes the
 # `metarun` command once per extra rank (strategy=ddp). (`ddp_spawn` from inside pytest left
 # spawned test workers aborting at exit, "terminate called without an active exception",

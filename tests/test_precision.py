@@ -47,7 +47,7 @@ from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.models.mlp import MLP
 from metarun.runner import train
-from tests.conftest import NEEDS, TINY, compose_config, data_dir, on_standins
+from tests.conftest import NATIVE_BF16, NEEDS, TINY, compose_config, data_dir, on_standins
 
 SEEDS = (0, 1, 2)
 
@@ -278,6 +278,7 @@ FAST_PRESETS = sorted(
 )
 
 
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16 kernels (AVX-512 BF16 / AMX): emulated")
 @pytest.mark.parametrize("preset", FAST_PRESETS)
 def test_fast_cpu_path_meta_gradient_is_within_tolerance_of_fp32(preset, tmp_path, request):
     """Every preset that turns on the fast CPU path (bf16 autocast + channels_last): its

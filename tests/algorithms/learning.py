@@ -121,3 +121,28 @@ def check_learns_sinusoids(cfg, steps: int, lr: float = 3e-3) -> None:
     assert mse < 0.3 * test.query_y.var().item()
     assert mse < 0.3 * (before.query_logits - test.query_y).pow(2).mean().item()
     assert after.extra["log_likelihood"].mean() > before.extra["log_likelihood"].mean() + 2
+
+
+def check_learns_on_first_classes(cfg, classes: int, steps: int, lr: float, at_least: float, gain: float) -> None:
+    """A whole-class learner (``algorithm.num_train_classes=classes``) trained ``steps`` steps on
+    the first ``classes`` training classes of the config's dataset (all of Omniglot's 4112
+    are too many for so short a run), then `assert_learns` on its fixed test episodes."""
+    from metarun.datasets.base import ClassImages
+
+    objects = build(cfg)
+    alg, sampler = objects["algorithm"], objects["sampler"]
+    splits = objects["datamodule"].splits
+    train = splits["train"]
+    keep = train.labels < classes
+    first = ClassImages(train.images[keep], train.labels[keep], f"{train.name}[:{classes}]")
+    fit = lambda: meta_train(alg, sampler, first, steps=steps, lr=lr)  # noqa: E731
+    assert_learns(alg, sampler, splits["test"], fit, at_least=at_least, gain=gain)
+
+
+def check_learns_episodes(cfg, steps: int, lr: float, at_least: float, gain: float) -> None:
+    """A learner meta-trained ``steps`` Adam steps on the config's training episodes, then
+    `assert_learns` on its fixed test episodes."""
+    objects = build(cfg)
+    alg, sampler, splits = objects["algorithm"], objects["sampler"], objects["datamodule"].splits
+    fit = lambda: meta_train(alg, sampler, splits["train"], steps=steps, lr=lr)  # noqa: E731
+    assert_learns(alg, sampler, splits["test"], fit, at_least=at_least, gain=gain)

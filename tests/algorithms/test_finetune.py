@@ -8,12 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.algorithms.finetune import FineTune
-from metarun.build import build
-from metarun.datasets.base import ClassImages
 from metarun.episodes import Episode, collate_episodes
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
-from tests.algorithms.learning import assert_learns, meta_train
+from tests.algorithms.learning import check_learns_on_first_classes
 
 
 class Points(nn.Module):
@@ -136,17 +134,4 @@ def test_learns_omniglot_5way_1shot(omniglot_available, make_config, head):
         "sampler.meta_batch_size=2",
         "sampler.queries=1",
     )
-    objects = build(cfg)
-    alg, sampler = objects["algorithm"], objects["sampler"]
-    splits = objects["datamodule"].splits
-    train = splits["train"]
-    keep = train.labels < 100
-    first_classes = ClassImages(train.images[keep], train.labels[keep], "omniglot/train[:100]")
-    assert_learns(
-        alg,
-        sampler,
-        splits["test"],
-        lambda: meta_train(alg, sampler, first_classes, steps=150, lr=0.01),
-        at_least=0.55,
-        gain=0.15,
-    )
+    check_learns_on_first_classes(cfg, classes=100, steps=150, lr=0.01, at_least=0.55, gain=0.15)

@@ -13,7 +13,7 @@ from metarun.datasets.base import ClassImages
 from metarun.episodes import EpisodeSampler, collate_episodes
 from metarun.errors import ConfigError
 from metarun.models.conv4 import Conv4
-from tests.algorithms.learning import assert_learns, meta_train
+from tests.algorithms.learning import check_learns_on_first_classes
 
 
 class Pixels(nn.Module):
@@ -125,17 +125,4 @@ def test_learns_omniglot_5way_1shot(omniglot_available, make_config, algorithm):
         "sampler.meta_batch_size=1",
         "sampler.queries=1",
     )
-    objects = build(cfg)
-    alg, sampler = objects["algorithm"], objects["sampler"]
-    splits = objects["datamodule"].splits
-    train = splits["train"]
-    keep = train.labels < 100
-    first_classes = ClassImages(train.images[keep], train.labels[keep], "omniglot/train[:100]")
-    assert_learns(
-        alg,
-        sampler,
-        splits["test"],
-        lambda: meta_train(alg, sampler, first_classes, steps=100, lr=0.003),
-        at_least=0.65,
-        gain=0.2,
-    )
+    check_learns_on_first_classes(cfg, classes=100, steps=100, lr=0.003, at_least=0.65, gain=0.2)
