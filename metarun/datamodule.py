@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, cast
 
 import lightning as L
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from metarun.episodes import (
     TEST,
     VAL,
     Augment,
+    BatchSource,
     EpisodeBatch,
     EpisodeSampler,
     EvalEpisodes,
     TaskSource,
     TrainEpisodes,
     collate_episodes,
+    task_generator,
 )
 
 
@@ -84,6 +87,20 @@ class EpisodicDataModule(L.LightningDataModule):
             plain=self.plain_batches,
         )
         return DataLoader(episodes, batch_size=None, num_workers=0)
+
+    def validation_batch(self, size: int) -> EpisodeBatch:
+        """The first ``size`` validation episodes (at most all of them) as one batch."""
+        self.prepare()
+        episodes = EvalEpisodes(self.sampler, self.splits["val"], VAL, min(size, self.sampler.val_episodes))
+        return collate_episodes([episodes[i] for i in range(len(episodes))])
+
+    def training_images(self, size: int, stream: int) -> Tensor:
+        """``size`` distinct training images (at most all of them), drawn once from generator
+        stream ``stream``: ``[M, C, H, W]``, as the episodes have them (not augmented)."""
+        self.prepare()
+        train = cast(BatchSource, self.splits["train"])
+        generator = task_generator(self.sampler.eval_seed, stream, 0, 0)
+        return train.batch(generator, min(size, len(train))).query_x
 
     def _eval_loader(self, split: str, stream: int, size: int) -> DataLoader:
         return DataLoader(

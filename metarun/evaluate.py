@@ -20,7 +20,7 @@ from metarun.catalog import CONFIG_DIR
 from metarun.checkpoint_files import load_checkpoint, load_weights
 from metarun.cli import exit_on_config_error, run_command
 from metarun.errors import ConfigError
-from metarun.results import environment, experiment_block, report, test_block, write_results
+from metarun.results import environment, experiment_block, report, test_block, with_test_time, write_results
 
 OWN_KEYS = ("ckpt_path", "hardware", "trainer", "paths", "task_name", "hydra")
 
@@ -66,7 +66,7 @@ def evaluate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     sampler = objects["sampler"]
     results = {
         "experiment": {
-            **experiment_block(run_cfg, sampler),
+            **with_test_time(experiment_block(run_cfg, sampler), module),
             "checkpoint": str(cfg.ckpt_path),
             "trained_steps": checkpoint.get("global_step"),
         },

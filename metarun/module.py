@@ -12,10 +12,12 @@ import torch
 from torch import Tensor
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.feature_transform import MEAN_IMAGES
+from metarun.algorithms.feature_transform import STREAM as FEATURES_STREAM
 from metarun.episodes import EpisodeBatch
 from metarun.errors import NonFiniteLoss
 from metarun.stats import mean_ci95
-from metarun.test_time import TestTimeFinetune
+from metarun.test_time import AUTO_EPISODES, TestTimeFinetune
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -194,6 +196,33 @@ class MetaLearningModule(L.LightningModule):
             self.best = {"value": value, "step": self.global_step}
         self.log(f"val/best_{self.metric}", self.best["value"])
         self.log("val/best_step", float(self.best["step"]))
+
+    def fit_evaluation_features(self) -> None:
+        """SimpleShot's cl2n: the mean feature of a fixed draw of training images, measured
+        with the weights about to be evaluated (the same on every rank)."""
+        transform = self.algorithm.evaluation_features()
+        if transform is None or not transform.needs_mean:
+            return
+        images = self.trainer.datamodule.training_images(MEAN_IMAGES, FEATURES_STREAM)
+        training = self.algorithm.training
+        self.algorithm.eval()
+        with self.trainer.precision_plugin.forward_context():
+            transform.fit(self.algorithm.model, images.to(self.device))
+        self.algorithm.train(training)
+
+    def on_validation_start(self) -> None:
+        self.fit_evaluation_features()
+
+    def on_test_start(self) -> None:
+        """The evaluation features' statistics, then (``test_time.lr=auto``) the rate,
+        chosen on the first validation episodes (the same on every rank) before the first
+        test task."""
+        self.fit_evaluation_features()
+        if self.test_time.needs_lr:
+            episodes = self.trainer.datamodule.validation_batch(AUTO_EPISODES)
+            episodes = self.transfer_batch_to_device(episodes, self.device, 0)
+            with self.trainer.precision_plugin.forward_context():
+                self.test_time.choose_lr(self.algorithm, episodes)
 
     def test_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
         self._eval_step("test", batch)

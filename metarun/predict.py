@@ -29,16 +29,18 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from metarun.algorithms.base import MetaAlgorithm
-from metarun.build import build_learner, dataset_class
+from metarun.build import build_learner, dataset_class, instantiate_checked
 from metarun.catalog import CONFIG_DIR, head_free_learners
 from metarun.checkpoint_files import load_checkpoint, load_weights
 from metarun.cli import exit_on_config_error, run_command
+from metarun.datamodule import EpisodicDataModule
 from metarun.datasets.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageTooLarge, failure_reason, open_image
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 from metarun.init_from import describe
 from metarun.results import write_results
 from metarun.stats import mean_ci95, wilson_interval
+from metarun.test_time import AUTO_EPISODES
 
 log = logging.getLogger(__name__)
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
@@ -180,6 +182,8 @@ class Learner:
     def predict(self, examples: Sequence[Any]) -> tuple[Any, Tensor | None]:
         """Labels and probabilities ``[M, N]`` of ``examples`` (regression: mean, std)."""
         query = self._stack(examples)
+        if self.test_time.needs_lr:
+            self.choose_test_time_lr()
         with torch.no_grad():  # as Lightning's test loop; learners enable gradients to adapt
             out = self.test_time.predict(self.algorithm, self.batch(query))
         if self.regression:
@@ -187,6 +191,23 @@ class Learner:
             return out.query_logits[0], std  # [M, Dy]
         probabilities = self.algorithm.query_probabilities(out.query_logits)[0]  # [M, N]
         return [self.classes[i] for i in probabilities.argmax(-1).tolist()], probabilities
+
+    def choose_test_time_lr(self) -> None:
+        """``test_time.lr=auto``: the rate is picked on the first validation episodes of the
+        checkpoint's own dataset, as in its test (`metarun.test_time`)."""
+        try:
+            dataset = instantiate_checked(self.config.dataset)
+            sampler = instantiate_checked(self.config.sampler)
+            data = EpisodicDataModule(dataset, sampler, plain_batches=not self.algorithm.episodic)
+            episodes = data.validation_batch(AUTO_EPISODES)
+        except ConfigError as error:
+            raise ConfigError(
+                f"test_time.lr=auto is not allowed here: it picks the rate on validation episodes of the "
+                f"checkpoint's dataset ({self.dataset.__name__}), which could not be read ({error}), so give "
+                f"the rate, e.g. test_time.lr=0.001."
+            ) from None
+        with torch.no_grad():
+            self.test_time.choose_lr(self.algorithm, episodes)
 
 
 def load(ckpt_path: str | Path, test_time: dict[str, Any] | None = None) -> Learner:

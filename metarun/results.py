@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from metarun.init_from import describe
 
@@ -29,9 +29,14 @@ def experiment_block(cfg: DictConfig, sampler: Any) -> dict[str, Any]:
     }
     if cfg.get("test_dataset"):
         block["test_dataset"] = cfg.test_dataset._target_.rsplit(".", 1)[-1]
-    if (OmegaConf.select(cfg, "test_time.finetune_steps") or 0) > 0:  # fine-tuned at test time
-        block["test_time"] = OmegaConf.to_container(cfg.test_time, resolve=True)
     return block
+
+
+def with_test_time(experiment: dict[str, Any], module: Any) -> dict[str, Any]:
+    """``experiment`` with the test's fine-tuning settings when it fine-tuned (the rate that
+    ``test_time.lr=auto`` chose, and what it measured)."""
+    settings = module.test_time.settings()
+    return experiment if settings is None else {**experiment, "test_time": settings}
 
 
 def environment(trainer: L.Trainer) -> dict[str, Any]:
@@ -62,6 +67,21 @@ def test_block(metrics: dict[str, float], metric: str) -> dict[str, Any]:
     }
 
 
+def describe_test_time(settings: dict[str, Any]) -> str:
+    """One line on how the test tasks were fine-tuned (`metarun.test_time`)."""
+    lr = settings["lr"]
+    line = (
+        f"fine-tuned at test time: {settings['finetune_steps']} steps at lr {lr if isinstance(lr, str) else f'{lr:g}'}"
+    )
+    if settings.get("augment"):
+        line += ", augmented"
+    search = settings.get("lr_search")
+    if search:
+        tried = ", ".join(f"{float(r):g}: {100 * a:.1f}%" for r, a in search["accuracy"].items())
+        line += f" (test_time.lr=auto on {search['episodes']} validation episodes: {tried})"
+    return line
+
+
 def write_results(output_dir: Path, results: dict[str, Any], name: str = "results.json") -> None:
     """``results`` as ``output_dir/name``, written atomically."""
     tmp = output_dir / f".{name}.tmp"
@@ -73,6 +93,9 @@ def report(results: dict[str, Any], metric: str) -> None:
     started = describe(results.get("lineage"))
     if started:
         print(started)
+    tuned = results["experiment"].get("test_time")
+    if tuned:
+        print(describe_test_time(tuned))
     for name, value in results["test"].items():
         scale, unit = (100.0, "%") if metric == "accuracy" else (1.0, "")
         print(

@@ -28,7 +28,7 @@ from metarun.episodes import TEST, EvalEpisodes
 from metarun.errors import ConfigError, NonFiniteLoss
 from metarun.module import MetaLearningModule
 from metarun.plots import plot_learning_curves, plot_regression_tasks, plot_test_episode
-from metarun.results import environment, experiment_block, report, test_block, write_results
+from metarun.results import environment, experiment_block, report, test_block, with_test_time, write_results
 from metarun.resume import resolve_resume
 from metarun.run_directory import RunDirectory, SignalFlag, launching_rank
 from metarun.tracking import ProgressLog, ResumableCSVLogger, RunPictures, finish, log_pictures, log_test_table
@@ -186,7 +186,7 @@ def _train(
     steps = trainer.global_step or int(fit_metrics.get("train/steps", 0))
     results = {
         "status": "completed",
-        "experiment": experiment,
+        "experiment": with_test_time(experiment, module),
         "test": test_block(metrics, metric),
         "val": {
             f"best_{metric}": fit_metrics.get(f"val/best_{metric}"),

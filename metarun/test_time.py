@@ -8,6 +8,11 @@ images as pseudo-support and again as pseudo-queries, each independently flipped
 when ``augment``. The copy then predicts the task and is dropped: the learner itself, and any
 checkpoint, never change. Every draw comes from a generator seeded by (seed, episode index),
 so the result does not depend on batching, processes or what ran before.
+
+``lr: auto`` picks the rate as P>M>F does (the rate is the setting their results are most
+sensitive to; "3-5 episodes with labelled query set" tell it): each rate of `AUTO_RATES`
+(0: no fine-tuning) fine-tunes on the first `AUTO_EPISODES` validation episodes, and the one
+with the best query accuracy labels the test tasks (a tie goes to the smaller rate).
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from torch import Tensor
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.tasks import map_tasks
-from metarun.checks import integer_at_least, positive_number
+from metarun.checks import integer_at_least
 from metarun.episodes import EpisodeBatch, task_generator
 from metarun.errors import ConfigError
 
 STREAM = 3  # the generators' stream: after training (0), validation (1) and test (2)
 SHIFT = 4  # pixels an augmented pseudo-episode image may move
+AUTO_RATES = (0.0, 0.0001, 0.001, 0.01)  # test_time.lr=auto's candidates (P>M>F's grid)
+AUTO_EPISODES = 5  # the validation episodes that choose among them
 
 
 def augment_images(x: Tensor, generator: torch.Generator) -> Tensor:
@@ -47,29 +54,55 @@ class TestTimeFinetune:
 
     Args:
         finetune_steps: SGD steps per task (0: off).
-        lr: their learning rate.
+        lr: their learning rate, or ``"auto"``: picked on validation episodes (`choose_lr`)
+            before the first test task.
         augment: flip and shift the pseudo-episodes' images.
         seed: seeds every task's draws, with its episode index.
     """
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, finetune_steps: int = 0, lr: float = 0.001, augment: bool = False, seed: int = 0) -> None:
+    def __init__(self, finetune_steps: int = 0, lr: float | str = 0.001, augment: bool = False, seed: int = 0) -> None:
         self.finetune_steps = integer_at_least("test_time.finetune_steps", finetune_steps, 0)
-        positive_number("test_time.lr", lr)
+        if lr != "auto" and (isinstance(lr, (bool, str)) or not isinstance(lr, (int, float)) or not lr > 0):
+            raise ConfigError(f"test_time.lr={lr!r} is not allowed: it must be a positive number or auto.")
         if not isinstance(augment, bool):
             raise ConfigError(f"test_time.augment={augment!r} is not allowed: it must be true or false.")
-        self.lr, self.augment, self.seed = float(lr), augment, seed
+        self.lr: float | None = None if lr == "auto" else float(lr)  # None: not chosen yet
+        self.augment, self.seed = augment, seed
+        self.search: dict[str, Any] | None = None  # what test_time.lr=auto measured
 
     @property
     def enabled(self) -> bool:
         return self.finetune_steps > 0
 
+    @property
+    def needs_lr(self) -> bool:
+        """``lr: auto`` and the rate not chosen yet: call `choose_lr` before `predict`."""
+        return self.enabled and self.lr is None
+
     def settings(self) -> dict[str, Any] | None:
-        """What results.json records (None when off)."""
+        """What results.json records (None when off): with ``lr: auto``, the rate chosen and
+        each candidate's validation accuracy."""
         if not self.enabled:
             return None
-        return {"finetune_steps": self.finetune_steps, "lr": self.lr, "augment": self.augment}
+        settings = {"finetune_steps": self.finetune_steps, "lr": "auto" if self.lr is None else self.lr}
+        settings["augment"] = self.augment
+        if self.search is not None:
+            settings["lr_search"] = self.search
+        return settings
+
+    def choose_lr(self, algorithm: MetaAlgorithm, episodes: EpisodeBatch) -> float:
+        """Set ``lr`` to the rate of `AUTO_RATES` whose fine-tuned copies label ``episodes``
+        (labelled validation episodes, never test ones) best; a tie goes to the smaller rate."""
+        self.check_task(algorithm, episodes)
+        accuracy = {}
+        for rate in AUTO_RATES:
+            logits = self.predict_at(algorithm, episodes, rate).query_logits
+            accuracy[rate] = (logits.argmax(-1) == episodes.query_y).float().mean().item()
+        self.lr = max(AUTO_RATES, key=lambda rate: (accuracy[rate], -rate))
+        self.search = {"episodes": len(episodes), "accuracy": {str(r): a for r, a in accuracy.items()}}
+        return self.lr
 
     def check(self, algorithm: MetaAlgorithm) -> None:
         """One sentence for a learner whose loss cannot fine-tune on a test episode."""
@@ -81,10 +114,8 @@ class TestTimeFinetune:
                 f"with model.init_from=<this run>) or set test_time.finetune_steps=0."
             )
 
-    def predict(self, algorithm: MetaAlgorithm, batch: EpisodeBatch) -> MetaOutput:
-        """``algorithm.predict(batch)``, each task by its own fine-tuned copy when enabled."""
-        if not self.enabled:
-            return algorithm.predict(batch)
+    def check_task(self, algorithm: MetaAlgorithm, batch: EpisodeBatch) -> None:
+        """`check`, and one sentence for regression tasks."""
         self.check(algorithm)
         if batch.support_y.is_floating_point():
             raise ConfigError(
@@ -92,9 +123,24 @@ class TestTimeFinetune:
                 f"fine-tuning at test time is for classification, so set test_time.finetune_steps=0."
             )
 
+    def predict(self, algorithm: MetaAlgorithm, batch: EpisodeBatch) -> MetaOutput:
+        """``algorithm.predict(batch)``, each task by its own fine-tuned copy when enabled."""
+        if not self.enabled:
+            return algorithm.predict(batch)
+        if self.lr is None:
+            raise RuntimeError("test_time.lr=auto: choose_lr must pick the rate before the first test task")
+        self.check_task(algorithm, batch)
+        return self.predict_at(algorithm, batch, self.lr)
+
+    def predict_at(self, algorithm: MetaAlgorithm, batch: EpisodeBatch, lr: float) -> MetaOutput:
+        """Each task of ``batch`` labelled by its copy fine-tuned at rate ``lr`` (0: by
+        ``algorithm`` itself)."""
+        if lr == 0:
+            return algorithm.predict(batch)
+
         def one_task(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, index: Tensor) -> Any:
             task = EpisodeBatch(support_x[None], support_y[None], query_x[None], query_y[None], None, index[None])
-            out = self.finetuned(algorithm, task).predict(task)
+            out = self.finetuned(algorithm, task, lr).predict(task)
             return out.query_logits[0], out.loss
 
         logits, losses = map_tasks(
@@ -102,13 +148,13 @@ class TestTimeFinetune:
         )
         return MetaOutput(losses.mean(), logits)
 
-    def finetuned(self, algorithm: MetaAlgorithm, task: EpisodeBatch) -> MetaAlgorithm:
-        """A copy of ``algorithm`` after `finetune_steps` steps on pseudo-episodes of ``task``'s
-        support set, in evaluation mode (``algorithm`` is not touched)."""
+    def finetuned(self, algorithm: MetaAlgorithm, task: EpisodeBatch, lr: float) -> MetaAlgorithm:
+        """A copy of ``algorithm`` after `finetune_steps` steps at rate ``lr`` on pseudo-episodes
+        of ``task``'s support set, in evaluation mode (``algorithm`` is not touched)."""
         learner = copy.deepcopy(algorithm).train()
         generator = task_generator(self.seed, STREAM, 0, int(task.index[0]))
         params = [p for p in learner.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
         with torch.enable_grad():
             for _ in range(self.finetune_steps):
                 loss = learner.meta_loss(self.pseudo_episode(task, generator)).loss

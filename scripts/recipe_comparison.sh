@@ -4,8 +4,8 @@
 #   A. ProtoNet from scratch (experiment=protonet_omniglot_20w1s) for the whole budget;
 #   B. pretrain_omniglot_20w1s for 5/8 of it, then meta_baseline_omniglot_20w1s from that run
 #      (model.init_from) for 3/8;
-#   C. B's learner fine-tuned on each test support set (test_time.*; its cost is reported, not
-#      part of the training budget).
+#   C. B's learner fine-tuned on each test support set (test_time.*, the rate picked on 5
+#      validation episodes; its cost is reported, not part of the training budget).
 #   bash scripts/recipe_comparison.sh      # RECIPE_MINUTES (default 8), RECIPE_DIR (outputs/recipe)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,8 @@ budget() {  # seconds -> DD:HH:MM:SS
 TOTAL=$((MINUTES * 60))
 PRE=$((TOTAL * 5 / 8))
 META=$((TOTAL - PRE))
-COMMON=(logger=csv trainer.enable_progress_bar=false sampler.test_episodes=600)
+# plain fp32 for every arm (the bf16 path is fast only where the CPU has native bf16 kernels)
+COMMON=(logger=csv trainer.enable_progress_bar=false sampler.test_episodes=600 hardware=cpu channels_last=false)
 best() {  # the best validation checkpoint a finished run names
     $BIN/python -c "import json,sys; print(json.load(open(sys.argv[1]))['val']['best_checkpoint'])" "$1/results.json"
 }
@@ -31,7 +32,7 @@ best() {  # the best validation checkpoint a finished run names
 [ -f "$OUT/meta_baseline/results.json" ] || $BIN/metarun experiment=meta_baseline_omniglot_20w1s "${COMMON[@]}" \
     model.init_from="$OUT/pretrain" trainer.max_time="$(budget $META)" hydra.run.dir="$OUT/meta_baseline"
 [ -f "$OUT/finetuned/results.json" ] || /usr/bin/time -f "fine-tuned test: %e s" $BIN/metarun-eval \
-    ckpt_path="$(best "$OUT/meta_baseline")" test_time.finetune_steps=10 test_time.lr=0.01 test_time.augment=true \
+    ckpt_path="$(best "$OUT/meta_baseline")" test_time.finetune_steps=10 test_time.lr=auto test_time.augment=true \
     hydra.run.dir="$OUT/finetuned"
 $BIN/python - "$OUT" <<'PY'
 import json, sys

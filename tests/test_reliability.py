@@ -386,7 +386,7 @@ BAD_SETTINGS = {
     "checkpoint.every_n_steps=0": ("checkpoint.every_n_steps=0 is not allowed: it must be a positive integer or null."),
     "grad_clip=-1": "grad_clip=-1 is not allowed: it must be a positive number or null.",
     "sampler.batch_size=0": "sampler.batch_size=0 is not allowed: it must be a positive integer.",
-    "test_time.lr=-1": "test_time.lr=-1 is not allowed: it must be a positive number.",
+    "test_time.lr=-1": "test_time.lr=-1 is not allowed: it must be a positive number or auto.",
     "task_chunk=0": ("task_chunk=0 is not allowed: it must be a positive integer (tasks per backward pass) or null."),
     "task_batching=batched": ("task_batching='batched' is not allowed: choose one of loop, vmap, auto."),
     # an old command line: the key moved to the top level

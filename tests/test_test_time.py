@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import metarun
+from metarun.algorithms.base import MetaOutput
 from metarun.build import build
-from metarun.episodes import TEST, collate_episodes
+from metarun.episodes import TEST, EpisodeBatch, collate_episodes
 from metarun.errors import ConfigError
 from metarun.runner import train
-from metarun.test_time import TestTimeFinetune, augment_images
+from metarun.test_time import AUTO_RATES, TestTimeFinetune, augment_images
 from tests.conftest import EVAL, PREDICT, TINY, compose_config, data_dir, finish, launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -53,7 +54,7 @@ def test_lowers_the_support_loss_is_seeded_and_leaves_the_learner_unchanged(run)
     pseudo = tuner.pseudo_episode(task, torch.Generator())
     with torch.no_grad():
         untuned = algorithm.meta_loss(pseudo).loss.item()
-        tuned = tuner.finetuned(algorithm, task).meta_loss(pseudo).loss.item()
+        tuned = tuner.finetuned(algorithm, task, tuner.lr).meta_loss(pseudo).loss.item()
     assert tuned < untuned - 0.05
     first = tuner.predict(algorithm, batch).query_logits
     assert torch.equal(first, tuner.predict(algorithm, batch).query_logits)  # seeded
@@ -109,9 +110,66 @@ def test_eval_predict_and_load_give_the_same_labels_and_the_checkpoint_is_untouc
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
 
 
+def test_auto_lr_takes_the_best_rate_and_a_tie_goes_to_the_smaller(monkeypatch):
+    tuner = TestTimeFinetune(finetune_steps=1, lr="auto")
+    assert tuner.needs_lr and tuner.settings()["lr"] == "auto"
+    with pytest.raises(RuntimeError, match="choose_lr must pick the rate"):
+        tuner.predict(None, None)
+    right, wrong = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    half = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])  # [B=1, M=2, N=2]
+    logits = dict(zip(AUTO_RATES, (half, right, right, wrong)))
+    monkeypatch.setattr(tuner, "predict_at", lambda algorithm, batch, lr: MetaOutput(torch.tensor(0.0), logits[lr]))
+    monkeypatch.setattr(tuner, "check_task", lambda algorithm, batch: None)
+    labels = torch.tensor([[0, 1]])
+    episodes = EpisodeBatch(torch.zeros(1, 2, 1), labels, torch.zeros(1, 2, 1), labels, None, torch.zeros(1).long())
+    assert tuner.choose_lr(None, episodes) == 0.0001 and not tuner.needs_lr
+    assert tuner.settings()["lr_search"] == {
+        "episodes": 1,
+        "accuracy": {"0.0": 0.5, "0.0001": 1.0, "0.001": 1.0, "0.01": 0.0},
+    }
+
+
+def test_auto_lr_is_chosen_on_validation_episodes_alike_in_eval_and_predict(run, tmp_path):
+    from tests.test_predict import save_png
+
+    folder, objects = run
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    episode = objects["sampler"].eval_episode(objects["datamodule"].splits["test"], TEST, 0)
+    for i, (image, label) in enumerate(zip(episode.support_x, episode.support_y.tolist())):
+        save_png(image, tmp_path / "support" / f"class_{label}" / f"{i:02d}.png")
+    settings = ["test_time.finetune_steps=2", "test_time.lr=auto"]
+    evaluated = launch(tmp_path / "eval", f"ckpt_path={ckpt}", "sampler.test_episodes=1", *settings, command=EVAL)
+    support = f"support={tmp_path / 'support'}"
+    predicted = launch(
+        tmp_path / "predict", f"ckpt_path={ckpt}", support, f"query={tmp_path / 'support'}", *settings, command=PREDICT
+    )
+    learner = metarun.load(ckpt, test_time={"finetune_steps": 2, "lr": "auto"})
+    learner.choose_test_time_lr()
+    chosen = learner.test_time.settings()
+    assert chosen["lr"] in AUTO_RATES and chosen["lr_search"]["episodes"] == min(5, objects["sampler"].val_episodes)
+    ev, done = finish(evaluated), finish(predicted)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fine-tuned at test time: 2 steps at lr" in ev.stdout and "test_time.lr=auto on " in ev.stdout
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    report = json.loads((tmp_path / "predict" / "predict.json").read_text())
+    assert results["experiment"]["test_time"] == report["test_time"] == {**chosen, "augment": False}
+    # without the checkpoint's data the rate cannot be picked: one sentence
+    learner = metarun.load(ckpt, test_time={"finetune_steps": 2, "lr": "auto"})
+    learner.config.dataset.root, learner.config.dataset.download = str(tmp_path / "nowhere"), False
+    with pytest.raises(
+        ConfigError,
+        match=r"test_time.lr=auto is not allowed here: it picks the rate on validation "
+        r"episodes of the checkpoint's dataset \(Omniglot\), which could not be read",
+    ):
+        learner.predict(sorted((tmp_path / "support").rglob("*.png")))
+
+
 def test_bad_settings_are_one_sentence(tmp_path):
     with pytest.raises(ConfigError, match="test_time.finetune_steps=-1 is not allowed"):
         TestTimeFinetune(finetune_steps=-1)
+    with pytest.raises(ConfigError, match="test_time.lr='fast' is not allowed: it must be a positive number or auto"):
+        TestTimeFinetune(finetune_steps=1, lr="fast")
     with pytest.raises(ConfigError, match="test_time.augment='yes' is not allowed"):
         TestTimeFinetune(finetune_steps=1, augment="yes")
     done = finish(

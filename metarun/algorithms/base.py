@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +11,9 @@ from torch import Tensor, nn
 from metarun.algorithms.tasks import check_task_batching, map_tasks, modules_vmap_refusal
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
+
+if TYPE_CHECKING:
+    from metarun.algorithms.feature_transform import FeatureTransform
 
 
 def embedding_network(
@@ -119,9 +122,19 @@ class MetaAlgorithm(nn.Module):
         its own batch: episodes never share statistics, and the result does not depend on
         how many episodes are batched together or how a meta-batch is split over DDP
         processes.
+
+        When the learner is not training, its `evaluation_features` transform (SimpleShot's)
+        follows.
         """
         images = torch.cat([batch.support_x, batch.query_x], 1)  # [B, NK+NQ, C, H, W]
-        return self.map_tasks(self.model, images)  # [B, NK+NQ, D]
+        z = self.map_tasks(self.model, images)  # [B, NK+NQ, D]
+        transform = None if self.training else self.evaluation_features()
+        return z if transform is None else transform(z)
+
+    def evaluation_features(self) -> FeatureTransform | None:
+        """The transform of the features of the tasks this learner labels
+        (``algorithm.feature_transform``), or None for a learner without the option."""
+        return None
 
     def end_outer_step(self) -> None:
         """Advance state kept per outer step (a step counter); called once per optimiser

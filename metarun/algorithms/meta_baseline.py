@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network
+from metarun.algorithms.feature_transform import FeatureTransform, feature_transform_for
 from metarun.algorithms.protonet import class_means
 from metarun.checks import positive_number
 from metarun.episodes import EpisodeBatch
@@ -43,20 +44,33 @@ class MetaBaseline(MetaAlgorithm):
         model: embedding network (no classifier head).
         temperature: τ's starting value (the paper: 10).
         learn_temperature: whether τ is a meta-parameter (the paper: yes).
+        feature_transform: SimpleShot's transform of the features of evaluation episodes
+            (`metarun.algorithms.feature_transform`; the cosine already normalises, so cl2n's
+            centring is what changes).
     """
 
     needs_head = False
     tasks = ("classification",)
 
-    def __init__(self, model: nn.Module, temperature: float = 10.0, learn_temperature: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        temperature: float = 10.0,
+        learn_temperature: bool = True,
+        feature_transform: str = "none",
+    ) -> None:
         super().__init__()
         self.model = embedding_network(model, "MetaBaseline")
+        self.features = feature_transform_for(model, feature_transform, "MetaBaseline")
         positive_number("algorithm.temperature", temperature)
         value = torch.tensor(float(temperature))
         if learn_temperature:
             self.temperature = nn.Parameter(value)
         else:
             self.register_buffer("temperature", value)
+
+    def evaluation_features(self) -> FeatureTransform:
+        return self.features
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         logits = centroid_logits(self, batch, self.temperature)  # [B, NQ, N]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_dim, embedding_network
+from metarun.algorithms.feature_transform import FeatureTransform, feature_transform_for
 from metarun.algorithms.meta_baseline import centroid_logits
 from metarun.checks import positive_int
 from metarun.episodes import EpisodeBatch
@@ -36,16 +37,21 @@ class Pretrain(MetaAlgorithm):
         num_train_classes: classes of the training split (``auto`` in the config reads it
             from the dataset: Omniglot's Vinyals split 4112, mini-ImageNet 64).
         label_smoothing: cross-entropy's label smoothing (0: none).
+        feature_transform: SimpleShot's transform of the features of evaluation episodes
+            (`metarun.algorithms.feature_transform`; cl2n here is SimpleShot's whole recipe).
     """
 
     needs_head = False  # its whole-class classifier is its own
     episodic = False
     tasks = ("classification",)
 
-    def __init__(self, model: nn.Module, num_train_classes: int, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self, model: nn.Module, num_train_classes: int, label_smoothing: float = 0.0, feature_transform: str = "none"
+    ) -> None:
         super().__init__()
         name = type(self).__name__
         self.model = embedding_network(model, name, "the learner owns its whole-class classifier")
+        self.features = feature_transform_for(model, feature_transform, name)
         positive_int("algorithm.num_train_classes", num_train_classes)
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
             label_smoothing = -1.0
@@ -77,6 +83,9 @@ class Pretrain(MetaAlgorithm):
             )
         z = self.map_tasks(self.model, batch.query_x)  # [B, M, D]: one forward per mini-batch
         return self.classifier(z)  # [B, M, C]
+
+    def evaluation_features(self) -> FeatureTransform:
+        return self.features
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         logits = self.class_logits(batch)  # [B, M, C]

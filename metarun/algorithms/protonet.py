@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network
+from metarun.algorithms.feature_transform import FeatureTransform, feature_transform_for
 from metarun.episodes import EpisodeBatch
 
 
@@ -33,16 +34,22 @@ class ProtoNet(MetaAlgorithm):
 
     Args:
         model: embedding network (no classifier head).
+        feature_transform: SimpleShot's transform of the features of evaluation episodes
+            (none, l2n, cl2n: `metarun.algorithms.feature_transform`).
     """
 
     needs_head = False
 
     tasks = ("classification",)
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, feature_transform: str = "none") -> None:
         super().__init__()
         embedding_network(model, "ProtoNet")
         self.model = model
+        self.features = feature_transform_for(model, feature_transform, "ProtoNet")
+
+    def evaluation_features(self) -> FeatureTransform:
+        return self.features
 
     def _logits(self, batch: EpisodeBatch) -> Tensor:
         b, nk = batch.support_y.shape

@@ -62,6 +62,7 @@ class RFS(Pretrain):
         model, num_train_classes, label_smoothing: as `Pretrain`.
         inverse_penalty: scikit-learn's ``C``, the inverse L2 penalty of the head.
         max_iter: L-BFGS iterations at most.
+        feature_transform: as `Pretrain` (before the head's own L2 normalisation).
     """
 
     def __init__(
@@ -71,8 +72,9 @@ class RFS(Pretrain):
         label_smoothing: float = 0.0,
         inverse_penalty: float = 1.0,
         max_iter: int = 1000,
+        feature_transform: str = "none",
     ) -> None:
-        super().__init__(model, num_train_classes, label_smoothing)
+        super().__init__(model, num_train_classes, label_smoothing, feature_transform)
         positive_number("algorithm.inverse_penalty", inverse_penalty)
         positive_int("algorithm.max_iter", max_iter)
         self.inverse_penalty, self.max_iter = float(inverse_penalty), max_iter
