@@ -19,6 +19,7 @@ from metarun.episodes import (
     TaskSource,
     TrainEpisodes,
     collate_episodes,
+    first_episodes,
     task_generator,
 )
 
@@ -91,8 +92,7 @@ class EpisodicDataModule(L.LightningDataModule):
     def validation_batch(self, size: int) -> EpisodeBatch:
         """The first ``size`` validation episodes (at most all of them) as one batch."""
         self.prepare()
-        episodes = EvalEpisodes(self.sampler, self.splits["val"], VAL, min(size, self.sampler.val_episodes))
-        return collate_episodes([episodes[i] for i in range(len(episodes))])
+        return first_episodes(self.sampler, self.splits["val"], VAL, min(size, self.sampler.val_episodes))
 
     def training_images(self, size: int, stream: int) -> Tensor:
         """``size`` distinct training images (at most all of them), drawn once from generator

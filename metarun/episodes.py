@@ -300,6 +300,12 @@ class EvalEpisodes(Dataset):
         return self.sampler.eval_episode(self.source, self.stream, index)
 
 
+def first_episodes(sampler: EpisodeSampler, source: TaskSource, stream: int, size: int) -> EpisodeBatch:
+    """The first ``size`` episodes of a fixed evaluation list as one batch."""
+    episodes = EvalEpisodes(sampler, source, stream, size)
+    return collate_episodes([episodes[i] for i in range(size)])
+
+
 __all__ = [
     "Episode",
     "EpisodeBatch",
@@ -307,6 +313,7 @@ __all__ = [
     "TrainEpisodes",
     "EvalEpisodes",
     "collate_episodes",
+    "first_episodes",
     "task_generator",
     "TaskSource",
     "Augment",

@@ -33,9 +33,8 @@ from metarun.build import build_learner, dataset_class, instantiate_checked
 from metarun.catalog import CONFIG_DIR, head_free_learners
 from metarun.checkpoint_files import load_checkpoint, load_weights
 from metarun.cli import exit_on_config_error, run_command
-from metarun.datamodule import EpisodicDataModule
 from metarun.datasets.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageTooLarge, failure_reason, open_image
-from metarun.episodes import EpisodeBatch
+from metarun.episodes import VAL, EpisodeBatch, first_episodes
 from metarun.errors import ConfigError
 from metarun.init_from import describe
 from metarun.results import write_results
@@ -196,10 +195,9 @@ class Learner:
         """``test_time.lr=auto``: the rate is picked on the first validation episodes of the
         checkpoint's own dataset, as in its test (`metarun.test_time`)."""
         try:
-            dataset = instantiate_checked(self.config.dataset)
             sampler = instantiate_checked(self.config.sampler)
-            data = EpisodicDataModule(dataset, sampler, plain_batches=not self.algorithm.episodic)
-            episodes = data.validation_batch(AUTO_EPISODES)
+            validation = instantiate_checked(self.config.dataset).split("val")  # the one split it needs
+            episodes = first_episodes(sampler, validation, VAL, min(AUTO_EPISODES, sampler.val_episodes))
         except ConfigError as error:
             raise ConfigError(
                 f"test_time.lr=auto is not allowed here: it picks the rate on validation episodes of the "

@@ -160,8 +160,8 @@ def one_per_family(names: list[str]) -> list[str]:
 @pytest.mark.parametrize("name", one_per_family(EXPERIMENTS))
 def test_experiment_preset_runs_a_few_steps(tmp_path, name, request):
     """One preset of each family, as written (in fp32 where this CPU's bf16 is emulated),
-    trains 2 outer steps of 1 task (meta-batches are tested elsewhere, in float64) and tests 2 episodes (image benchmarks on their
-    stand-ins, with 1 query per class: 6 images per class)."""
+    trains 2 outer steps of 1 task (meta-batches are tested elsewhere, in float64) and tests 2
+    episodes (image benchmarks on their stand-ins, with 1 query per class: 6 images per class)."""
     cfg = compose_config(
         [
             f"experiment={name}",

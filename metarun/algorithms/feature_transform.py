@@ -29,8 +29,7 @@ CHUNK = 256  # images embedded per forward call while measuring the mean
 
 def feature_transform_for(model: nn.Module, kind: str, learner: str) -> FeatureTransform:
     """``kind`` for ``model``'s features (cl2n reads its ``embedding_dim``)."""
-    transform = FeatureTransform(kind)
-    return FeatureTransform(kind, embedding_dim(model, learner)) if transform.needs_mean else transform
+    return FeatureTransform(kind, embedding_dim(model, learner) if kind == "cl2n" else None)
 
 
 class FeatureTransform(nn.Module):
