@@ -169,7 +169,8 @@ def image_standins(tmp_path_factory) -> Path:
 
 def on_standins(cfg: DictConfig, request: pytest.FixtureRequest) -> None:
     """Point a composed image-benchmark config at the stand-ins (`image_standins`) with 1 query
-    per class (6 images per class); Omniglot and sinusoid configs are left as they are."""
+    per class and at most 5 shots (6 images per class); Omniglot and sinusoid configs are left
+    as they are."""
     if cfg.dataset._target_.endswith(("Omniglot", "Sinusoid")):
         return
     root = request.getfixturevalue("image_standins")
@@ -178,3 +179,6 @@ def on_standins(cfg: DictConfig, request: pytest.FixtureRequest) -> None:
         cfg.paths.cache_dir = str(root / "cache")
         cfg.sampler.queries = 1
         cfg.sampler.train_queries = 1
+        for key in ("shots", "train_shots"):
+            if isinstance(cfg.sampler.get(key), int) and cfg.sampler[key] > 5:
+                cfg.sampler[key] = 5

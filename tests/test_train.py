@@ -161,7 +161,8 @@ def one_per_family(names: list[str]) -> list[str]:
 def test_experiment_preset_runs_a_few_steps(tmp_path, name, request):
     """One preset of each family, as written (in fp32 where this CPU's bf16 is emulated),
     trains 2 outer steps of 1 task (meta-batches are tested elsewhere, in float64) and tests 2
-    episodes (image benchmarks on their stand-ins, with 1 query per class: 6 images per class)."""
+    episodes (image benchmarks on their stand-ins, with 1 query per class: 6 images per class;
+    a ResNet-12 with 8 channels per stage, its size tested in tests/models/test_resnet12.py)."""
     cfg = compose_config(
         [
             f"experiment={name}",
@@ -181,6 +182,9 @@ def test_experiment_preset_runs_a_few_steps(tmp_path, name, request):
     if cfg.dataset._target_.endswith("Omniglot") and not Path(cfg.dataset.root).exists():
         pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (.ci/run sets it)")
     on_standins(cfg, request)
+    if cfg.model._target_.endswith("ResNet12"):
+        with open_dict(cfg):
+            cfg.model.widths = [8, 8, 8, 8]  # the preset's network at 1/80 of its width: the wiring, not the size
     results, _ = train(cfg)
     assert results["status"] == "completed" and results["train"]["steps"] == 2
     assert all(math.isfinite(block["mean"]) for block in results["test"].values())
