@@ -20,11 +20,9 @@ from metarun.algorithms.base import MetaAlgorithm
 from metarun.catalog import CONFIG_DIR  # noqa: F401  (the commands read it here)
 from metarun.checks import check_image_groups, check_settings
 from metarun.cli import config_error
-from metarun.datamodule import EpisodicDataModule
 from metarun.datasets.base import Dataset
 from metarun.errors import ConfigError
 from metarun.init_from import init_backbone
-from metarun.module import MetaLearningModule
 from metarun.test_time import TestTimeFinetune
 
 
@@ -156,6 +154,9 @@ def build_learner(cfg: DictConfig, initialise: bool = True) -> dict[str, Any]:
     regression = data.kind == "regression"
     test_time = TestTimeFinetune(**(cfg.get("test_time") or {}), seed=cfg.seed)
     test_time.check(algorithm)
+    augment = instantiate_checked(cfg.transform) if cfg.get("transform") else None  # checked before any data
+    from metarun.module import MetaLearningModule  # Lightning: imported once the settings are known to be good
+
     module = MetaLearningModule(
         algorithm,
         lineage=lineage,
@@ -166,7 +167,6 @@ def build_learner(cfg: DictConfig, initialise: bool = True) -> dict[str, Any]:
         regression=regression,
         task_chunk=cfg.get("task_chunk"),
     )
-    augment = instantiate_checked(cfg.transform) if cfg.get("transform") else None  # checked before any data
     return {
         "sampler": sampler,
         "algorithm": algorithm,
@@ -182,6 +182,8 @@ def build_data(cfg: DictConfig, learner: dict[str, Any]) -> dict[str, Any]:
     dataset = instantiate_checked(cfg.dataset)
     test_dataset = build_test_dataset(cfg.test_dataset) if cfg.get("test_dataset") else None
     plain = not learner["algorithm"].episodic  # a whole-class learner trains on plain mini-batches
+    from metarun.datamodule import EpisodicDataModule  # Lightning
+
     datamodule = EpisodicDataModule(dataset, learner["sampler"], learner["augment"], test_dataset, plain)
     datamodule.prepare()
     return {**learner, "dataset": dataset, "datamodule": datamodule}

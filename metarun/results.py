@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import torch
 from omegaconf import DictConfig
 
 from metarun.init_from import describe
+
+if TYPE_CHECKING:
+    import lightning as L
 
 
 def experiment_block(cfg: DictConfig, sampler: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,13 @@ def embedding_dim(model: nn.Module, learner: str) -> int:
             f"model is not allowed for {learner}: it must expose an integer embedding_dim (e.g. model=conv4)."
         )
     return dim
+
+
+def solved_in_float32(head: Callable[..., Tensor], z: Tensor, *args: Any) -> Tensor:
+    """``head(z, *args)`` with autocast off and ``z`` in at least float32: a per-task solve
+    (R2-D2's ridge system, MetaOptNet's SVM) is not done in bf16/fp16 even under mixed precision."""
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        return head(z.to(torch.promote_types(z.dtype, torch.float32)), *args)
 
 
 @dataclass

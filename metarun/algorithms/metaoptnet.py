@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network, solved_in_float32
 from metarun.checks import positive_int, positive_number
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
@@ -99,6 +99,7 @@ class MetaOptNet(MetaAlgorithm):
     learned scale s. The meta-gradient reaches the backbone through the optimality (KKT)
     conditions of the solution rather than through the solver's iterations. As in the
     authors' released code the dual's kernel carries a ridge of 1 (``kernel_ridge``).
+    Under mixed precision the backbone runs in bf16/fp16 and the solve in float32.
 
     The solver is our own, not a QP library: it runs batched on CPU and GPU in plain torch
     (and under `map_tasks`' vmap), has a fixed cost per step, and its backward is one linear
@@ -149,7 +150,7 @@ class MetaOptNet(MetaAlgorithm):
         return self.scale * (query @ support.transpose(1, 2)) @ tau  # [B, NQ, N]
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        logits = self.logits(self.embed_episodes(batch).flatten(2), batch.support_y)  # [B, NQ, N]
+        logits = solved_in_float32(self.logits, self.embed_episodes(batch).flatten(2), batch.support_y)  # [B, NQ, N]
         smoothing = self.label_smoothing if self.training else 0.0
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten(), label_smoothing=smoothing)
         return MetaOutput(loss, logits.detach())

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network, solved_in_float32
 from metarun.checks import positive_number
 from metarun.episodes import EpisodeBatch
 
@@ -53,6 +53,7 @@ class R2D2(MetaAlgorithm):
     solved in closed form (`ridge_weights`: the Woodbury identity when there are fewer
     support images than features), and scores queries with ``α · [f(q), 1] W + β``. The
     meta-gradient flows through the solve into the backbone, α, β and (if learned) λ.
+    Under mixed precision the backbone runs in bf16/fp16 and the solve in float32.
 
     Args:
         model: embedding network (no classifier head).
@@ -88,7 +89,7 @@ class R2D2(MetaAlgorithm):
         return self.scale * raw + self.bias
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
-        logits = self.logits(self.embed_episodes(batch).flatten(2), batch.support_y)  # [B, NQ, N]
+        logits = solved_in_float32(self.logits, self.embed_episodes(batch).flatten(2), batch.support_y)  # [B, NQ, N]
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
         return MetaOutput(loss, logits.detach())
 
