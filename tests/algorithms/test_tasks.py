@@ -4,13 +4,15 @@ For every algorithm config (derived from conf/algorithm/), on small Omniglot epi
 sinusoids, in float64: the meta-loss, the meta-gradient and the predictions are the same
 whether the tasks run in the Python loop or under `torch.func.vmap`, and the meta-gradient
 accumulated over chunks of the meta-batch (`module.backward_in_chunks`) equals the
-unchunked one. Learners that cannot run under vmap refuse it with one sentence.
+unchunked one. Learners that cannot run under vmap refuse it with one sentence. A learner
+rebuilt from its state_dict and its optimiser's takes the same next step (resume).
 
 ``METARUN_TEST_DEVICE=cuda`` runs the same comparisons on a GPU (scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -107,6 +109,34 @@ def test_loop_vmap_and_chunks_give_the_same_meta_learning(name, tmp_path):
     check_loop_and_vmap_agree(algorithm, batch, episodes)
     algorithm.task_batching = "loop"
     check_chunks_give_the_whole_meta_gradient(algorithm, batch)
+    check_state_dicts_resume_the_next_step(algorithm, batch, lambda: float64_setup(name, tmp_path)[0])
+
+
+def check_state_dicts_resume_the_next_step(algorithm, batch: EpisodeBatch, rebuild) -> None:
+    """All of a learner's training state is in its state_dict and its optimiser's, which is
+    what a checkpoint holds: a freshly built learner given those two after an outer step takes
+    the same next step as the learner that never stopped (a resume at the learner's level)."""
+
+    def step(learner, optimizer) -> None:
+        learner.train()
+        optimizer.zero_grad()
+        learner.meta_loss(batch).loss.backward()
+        optimizer.step()
+        learner.end_outer_step()
+
+    algorithm.task_batching = "loop"
+    optimizer = torch.optim.Adam(algorithm.parameters(), lr=1e-3)
+    step(algorithm, optimizer)
+    saved = copy.deepcopy((algorithm.state_dict(), optimizer.state_dict()))
+    step(algorithm, optimizer)
+    fresh = rebuild()
+    fresh.task_batching = "loop"
+    fresh.load_state_dict(saved[0])
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    fresh_optimizer.load_state_dict(saved[1])
+    step(fresh, fresh_optimizer)
+    for (key, a), b in zip(algorithm.state_dict().items(), fresh.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=key)
 
 
 def check_loop_and_vmap_agree(algorithm, batch: EpisodeBatch, episodes: EpisodeBatch) -> None:
