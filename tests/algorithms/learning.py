@@ -146,3 +146,18 @@ def check_learns_episodes(cfg, steps: int, lr: float, at_least: float, gain: flo
     alg, sampler, splits = objects["algorithm"], objects["sampler"], objects["datamodule"].splits
     fit = lambda: meta_train(alg, sampler, splits["train"], steps=steps, lr=lr)  # noqa: E731
     assert_learns(alg, sampler, splits["test"], fit, at_least=at_least, gain=gain)
+
+
+def check_episodic_head_learns_omniglot(make_config, algorithm: str) -> None:
+    """An embedding learner ``algorithm`` (a head on Conv4 features, no inner loop) trained 60
+    Adam steps of 8 tasks, 5-way 1-shot, from scratch (Conv4, 32 channels), against its
+    untrained self on the same 100 fixed test episodes."""
+    cfg = make_config(
+        "dataset=omniglot",
+        f"algorithm={algorithm}",
+        "model.hidden=32",
+        "sampler.queries=5",
+        "sampler.train_queries=2",
+        "sampler.meta_batch_size=8",
+    )
+    check_learns_episodes(cfg, steps=60, lr=2e-3, at_least=0.6, gain=0.1)

@@ -72,15 +72,7 @@ def test_bad_settings_are_refused():
 @pytest.mark.slow
 def test_learns_omniglot_5way_1shot(omniglot_available, make_config):
     """60 Adam steps of 8 tasks, 5-way 1-shot, from scratch (Conv4, 32 channels), against
-    the untrained network on the same 100 fixed test episodes."""
-    from tests.algorithms.learning import check_learns_episodes
+    the untrained network on the same 100 fixed test episodes. Measured: 0.390 -> 0.778."""
+    from tests.algorithms.learning import check_episodic_head_learns_omniglot
 
-    cfg = make_config(
-        "dataset=omniglot",
-        "algorithm=r2d2",
-        "model.hidden=32",
-        "sampler.queries=5",
-        "sampler.train_queries=2",
-        "sampler.meta_batch_size=8",
-    )
-    check_learns_episodes(cfg, steps=60, lr=2e-3, at_least=0.6, gain=0.1)
+    check_episodic_head_learns_omniglot(make_config, "r2d2")
