@@ -29,7 +29,8 @@ CHUNK = 256  # images embedded per forward call while measuring the mean
 
 def feature_transform_for(model: nn.Module, kind: str, learner: str) -> FeatureTransform:
     """``kind`` for ``model``'s features (cl2n reads its ``embedding_dim``)."""
-    return FeatureTransform(kind, embedding_dim(model, learner) if kind == "cl2n" else None)
+    transform = FeatureTransform(kind)
+    return FeatureTransform(kind, embedding_dim(model, learner)) if transform.needs_mean else transform
 
 
 class FeatureTransform(nn.Module):
@@ -58,7 +59,9 @@ class FeatureTransform(nn.Module):
     @torch.no_grad()
     def fit(self, embed: nn.Module, images: Tensor) -> None:
         """Set the mean to that of ``embed``'s features of ``images [M, C, H, W]``."""
-        total = torch.cat([embed(chunk).float() for chunk in images.split(CHUNK)]).mean(0)  # [D]
+        total = torch.cat([embed(chunk).to(self.mean.dtype) for chunk in images.split(CHUNK)]).mean(
+            0
+        )  # [D], the buffer's precision
         self.mean.copy_(total)
         self.fitted.fill_(True)
 
