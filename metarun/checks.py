@@ -26,6 +26,20 @@ def positive_number(key: str, value: Any, allow_none: bool = False) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}.")
 
 
+def number_in(key: str, value: Any, low: float, high: float | None = None) -> float:
+    """``value`` must be a number in ``[low, high)`` (``high`` None: no upper bound), e.g. a
+    label smoothing in [0, 1) or a ridge of at least 0; returned as a float."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value < low
+        or (high is not None and value >= high)
+    ):
+        allowed = f"a number in [{low:g}, {high:g})" if high is not None else f"a number >= {low:g}"
+        raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}.")
+    return float(value)
+
+
 def positive_int(key: str, value: Any, allow_none: bool = False, what: str = "a positive integer") -> int | None:
     """``value`` must be an integer of at least one (a step count, a width), or null if allowed."""
     if value is None and allow_none:

@@ -9,13 +9,12 @@ from omegaconf import DictConfig
 from metarun.build import CONFIG_DIR
 from metarun.cli import exit_on_config_error, run_command
 from metarun.results import objective
+from metarun.runner import train  # no Lightning until a run's settings are checked (metarun.fit)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @exit_on_config_error
 def hydra_main(cfg: DictConfig) -> float:
-    from metarun.runner import train  # here, so that `metarun --help` needs no Lightning
-
     return objective(train(cfg)[0])
 
 

@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network, solved_in_float32
-from metarun.checks import positive_int, positive_number
+from metarun.checks import number_in, positive_int, positive_number
 from metarun.episodes import EpisodeBatch
-from metarun.errors import ConfigError
 
 
 def project_rows(v: Tensor, upper: Tensor) -> Tensor:
@@ -132,12 +131,9 @@ class MetaOptNet(MetaAlgorithm):
         positive_number("algorithm.c", c)
         positive_number("algorithm.scale", scale)
         positive_int("algorithm.solver_steps", solver_steps)
-        if not isinstance(kernel_ridge, (int, float)) or kernel_ridge < 0:
-            raise ConfigError(f"algorithm.kernel_ridge={kernel_ridge} is not allowed: it must be a number >= 0.")
-        if not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing < 1:
-            raise ConfigError(f"algorithm.label_smoothing={label_smoothing} is not allowed: it must be in [0, 1).")
-        self.c, self.kernel_ridge, self.solver_steps = float(c), float(kernel_ridge), solver_steps
-        self.label_smoothing = float(label_smoothing)
+        self.c, self.solver_steps = float(c), solver_steps
+        self.kernel_ridge = number_in("algorithm.kernel_ridge", kernel_ridge, 0)
+        self.label_smoothing = number_in("algorithm.label_smoothing", label_smoothing, 0, 1)
         self.scale = nn.Parameter(torch.tensor(float(scale)))
 
     def logits(self, z: Tensor, support_y: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_dim, embedding_network
 from metarun.algorithms.feature_transform import FeatureTransform, feature_transform_for
 from metarun.algorithms.meta_baseline import centroid_logits
-from metarun.checks import positive_int
+from metarun.checks import number_in, positive_int
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -53,14 +53,9 @@ class Pretrain(MetaAlgorithm):
         self.model = embedding_network(model, name, "the learner owns its whole-class classifier")
         self.features = feature_transform_for(model, feature_transform, name)
         positive_int("algorithm.num_train_classes", num_train_classes)
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-            label_smoothing = -1.0
-        if not 0 <= label_smoothing < 1:
-            raise ConfigError(
-                f"algorithm.label_smoothing={label_smoothing} is not allowed: it must be a number in [0, 1)."
-            )
         dim = embedding_dim(model, name)
-        self.num_train_classes, self.label_smoothing = num_train_classes, float(label_smoothing)
+        self.num_train_classes = num_train_classes
+        self.label_smoothing = number_in("algorithm.label_smoothing", label_smoothing, 0, 1)
         self.classifier = nn.Linear(dim, num_train_classes)
         bound = 1 / math.sqrt(dim)  # nn.Linear's initialisation, from a seeded generator
         g = torch.Generator().manual_seed(0)
