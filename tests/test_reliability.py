@@ -425,6 +425,15 @@ def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
         f"paths.data_dir={empty}",
         f"paths.cache_dir={tmp_path / 'cache'}",
     )
+    for name, override in (("ridge", "algorithm.ridge=0"), ("svm", "algorithm.kernel_ridge=-1")):
+        procs[name] = launch(
+            tmp_path / name,
+            "dataset=omniglot",
+            f"algorithm={'r2d2' if name == 'ridge' else 'metaoptnet'}",
+            override,
+            f"paths.data_dir={empty}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        )
     parent = tmp_path / "a_file"
     parent.write_text("")
     procs["run_dir"] = launch(parent / "run")
@@ -432,6 +441,9 @@ def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
         **BAD_SETTINGS,
         # the model is checked before any data is looked for or decoded
         "norm": ("model.norm='bogus' is not allowed: choose one of transductive, running, tasknorm, support, none."),
+        # a convex head's settings, checked before any data
+        "ridge": "algorithm.ridge=0 is not allowed: it must be a positive number.",
+        "svm": "algorithm.kernel_ridge=-1 is not allowed: it must be a number >= 0.",
         "vmap": (
             "task_batching=vmap is not allowed for ProtoNet: its batch norm "
             "model.features.1 keeps running statistics (model.norm=running), which are "
