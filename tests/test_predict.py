@@ -16,14 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 import metarun
-from metarun.episodes import TEST, collate_episodes
-from metarun.predict import load
+from metarun.build import build_learner
+from metarun.episodes import TEST, EpisodeBatch, collate_episodes
+from metarun.predict import Learner, load
 from metarun.runner import train
 from metarun.stats import wilson_interval
-from tests.conftest import EVAL, PREDICT, TINY, compose_config, data_dir, finish, launch
+from tests.conftest import EVAL, NEEDS, PREDICT, TINY, algorithms, compose_config, data_dir, finish, launch
 from tests.test_cli import assert_one_sentence
 
 EPISODE = ["sampler.ways=5", "sampler.shots=1", "sampler.queries=3"]
@@ -411,3 +413,66 @@ def test_what_users_point_at_is_read_or_named(rgb_checkpoint, sinusoid_checkpoin
         f"was trained on regression tasks, so give a CSV file with columns x... and y... (an image checkpoint "
         f"takes folders)."
     )
+
+
+@pytest.mark.parametrize("algorithm", algorithms("classification"))
+def test_every_learner_labels_a_users_examples_as_its_meta_test_does(algorithm, tmp_path):
+    """For every classification learner in conf/ (derived, no list): `metarun.load`'s Learner, the
+    code behind `metarun-predict`, rebuilt from a checkpoint of the learner, gives the labels
+    and probabilities of the learner's own `predict` on the same 5-way 1-shot episode."""
+    cfg = compose_config(
+        [
+            *TINY,
+            "dataset=omniglot",
+            "model.hidden=8",
+            f"algorithm={algorithm}",
+            *NEEDS.get((algorithm, "classification"), []),
+        ],
+        tmp_path,
+    )
+    objects = build_learner(cfg)
+    algorithm_ = objects["module"].algorithm.eval()
+    checkpoint = {
+        "metarun_config": OmegaConf.to_container(cfg, resolve=True),
+        "state_dict": objects["module"].state_dict(),
+    }
+    generator = torch.Generator().manual_seed(0)
+    support = torch.rand(5, 1, 28, 28, generator=generator)  # one image of each of 5 classes
+    queries = torch.rand(7, 1, 28, 28, generator=generator)
+    names = [f"class_{i}" for i in range(5)]
+    episode = EpisodeBatch(
+        support[None],
+        torch.arange(5)[None],
+        queries[None],
+        torch.zeros(1, 7, dtype=torch.long),
+        None,
+        torch.zeros(1, dtype=torch.long),
+    )
+    with torch.no_grad():
+        expected = algorithm_.query_probabilities(algorithm_.predict(episode).query_logits)[0]  # [7, 5]
+    labels, probabilities = Learner(checkpoint, "in memory").adapt(list(support), names).predict(list(queries))
+    assert labels == [names[i] for i in expected.argmax(-1).tolist()]
+    torch.testing.assert_close(probabilities, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", algorithms("regression"))
+def test_every_regression_learner_predicts_a_users_points_as_its_meta_test_does(algorithm, tmp_path):
+    """The same for every regression learner: the Learner's mean (and std) on a user's points
+    are the learner's own `predict` on the same sinusoid task."""
+    cfg = compose_config([*TINY, f"algorithm={algorithm}", *NEEDS.get((algorithm, "regression"), [])], tmp_path)
+    objects = build_learner(cfg)
+    algorithm_ = objects["module"].algorithm.eval()
+    checkpoint = {
+        "metarun_config": OmegaConf.to_container(cfg, resolve=True),
+        "state_dict": objects["module"].state_dict(),
+    }
+    x = torch.linspace(-5, 5, 15)[:, None]  # [15, 1]
+    y = torch.sin(x)
+    episode = EpisodeBatch(
+        x[None, :10], y[None, :10], x[None, 10:], torch.zeros(1, 5, 1), None, torch.zeros(1, dtype=torch.long)
+    )
+    with torch.no_grad():
+        expected = algorithm_.predict(episode)
+    mean, std = Learner(checkpoint, "in memory").adapt(x[:10], y[:10]).predict(x[10:])
+    torch.testing.assert_close(mean, expected.query_logits[0], rtol=0, atol=1e-6)
+    assert (std is None) == (expected.query_std is None)

@@ -162,7 +162,8 @@ def test_experiment_preset_runs_a_few_steps(tmp_path, name, request):
     """One preset of each family, as written (in fp32 where this CPU's bf16 is emulated),
     trains 2 outer steps of 1 task (meta-batches are tested elsewhere, in float64) and tests 2
     episodes (image benchmarks on their stand-ins, with 1 query per class: 6 images per class;
-    a ResNet-12 with 8 channels per stage, its size tested in tests/models/test_resnet12.py)."""
+    a ResNet-12 with 8 channels per stage, its size tested in tests/models/test_resnet12.py, and a
+    Conv4 wider than 64 filters with 8)."""
     cfg = compose_config(
         [
             f"experiment={name}",
@@ -185,6 +186,9 @@ def test_experiment_preset_runs_a_few_steps(tmp_path, name, request):
     if cfg.model._target_.endswith("ResNet12"):
         with open_dict(cfg):
             cfg.model.widths = [8, 8, 8, 8]  # the preset's network at 1/80 of its width: the wiring, not the size
+    if cfg.model._target_.endswith("Conv4") and cfg.model.hidden > 64:
+        with open_dict(cfg):
+            cfg.model.hidden = 8  # a wide Conv4 (CAVIA's 512 filters) likewise
     results, _ = train(cfg)
     assert results["status"] == "completed" and results["train"]["steps"] == 2
     assert all(math.isfinite(block["mean"]) for block in results["test"].values())

@@ -83,10 +83,12 @@ def adapt(
     return params
 
 
-def adapted_meta_loss(algorithm: MetaAlgorithm, batch: EpisodeBatch, adapt_task: TaskAdapter) -> MetaOutput:
+def adapted_meta_loss(
+    algorithm: MetaAlgorithm, batch: EpisodeBatch, adapt_task: TaskAdapter, network: nn.Module | None = None
+) -> MetaOutput:
     """Mean query loss at θ′ = ``adapt_task(θ, support_x, support_y)`` over the tasks,
-    differentiable in θ."""
-    model = algorithm.model
+    differentiable in θ, the parameters of ``network`` (default: the learner's model)."""
+    model = algorithm.model if network is None else network
     theta = dict(model.named_parameters())
 
     def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,9 +101,12 @@ def adapted_meta_loss(algorithm: MetaAlgorithm, batch: EpisodeBatch, adapt_task:
     return MetaOutput(losses.mean(), logits)
 
 
-def adapted_predictions(algorithm: MetaAlgorithm, batch: EpisodeBatch, adapt_task: TaskAdapter) -> MetaOutput:
-    """Query predictions before and after adapting a detached copy of θ to each task."""
-    model = algorithm.model
+def adapted_predictions(
+    algorithm: MetaAlgorithm, batch: EpisodeBatch, adapt_task: TaskAdapter, network: nn.Module | None = None
+) -> MetaOutput:
+    """Query predictions before and after adapting a detached copy of θ (``network``'s
+    parameters, default the learner's model) to each task."""
+    model = algorithm.model if network is None else network
     theta = {k: v.detach() for k, v in model.named_parameters()}
 
     def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, ...]:
