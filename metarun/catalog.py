@@ -11,6 +11,7 @@ path) and in these lists.
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,9 @@ def head_free_learners() -> list[str]:
 def learners_for(kind: str) -> list[str]:
     """The algorithm options whose learner solves ``kind`` tasks ("classification" or "regression")."""
     return [name for name, cls in classes("algorithm").items() if kind in getattr(cls, "tasks", ())]
+
+
+def transductive_learners() -> list[str]:
+    """The algorithm options whose learner offers ``algorithm.transductive`` (its constructor
+    takes it: `metarun.algorithms.transductive`)."""
+    return [name for name, cls in classes("algorithm").items() if "transductive" in inspect.signature(cls).parameters]

@@ -29,8 +29,10 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from metarun.algorithms.base import MetaAlgorithm
+from metarun.algorithms.transductive import check_transductive
+from metarun.algorithms.transductive import describe as describe_inference
 from metarun.build import build_learner, dataset_class, instantiate_checked
-from metarun.catalog import CONFIG_DIR, head_free_learners
+from metarun.catalog import CONFIG_DIR, head_free_learners, transductive_learners
 from metarun.checkpoint_files import load_checkpoint, load_weights
 from metarun.cli import exit_on_config_error, run_command
 from metarun.datasets.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageTooLarge, failure_reason, open_image
@@ -59,9 +61,24 @@ class Learner:
         path: where it came from (for messages).
     """
 
-    def __init__(self, checkpoint: dict[str, Any], path: str, test_time: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: dict[str, Any],
+        path: str,
+        test_time: dict[str, Any] | None = None,
+        transductive: str | None = None,
+    ) -> None:
         self.path = path
         self.config = OmegaConf.create(checkpoint["metarun_config"])
+        if transductive is not None:  # label the queries together, over the checkpoint's own choice
+            if "transductive" not in self.config.algorithm:
+                learner = str(self.config.algorithm._target_).rsplit(".", 1)[-1]
+                raise ConfigError(
+                    f"transductive={transductive} is not allowed with this {learner} checkpoint: transductive "
+                    f"inference is an option of {', '.join(transductive_learners())}, so drop it."
+                )
+            check_transductive(transductive)
+            self.config.algorithm.transductive = transductive
         for key, value in (test_time or {}).items():  # fine-tuning at test time, over the checkpoint's own
             if value is not None:
                 OmegaConf.update(self.config, f"test_time.{key}", value, force_add=True)
@@ -78,7 +95,8 @@ class Learner:
         self.regression: bool = objects["regression"]
         self.dataset = dataset_class(self.config.dataset)
         self.name = type(self.algorithm).__name__
-        self.lineage: dict[str, Any] | None = checkpoint.get("metarun_lineage")  # model.init_from's source
+        self.lineage: dict[str, Any] | None = checkpoint.get("metarun_lineage")
+        self.inference = describe_inference(self.config.algorithm.get("transductive"))  # model.init_from's source
         self.classes: list[Any] = []
         self.converted = 0  # images whose colour mode was changed to the model's
         # images larger than this are skipped (the checkpoint dataset's decompression-bomb guard)
@@ -208,12 +226,14 @@ class Learner:
             self.test_time.choose_lr(self.algorithm, episodes)
 
 
-def load(ckpt_path: str | Path, test_time: dict[str, Any] | None = None) -> Learner:
+def load(ckpt_path: str | Path, test_time: dict[str, Any] | None = None, transductive: str | None = None) -> Learner:
     """A `Learner` from a metarun checkpoint, loaded safely (``weights_only=True``).
 
     ``test_time``: fine-tuning at test time over the checkpoint's own settings, e.g.
-    ``{"finetune_steps": 20, "lr": 0.001}`` (`metarun.test_time.TestTimeFinetune`)."""
-    return Learner(load_checkpoint(ckpt_path), str(ckpt_path), test_time)
+    ``{"finetune_steps": 20, "lr": 0.001}`` (`metarun.test_time.TestTimeFinetune`).
+    ``transductive``: label the queries together (bd_cspn, tim, pt_map, or none), over the
+    checkpoint's own ``algorithm.transductive``."""
+    return Learner(load_checkpoint(ckpt_path), str(ckpt_path), test_time, transductive)
 
 
 # ------------------------------------------------------------------ files a user points at
@@ -359,7 +379,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             )
     started = time.perf_counter()
     test_time = OmegaConf.to_container(cfg.test_time) if cfg.get("test_time") else None
-    learner = load(cfg.ckpt_path, test_time)  # type: ignore[arg-type]
+    learner = load(cfg.ckpt_path, test_time, cfg.get("transductive"))  # type: ignore[arg-type]
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if learner.regression:
@@ -369,6 +389,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     report["seconds"] = time.perf_counter() - started
     if learner.test_time.enabled:
         report["test_time"] = learner.test_time.settings()
+    report["inference"] = learner.inference
+    if learner.inference != "inductive":
+        print(f"inference: {learner.inference}: the queries were labelled together, from their own features")
     if learner.lineage:
         report["lineage"] = learner.lineage
         print(describe(learner.lineage))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig
 
+from metarun.algorithms.transductive import describe as describe_inference
 from metarun.init_from import describe
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ def experiment_block(cfg: DictConfig, sampler: Any) -> dict[str, Any]:
         "train_ways": sampler.train_ways,
         "train_shots": sampler.train_shots,
         "seed": cfg.seed,
+        "inference": describe_inference(cfg.algorithm.get("transductive")),
     }
     if cfg.get("test_dataset"):
         block["test_dataset"] = cfg.test_dataset._target_.rsplit(".", 1)[-1]
@@ -98,6 +100,9 @@ def report(results: dict[str, Any], metric: str) -> None:
     tuned = results["experiment"].get("test_time")
     if tuned:
         print(describe_test_time(tuned))
+    inference = results["experiment"].get("inference", "inductive")
+    if inference != "inductive":
+        print(f"inference: {inference}: each task's queries were labelled together, from their own features")
     for name, value in results["test"].items():
         scale, unit = (100.0, "%") if metric == "accuracy" else (1.0, "")
         print(

@@ -3,7 +3,8 @@ a plot of the test metric against the swept values.
 
     python scripts/summarize.py outputs/train/multiruns/<date> [--csv out.csv]
 
-Each row: the run's overrides, the test metric mean ± 95% CI, and training tasks/s. The plot
+Each row: the run's overrides, its inference (inductive, or which transductive method labelled
+the test queries), the test metric mean ± 95% CI, and training tasks/s. The plot
 (``summary.png`` in the sweep directory) puts the first numeric swept key on the x axis
 (e.g. ``sampler.shots``) and draws one line per value of the other swept keys (e.g. one per
 algorithm), with the 95% CI as error bars.
@@ -38,6 +39,7 @@ def rows(sweep_dir: Path) -> list[dict[str, str]]:
                 "ci95": f"{value['ci95'] * scale:.2f}",
                 "result": f"{value['mean'] * scale:.2f} ± {value['ci95'] * scale:.2f}",
                 "episodes": str(value["episodes"]),
+                "inference": results.get("experiment", {}).get("inference", "inductive"),
                 "tasks_per_second": "" if tps is None else f"{tps:.1f}",
             }
         )
@@ -93,10 +95,10 @@ def plot(table: list[dict[str, str]], path: Path) -> dict | None:
 
 
 def markdown(table: list[dict[str, str]]) -> str:
-    lines = ["| run | overrides | test | tasks/s |", "|---|---|---|---|"]
+    lines = ["| run | overrides | inference | test | tasks/s |", "|---|---|---|---|---|"]
     for r in table:
         lines.append(
-            f"| {r['run']} | {r['overrides']} | {r['metric']} {r['result']} "
+            f"| {r['run']} | {r['overrides']} | {r['inference']} | {r['metric']} {r['result']} "
             f"({r['episodes']} ep.) | {r['tasks_per_second']} |"
         )
     return "\n".join(lines)

@@ -118,6 +118,40 @@ def test_predict_gives_what_eval_gives_on_the_same_episode(omniglot, tmp_path, a
     torch.testing.assert_close(probs, probabilities, rtol=0, atol=1e-6)
 
 
+def test_transductive_inference_in_predict_and_eval_is_recorded_and_refused_where_it_does_not_apply(omniglot, tmp_path):
+    """``transductive=bd_cspn`` (predict) and ``algorithm.transductive=bd_cspn`` (eval) on the
+    ProtoNet checkpoint: the same accuracy on the same episode, the learner's own transductive
+    labels, and both reports say the inference was transductive; on the MAML checkpoint, one
+    sentence."""
+    ckpt, folder, episode, objects = omniglot["protonet"]
+    args = (f"ckpt_path={ckpt}", f"support={folder / 'support'}", f"query={folder / 'query'}")
+    predicted = command(PREDICT, tmp_path / "predict", *args, "transductive=bd_cspn")
+    evaluated = command(
+        EVAL, tmp_path / "eval", f"ckpt_path={ckpt}", "sampler.test_episodes=1", "algorithm.transductive=bd_cspn"
+    )
+    maml = command(PREDICT, tmp_path / "maml", f"ckpt_path={omniglot['maml'][0]}", *args[1:], "transductive=tim")
+    done, ev, refused = finish(predicted), finish(evaluated), finish(maml)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    report = json.loads((tmp_path / "predict" / "predict.json").read_text())
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert report["inference"] == results["experiment"]["inference"] == "transductive (BD-CSPN)"
+    assert "inference: transductive (BD-CSPN)" in done.stdout and "inference: transductive (BD-CSPN)" in ev.stdout
+    assert report["accuracy"]["mean"] == results["test"]["accuracy"]["mean"]
+    module = objects["module"]
+    module.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
+    module.eval()
+    module.algorithm.transductive = "bd_cspn"
+    with torch.no_grad():
+        logits = module.algorithm.predict(collate_episodes([episode])).query_logits[0]
+    module.algorithm.transductive = "none"
+    assert [r["predicted"] for r in predictions(tmp_path / "predict")] == [
+        f"class_{i}" for i in logits.argmax(-1).tolist()
+    ]
+    assert refused.returncode == 2
+    assert_one_sentence(refused.stderr.strip().splitlines()[-1], "transductive=tim", "MAML", "protonet")
+
+
 def test_an_image_on_disk_reads_back_as_its_training_tensor(omniglot, tmp_path):
     ckpt, _, _, objects = omniglot["protonet"]
     dataset = objects["dataset"]

@@ -425,11 +425,16 @@ def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
         f"paths.data_dir={empty}",
         f"paths.cache_dir={tmp_path / 'cache'}",
     )
-    for name, override in (("ridge", "algorithm.ridge=0"), ("svm", "algorithm.kernel_ridge=-1")):
+    for name, learner, override in (
+        ("ridge", "r2d2", "algorithm.ridge=0"),
+        ("svm", "metaoptnet", "algorithm.kernel_ridge=-1"),
+        ("transductive", "protonet", "algorithm.transductive=tta"),
+        ("context", "cavia", "algorithm.context_layer=features.99"),
+    ):
         procs[name] = launch(
             tmp_path / name,
             "dataset=omniglot",
-            f"algorithm={'r2d2' if name == 'ridge' else 'metaoptnet'}",
+            f"algorithm={learner}",
             override,
             f"paths.data_dir={empty}",
             f"paths.cache_dir={tmp_path / 'cache'}",
@@ -444,6 +449,11 @@ def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
         # a convex head's settings, checked before any data
         "ridge": "algorithm.ridge=0 is not allowed: it must be a positive number.",
         "svm": "algorithm.kernel_ridge=-1 is not allowed: it must be a number >= 0.",
+        "transductive": "algorithm.transductive='tta' is not allowed: choose one of none, bd_cspn, tim, pt_map.",
+        "context": (
+            "algorithm.context_layer='features.99' is not allowed: it must name a layer of the backbone "
+            "(features.0, features.1, features.2, features.3, features.4, features.5, features.6, features.7, ...)."
+        ),
         "vmap": (
             "task_batching=vmap is not allowed for ProtoNet: its batch norm "
             "model.features.1 keeps running statistics (model.norm=running), which are "

@@ -23,28 +23,30 @@ def load_script(name: str):
     return module
 
 
-def fake_run(root: Path, num: int, overrides: list[str], mean: float, ci: float) -> None:
+def fake_run(root: Path, num: int, overrides: list[str], mean: float, ci: float, inference: str | None = None) -> None:
     run = root / str(num)
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    (run / "results.json").write_text(
-        json.dumps(
-            {"test": {"accuracy": {"mean": mean, "ci95": ci, "episodes": 600}}, "train": {"tasks_per_second": 12.5}}
-        )
-    )
+    results = {"test": {"accuracy": {"mean": mean, "ci95": ci, "episodes": 600}}, "train": {"tasks_per_second": 12.5}}
+    if inference:  # results.json before the inference was recorded has none: inductive
+        results["experiment"] = {"inference": inference}
+    (run / "results.json").write_text(json.dumps(results))
 
 
 def test_summarize_prints_a_markdown_table_and_writes_csv(tmp_path):
     fake_run(tmp_path, 0, ["algorithm=maml", "sampler.shots=1"], 0.9512, 0.0061)
-    fake_run(tmp_path, 1, ["algorithm=protonet", "sampler.shots=5"], 0.9876, 0.0023)
+    fake_run(tmp_path, 1, ["algorithm=protonet", "sampler.shots=5"], 0.9876, 0.0023, "transductive (TIM-GD)")
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "summarize.py"), str(tmp_path)],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert "| 0 | algorithm=maml sampler.shots=1 | accuracy 95.12 ± 0.61 (600 ep.) | 12.5 |" in out
-    assert "| 1 | algorithm=protonet sampler.shots=5 | accuracy 98.76 ± 0.23 (600 ep.) | 12.5 |" in out
+    assert "| 0 | algorithm=maml sampler.shots=1 | inductive | accuracy 95.12 ± 0.61 (600 ep.) | 12.5 |" in out
+    assert (
+        "| 1 | algorithm=protonet sampler.shots=5 | transductive (TIM-GD) | accuracy 98.76 ± 0.23 (600 ep.) | 12.5 |"
+        in out
+    )
     lines = (tmp_path / "summary.csv").read_text().splitlines()
     assert lines[0].startswith("run,overrides,metric,mean,ci95") and len(lines) == 3
 

@@ -38,9 +38,10 @@ def output_channels(model: nn.Module, name: str) -> int:
     """The number of channels (dimension 1) of the output of ``model``'s layer ``name``."""
     layers = dict(model.named_modules())
     if name not in layers or name == "":
-        examples = ", ".join(n for n, m in layers.items() if n and not list(m.children()))[:300]
+        names = [n for n, m in layers.items() if n and not list(m.children())]
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise ConfigError(
-            f"algorithm.context_layer={name!r} is not allowed: it must name a layer of the backbone ({examples}, ...)."
+            f"algorithm.context_layer={name!r} is not allowed: it must name a layer of the backbone ({shown})."
         )
     layer = layers[name]
     for attribute in ("out_channels", "out_features", "num_features"):

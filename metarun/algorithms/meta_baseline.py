@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network
 from metarun.algorithms.feature_transform import FeatureTransform, feature_transform_for
 from metarun.algorithms.protonet import class_means
+from metarun.algorithms.transductive import check_transductive, transductive_predictions
 from metarun.checks import positive_number
 from metarun.episodes import EpisodeBatch
 
@@ -47,6 +48,8 @@ class MetaBaseline(MetaAlgorithm):
         feature_transform: SimpleShot's transform of the features of evaluation episodes
             (`metarun.algorithms.feature_transform`; the cosine already normalises, so cl2n's
             centring is what changes).
+        transductive: label evaluation queries transductively (none, bd_cspn, tim, pt_map:
+            `metarun.algorithms.transductive`); training is unchanged.
     """
 
     needs_head = False
@@ -58,8 +61,11 @@ class MetaBaseline(MetaAlgorithm):
         temperature: float = 10.0,
         learn_temperature: bool = True,
         feature_transform: str = "none",
+        transductive: str = "none",
     ) -> None:
         super().__init__()
+        check_transductive(transductive)
+        self.transductive = transductive
         self.model = embedding_network(model, "MetaBaseline")
         self.features = feature_transform_for(model, feature_transform, "MetaBaseline")
         positive_number("algorithm.temperature", temperature)
@@ -78,4 +84,6 @@ class MetaBaseline(MetaAlgorithm):
         return MetaOutput(loss, logits.detach())
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
+        if self.transductive != "none":
+            return transductive_predictions(self, batch, self.transductive)
         return self.meta_loss(batch)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_dim, embedding_network
 from metarun.algorithms.feature_transform import FeatureTransform, feature_transform_for
 from metarun.algorithms.meta_baseline import centroid_logits
+from metarun.algorithms.transductive import check_transductive, transductive_predictions
 from metarun.checks import number_in, positive_int
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
@@ -39,6 +40,8 @@ class Pretrain(MetaAlgorithm):
         label_smoothing: cross-entropy's label smoothing (0: none).
         feature_transform: SimpleShot's transform of the features of evaluation episodes
             (`metarun.algorithms.feature_transform`; cl2n here is SimpleShot's whole recipe).
+        transductive: label evaluation queries transductively (none, bd_cspn, tim, pt_map:
+            `metarun.algorithms.transductive`); training is unchanged.
     """
 
     needs_head = False  # its whole-class classifier is its own
@@ -46,9 +49,16 @@ class Pretrain(MetaAlgorithm):
     tasks = ("classification",)
 
     def __init__(
-        self, model: nn.Module, num_train_classes: int, label_smoothing: float = 0.0, feature_transform: str = "none"
+        self,
+        model: nn.Module,
+        num_train_classes: int,
+        label_smoothing: float = 0.0,
+        feature_transform: str = "none",
+        transductive: str = "none",
     ) -> None:
         super().__init__()
+        check_transductive(transductive)
+        self.transductive = transductive
         name = type(self).__name__
         self.model = embedding_network(model, name, "the learner owns its whole-class classifier")
         self.features = feature_transform_for(model, feature_transform, name)
@@ -88,7 +98,10 @@ class Pretrain(MetaAlgorithm):
         return MetaOutput(loss, logits.detach())
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
-        """Cosine nearest-centroid on the episode (scale 10 for the reported loss)."""
+        """Cosine nearest-centroid on the episode (scale 10 for the reported loss), or the
+        ``transductive`` method."""
+        if self.transductive != "none":
+            return transductive_predictions(self, batch, self.transductive)
         logits = centroid_logits(self, batch, torch.tensor(10.0))  # [B, NQ, N]
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
         return MetaOutput(loss, logits.detach())

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network
 from metarun.algorithms.feature_transform import FeatureTransform, feature_transform_for
+from metarun.algorithms.transductive import check_transductive, transductive_predictions
 from metarun.episodes import EpisodeBatch
 
 
@@ -36,17 +37,21 @@ class ProtoNet(MetaAlgorithm):
         model: embedding network (no classifier head).
         feature_transform: SimpleShot's transform of the features of evaluation episodes
             (none, l2n, cl2n: `metarun.algorithms.feature_transform`).
+        transductive: label evaluation queries transductively (none, bd_cspn, tim, pt_map:
+            `metarun.algorithms.transductive`); training is unchanged.
     """
 
     needs_head = False
 
     tasks = ("classification",)
 
-    def __init__(self, model: nn.Module, feature_transform: str = "none") -> None:
+    def __init__(self, model: nn.Module, feature_transform: str = "none", transductive: str = "none") -> None:
         super().__init__()
         embedding_network(model, "ProtoNet")
+        check_transductive(transductive)
         self.model = model
         self.features = feature_transform_for(model, feature_transform, "ProtoNet")
+        self.transductive = transductive
 
     def evaluation_features(self) -> FeatureTransform:
         return self.features
@@ -64,4 +69,6 @@ class ProtoNet(MetaAlgorithm):
         return MetaOutput(loss, logits.detach())
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
+        if self.transductive != "none":
+            return transductive_predictions(self, batch, self.transductive)
         return self.meta_loss(batch)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from metarun.algorithms.base import MetaOutput
 from metarun.algorithms.pretrain import Pretrain
 from metarun.algorithms.tasks import map_tasks
+from metarun.algorithms.transductive import transductive_predictions
 from metarun.checks import positive_int, positive_number
 from metarun.episodes import EpisodeBatch
 
@@ -63,6 +64,7 @@ class RFS(Pretrain):
         inverse_penalty: scikit-learn's ``C``, the inverse L2 penalty of the head.
         max_iter: L-BFGS iterations at most.
         feature_transform: as `Pretrain` (before the head's own L2 normalisation).
+        transductive: as `Pretrain` (a transductive method replaces the logistic regression).
     """
 
     def __init__(
@@ -73,13 +75,16 @@ class RFS(Pretrain):
         inverse_penalty: float = 1.0,
         max_iter: int = 1000,
         feature_transform: str = "none",
+        transductive: str = "none",
     ) -> None:
-        super().__init__(model, num_train_classes, label_smoothing, feature_transform)
+        super().__init__(model, num_train_classes, label_smoothing, feature_transform, transductive)
         positive_number("algorithm.inverse_penalty", inverse_penalty)
         positive_int("algorithm.max_iter", max_iter)
         self.inverse_penalty, self.max_iter = float(inverse_penalty), max_iter
 
     def predict(self, batch: EpisodeBatch) -> MetaOutput:
+        if self.transductive != "none":
+            return transductive_predictions(self, batch, self.transductive)
         nk = batch.support_y.shape[1]
         ways = int(batch.support_y.max()) + 1
         with torch.no_grad():
