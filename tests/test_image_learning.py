@@ -23,10 +23,10 @@ def shapes(tmp_path_factory) -> Path:
     return image_folder(tmp_path_factory.mktemp("shapes"), classes=40, per_class=10, size=84, grey_every=0)
 
 
-PATHS = {
-    "conv4_transform_standard": ["model.hidden=32", "transform=standard"],
-    "resnet12": ["model=resnet12", "model.widths=[16,24,32,32]"],
-    "timm": ["model=timm", "model.name=test_efficientnet_gn"],
+PATHS = {  # the backbones at a quarter of the pixels (42x42); the augmentation at the benchmarks' 84x84
+    "conv4_transform_standard": ["model.hidden=32", "transform=standard", "dataset.image_size=84"],
+    "resnet12": ["model=resnet12", "model.widths=[16,24,32,32]", "dataset.image_size=42"],
+    "timm": ["model=timm", "model.name=test_efficientnet_gn", "dataset.image_size=42"],
 }
 
 

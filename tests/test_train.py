@@ -169,8 +169,8 @@ def test_experiment_preset_runs_a_few_steps(tmp_path, name, request):
     """One preset of each family, as written (in fp32 where this CPU's bf16 is emulated),
     trains 2 outer steps of 1 task (meta-batches are tested elsewhere, in float64) and tests 2
     episodes (image benchmarks on their stand-ins, with 1 query per class: 6 images per class;
-    a ResNet-12 with 8 channels per stage, its size tested in tests/models/test_resnet12.py, and a
-    Conv4 wider than 64 filters with 8)."""
+    a ResNet-12 or R2-D2's network with 8 channels per stage, their sizes tested in tests/models/,
+    and a Conv4 wider than 64 filters with 8)."""
     cfg = compose_config(
         [
             f"experiment={name}",
@@ -190,11 +190,10 @@ def test_experiment_preset_runs_a_few_steps(tmp_path, name, request):
     if cfg.dataset._target_.endswith("Omniglot") and not Path(cfg.dataset.root).exists():
         pytest.skip("METARUN_DATA_DIR with omniglot/ is not set (.ci/run sets it)")
     on_standins(cfg, request)
-    if cfg.model._target_.endswith("ResNet12"):
-        with open_dict(cfg):
-            cfg.model.widths = [8, 8, 8, 8]  # the preset's network at 1/80 of its width: the wiring, not the size
-    if cfg.model._target_.endswith("Conv4") and cfg.model.hidden > 64:
-        with open_dict(cfg):
+    with open_dict(cfg):
+        if "widths" in cfg.model:  # ResNet-12, R2-D2's network: the wiring, not the size
+            cfg.model.widths = [8] * len(cfg.model.widths)  # (their sizes: tests/models/)
+        if cfg.model._target_.endswith("Conv4") and cfg.model.hidden > 64:
             cfg.model.hidden = 8  # a wide Conv4 (CAVIA's 512 filters) likewise
     results, _ = train(cfg)
     assert results["status"] == "completed" and results["train"]["steps"] == 2
@@ -222,10 +221,12 @@ def test_a_preset_takes_another_backbone_or_says_why(tmp_path, name, model, requ
 
 
 def test_swapping_the_backbone_of_a_preset_through_the_command(omniglot_available, tmp_path):
-    """The fast-path preset (bf16 + channels_last) with ResNet-12 trains; with a timm model its
-    batch-norm mode is one sentence (exit 2)."""
+    """The fast-path preset (bf16 + channels_last) with ResNet-12 (8 channels per stage: the
+    wiring) trains; with a timm model its batch-norm mode is one sentence (exit 2)."""
     common = [*TINY, f"paths.data_dir={omniglot_available}", "experiment=protonet_omniglot_5w1s", *FP32_HERE]
-    resnet = finish(launch(tmp_path / "resnet12", *common, "model=resnet12", "sampler.train_ways=5"))
+    resnet = finish(
+        launch(tmp_path / "resnet12", *common, "model=resnet12", "model.widths=[8,8,8,8]", "sampler.train_ways=5")
+    )
     assert resnet.returncode == 0, resnet.stderr[-3000:]
     assert json.loads((tmp_path / "resnet12" / "results.json").read_text())["train"]["steps"] == 3
     timm = finish(launch(tmp_path / "timm", *common, "model=timm"))
