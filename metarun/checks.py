@@ -50,6 +50,16 @@ def positive_int(key: str, value: Any, allow_none: bool = False, what: str = "a 
     return value
 
 
+def inner_loop_settings(
+    inner_lr: Any, inner_steps: Any, test_inner_steps: Any, lr_key: str = "algorithm.inner_lr"
+) -> None:
+    """An inner loop's step size must be a positive number and its step counts (training and
+    evaluation) positive integers."""
+    positive_number(lr_key, inner_lr)
+    positive_int("algorithm.inner_steps", inner_steps)
+    positive_int("algorithm.test_inner_steps", test_inner_steps)
+
+
 def integer_at_least(key: str, value: Any, minimum: int) -> int:
     """``value`` must be an integer of at least ``minimum`` (an epoch count may be 0)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -435,12 +435,15 @@ def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
         ("svm", "metaoptnet", "algorithm.kernel_ridge=-1"),
         ("transductive", "protonet", "algorithm.transductive=tta"),
         ("context", "cavia", "algorithm.context_layer=features.99"),
+        ("feat", "feat", "algorithm.dropout=1"),
+        ("imaml", "imaml", "algorithm.prox=0"),
+        ("r2d2net", "r2d2", "model=r2d2net model.drop_rate=1"),
     ):
         procs[name] = launch(
             tmp_path / name,
             "dataset=omniglot",
             f"algorithm={learner}",
-            override,
+            *override.split(),
             f"paths.data_dir={empty}",
             f"paths.cache_dir={tmp_path / 'cache'}",
         )
@@ -459,6 +462,9 @@ def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
             "algorithm.context_layer='features.99' is not allowed: it must name a layer of the backbone "
             "(features.0, features.1, features.2, features.3, features.4, features.5, features.6, features.7, ...)."
         ),
+        "feat": "algorithm.dropout=1 is not allowed: it must be a number in [0, 1).",
+        "imaml": "algorithm.prox=0 is not allowed: it must be a positive number.",
+        "r2d2net": "model.drop_rate=1 is not allowed: it must be a number in [0, 1).",
         "vmap": (
             "task_batching=vmap is not allowed for ProtoNet: its batch norm "
             "model.features.1 keeps running statistics (model.norm=running), which are "

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.tasks import check_task_batching, map_tasks, modules_vmap_refusal
@@ -35,6 +36,12 @@ def embedding_dim(model: nn.Module, learner: str) -> int:
             f"model is not allowed for {learner}: it must expose an integer embedding_dim (e.g. model=conv4)."
         )
     return dim
+
+
+def class_means(support: Tensor, support_y: Tensor, ways: int) -> Tensor:
+    """The mean embedding of each class: ``support [B, n, D]``, ``support_y [B, n]`` -> ``[B, N, D]``."""
+    onehot = F.one_hot(support_y, ways).to(support.dtype)  # [B, n, N]
+    return onehot.transpose(1, 2) @ support / onehot.sum(1)[..., None]  # [B, N, D]
 
 
 def solved_in_float32(head: Callable[..., Tensor], z: Tensor, *args: Any) -> Tensor:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.inner_loop import Params, TaskAdapter, adapt, adapted_meta_loss, adapted_predictions
-from metarun.checks import positive_int, positive_number, same_ways
+from metarun.checks import inner_loop_settings, positive_int, same_ways
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -99,9 +99,7 @@ class CAVIA(MetaAlgorithm):
     ) -> None:
         super().__init__()
         positive_int("algorithm.context_size", context_size)
-        positive_number("algorithm.inner_lr", inner_lr)
-        for key, steps in (("algorithm.inner_steps", inner_steps), ("algorithm.test_inner_steps", test_inner_steps)):
-            positive_int(key, steps)
+        inner_loop_settings(inner_lr, inner_steps, test_inner_steps)
         if modulation not in MODULATIONS:
             raise ConfigError(
                 f"algorithm.modulation={modulation!r} is not allowed: choose one of {', '.join(MODULATIONS)}."

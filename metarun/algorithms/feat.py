@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_dim, embedding_network
-from metarun.algorithms.transductive import class_means
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput, class_means, embedding_dim, embedding_network
 from metarun.checks import number_in, positive_number
 from metarun.episodes import TRAIN, EpisodeBatch, task_generator
 

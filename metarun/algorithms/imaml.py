@@ -10,7 +10,7 @@ from torch.func import grad, grad_and_value
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.inner_loop import Params, forward, query_forward, task_loss
-from metarun.checks import number_in, positive_int, positive_number, same_ways
+from metarun.checks import inner_loop_settings, number_in, positive_int, positive_number, same_ways
 from metarun.episodes import EpisodeBatch
 
 
@@ -134,14 +134,9 @@ class IMAML(MetaAlgorithm):
         prox_damping: float = 10.0,
     ) -> None:
         super().__init__()
-        positive_number("algorithm.inner_lr", inner_lr)
+        inner_loop_settings(inner_lr, inner_steps, test_inner_steps)
         positive_number("algorithm.prox", prox)
-        for key, value in (
-            ("algorithm.inner_steps", inner_steps),
-            ("algorithm.test_inner_steps", test_inner_steps),
-            ("algorithm.cg_steps", cg_steps),
-        ):
-            positive_int(key, value)
+        positive_int("algorithm.cg_steps", cg_steps)
         self.model = model
         self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
         self.prox, self.cg_steps = float(prox), cg_steps

@@ -6,7 +6,7 @@ from torch import nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.inner_loop import adapt, adapted_meta_loss, adapted_predictions
-from metarun.checks import positive_int, positive_number, same_ways
+from metarun.checks import inner_loop_settings, same_ways
 from metarun.episodes import EpisodeBatch
 
 
@@ -37,9 +37,7 @@ class MAML(MetaAlgorithm):
         first_order: bool = False,
     ) -> None:
         super().__init__()
-        positive_number("algorithm.inner_lr", inner_lr)
-        for key, steps in (("algorithm.inner_steps", inner_steps), ("algorithm.test_inner_steps", test_inner_steps)):
-            positive_int(key, steps)
+        inner_loop_settings(inner_lr, inner_steps, test_inner_steps)
         self.model = model
         self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
         self.first_order = first_order

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.inner_loop import Params, adapt, query_forward, task_loss
-from metarun.checks import integer_at_least, positive_number, same_ways
+from metarun.checks import inner_loop_settings, integer_at_least, same_ways
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 from metarun.models.norm import TaskNorm2d
@@ -128,9 +128,7 @@ class MAMLPlusPlus(MetaAlgorithm):
         steps_per_epoch: int = 500,
     ) -> None:
         super().__init__()
-        positive_number("algorithm.inner_lr", inner_lr)
-        integer_at_least("algorithm.inner_steps", inner_steps, 1)
-        integer_at_least("algorithm.test_inner_steps", test_inner_steps, 1)
+        inner_loop_settings(inner_lr, inner_steps, test_inner_steps)
         integer_at_least("algorithm.multi_step_loss_epochs", multi_step_loss_epochs, 0)
         integer_at_least("algorithm.first_order_epochs", first_order_epochs, 0)
         integer_at_least("algorithm.steps_per_epoch", steps_per_epoch, 1)

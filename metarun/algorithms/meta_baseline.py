@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput, class_means, embedding_network
 from metarun.algorithms.feature_transform import FeatureTransform, feature_transform_for
-from metarun.algorithms.protonet import class_means
 from metarun.algorithms.transductive import check_transductive, transductive_predictions
 from metarun.checks import positive_number
 from metarun.episodes import EpisodeBatch

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.inner_loop import adapt, adapted_meta_loss, adapted_predictions
-from metarun.checks import positive_int, positive_number, same_ways
+from metarun.checks import inner_loop_settings, same_ways
 from metarun.episodes import EpisodeBatch
 
 
@@ -49,9 +49,7 @@ class MetaSGD(MetaAlgorithm):
         first_order: bool = False,
     ) -> None:
         super().__init__()
-        positive_number("algorithm.init_inner_lr", init_inner_lr)
-        for key, steps in (("algorithm.inner_steps", inner_steps), ("algorithm.test_inner_steps", test_inner_steps)):
-            positive_int(key, steps)
+        inner_loop_settings(init_inner_lr, inner_steps, test_inner_steps, lr_key="algorithm.init_inner_lr")
         self.model = model
         self.inner_steps, self.test_inner_steps = inner_steps, test_inner_steps
         self.first_order = first_order

@@ -6,16 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput, class_means, embedding_network
 from metarun.algorithms.feature_transform import FeatureTransform, feature_transform_for
 from metarun.algorithms.transductive import check_transductive, transductive_predictions
 from metarun.episodes import EpisodeBatch
-
-
-def class_means(support: Tensor, support_y: Tensor, ways: int) -> Tensor:
-    """The mean support embedding of each class: ``support [B, N*K, D]``, ``support_y [B, N*K]`` -> ``[B, N, D]``."""
-    onehot = F.one_hot(support_y, ways).to(support.dtype)  # [B, N*K, N]
-    return onehot.transpose(1, 2) @ support / onehot.sum(1)[..., None]  # [B, N, D]
 
 
 def prototype_logits(support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:

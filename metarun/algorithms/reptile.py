@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.inner_loop import Params, forward, query_forward, task_loss
 from metarun.algorithms.tasks import support_gradients
-from metarun.checks import positive_int, positive_number, same_ways
+from metarun.checks import inner_loop_settings, positive_int, positive_number, same_ways
 from metarun.episodes import EpisodeBatch, task_generator
 from metarun.errors import ConfigError
 
@@ -122,9 +122,7 @@ class Reptile(MetaAlgorithm):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        positive_number("algorithm.inner_lr", inner_lr)
-        positive_int("algorithm.inner_steps", inner_steps)
-        positive_int("algorithm.test_inner_steps", test_inner_steps)
+        inner_loop_settings(inner_lr, inner_steps, test_inner_steps)
         positive_int("algorithm.inner_batch_size", inner_batch_size, allow_none=True)
         positive_int("algorithm.test_inner_batch_size", test_inner_batch_size, allow_none=True)
         if inner_optimizer not in INNER_OPTIMIZERS:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput, class_means
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
@@ -51,12 +51,6 @@ def check_transductive(kind: str) -> None:
 def describe(kind: str | None) -> str:
     """How a run labels its test queries: "inductive" or "transductive (TIM-GD)"."""
     return "inductive" if kind in (None, "none") else f"transductive ({NAMES[kind]})"
-
-
-def class_means(features: Tensor, labels: Tensor, ways: int) -> Tensor:
-    """``features [B, n, D]``, ``labels [B, n]`` -> the mean feature of each class ``[B, N, D]``."""
-    onehot = F.one_hot(labels, ways).to(features.dtype)  # [B, n, N]
-    return onehot.transpose(1, 2) @ features / onehot.sum(1)[..., None]
 
 
 def cosine(x: Tensor, centres: Tensor) -> Tensor:

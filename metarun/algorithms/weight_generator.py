@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_dim, embedding_network
+from metarun.algorithms.base import MetaAlgorithm, MetaOutput, class_means, embedding_dim, embedding_network
 from metarun.algorithms.finetune import cosine_logits, fit_head
-from metarun.algorithms.protonet import class_means
 from metarun.checks import integer_at_least, positive_number
 from metarun.episodes import EpisodeBatch
 

@@ -6,39 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from metarun.errors import ConfigError
+from metarun.models.dropout import SeededDropout
 from metarun.models.head import classifier_head
 from metarun.models.norm import CONTEXT_NORMS, TaskNorm2d, batch_norm
-
-
-class SeededDropout(nn.Module):
-    """Dropout whose masks come from the layer's own generator (seeded by ``seed``; its state
-    is part of the state dict, so a resumed run draws the same masks). Random masks differ per
-    task, so a layer with ``rate > 0`` refuses ``task_batching=vmap``."""
-
-    def __init__(self, rate: float, seed: int) -> None:
-        super().__init__()
-        self.rate = float(rate)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def vmap_refusal(self, name: str) -> str | None:
-        if self.rate > 0:
-            return (
-                f"its dropout {name} draws a random mask per task, which vmap cannot, so use "
-                f"task_batching=loop or model.drop_rate=0"
-            )
-        return None
-
-    def get_extra_state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_extra_state(self, state: Tensor) -> None:
-        self.generator.set_state(state)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.rate == 0:
-            return x
-        keep = torch.rand(x.shape, generator=self.generator) >= self.rate
-        return x * keep.to(device=x.device, dtype=x.dtype) / (1 - self.rate)
 
 
 class R2D2Net(nn.Module):

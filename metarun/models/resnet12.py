@@ -2,61 +2,17 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.errors import ConfigError
+from metarun.models.dropout import DropBlock
 from metarun.models.head import classifier_head
 from metarun.models.norm import CONTEXT_NORMS, TaskNorm2d, batch_norm
 
 
 def _normed(layer: nn.Module, x: Tensor, context_size: int | None) -> Tensor:
     return layer(x, context_size) if isinstance(layer, TaskNorm2d) else layer(x)
-
-
-class DropBlock(nn.Module):
-    """DropBlock (Ghiasi et al. 2018): in training, zero ``block_size``² squares of each
-    feature map, about ``rate`` of the units, and rescale the rest (as MetaOptNet).
-
-    The masks come from the layer's own generator (seeded by ``seed``; its state is part
-    of the state dict, so a resumed run draws the same masks). Random masks differ per
-    task, so a layer with ``rate > 0`` refuses ``task_batching=vmap``.
-    """
-
-    def __init__(self, rate: float, block_size: int, seed: int) -> None:
-        super().__init__()
-        self.rate, self.block_size = float(rate), int(block_size)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def vmap_refusal(self, name: str) -> str | None:
-        if self.rate > 0:
-            return (
-                f"its DropBlock {name} draws a random mask per task, which vmap cannot, so use "
-                f"task_batching=loop or model.drop_rate=0"
-            )
-        return None
-
-    def get_extra_state(self) -> Tensor:
-        return self.generator.get_state()
-
-    def set_extra_state(self, state: Tensor) -> None:
-        self.generator.set_state(state)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.rate == 0:
-            return x
-        m, c, h, w = x.shape
-        size = min(self.block_size, h, w)
-        valid = (h - size + 1) * (w - size + 1)
-        gamma = self.rate / size**2 * h * w / valid  # so that ~rate of the units drop
-        centres = torch.rand(m, c, h - size + 1, w - size + 1, generator=self.generator) < gamma  # [M, C, h', w']
-        pad = size // 2, size - 1 - size // 2
-        seeds = F.pad(centres.float(), (pad[0], pad[1], pad[0], pad[1]))  # [M, C, H, W] block centres
-        dropped = F.max_pool2d(seeds, size, stride=1, padding=0) if size > 1 else seeds
-        dropped = F.pad(dropped, (0, w - dropped.shape[-1], 0, h - dropped.shape[-2]))  # [M, C, H, W]
-        keep = (1 - dropped).to(device=x.device, dtype=x.dtype)
-        return x * keep * (keep.numel() / keep.sum().clamp(min=1))
 
 
 class ResBlock(nn.Module):
