@@ -26,6 +26,7 @@ from omegaconf import open_dict
 
 import metarun.tracking
 from metarun.checkpoint_files import load_checkpoint
+from metarun.cli import exit_on_config_error
 from metarun.errors import ConfigError
 from metarun.runner import train
 from tests.conftest import EVAL, METARUN, TINY, compose_config, finish, launch
@@ -407,70 +408,79 @@ BAD_SETTINGS = {
         "objective_direction='up' is not allowed: choose maximize or minimize (the direction "
         "a sweeper optimises the validation metric in)."
     ),
+    # the model is checked before any data is looked for or decoded
+    "dataset=omniglot model.norm=bogus": (
+        "model.norm='bogus' is not allowed: choose one of transductive, running, tasknorm, support, none."
+    ),
+    "dataset=omniglot algorithm=protonet model.norm=running task_batching=vmap": (
+        "task_batching=vmap is not allowed for ProtoNet: its batch norm "
+        "model.features.1 keeps running statistics (model.norm=running), which are "
+        "updated in place and cannot be carried per task under vmap, so use "
+        "task_batching=loop or another model.norm."
+    ),
+    # each learner's own settings, checked by its constructor before any data
+    "dataset=omniglot algorithm=r2d2 algorithm.ridge=0": (
+        "algorithm.ridge=0 is not allowed: it must be a positive number."
+    ),
+    "dataset=omniglot algorithm=metaoptnet algorithm.kernel_ridge=-1": (
+        "algorithm.kernel_ridge=-1 is not allowed: it must be a number >= 0."
+    ),
+    "dataset=omniglot algorithm=protonet algorithm.transductive=tta": (
+        "algorithm.transductive='tta' is not allowed: choose one of none, bd_cspn, tim, pt_map."
+    ),
+    "dataset=omniglot algorithm=cavia algorithm.context_layer=features.99": (
+        "algorithm.context_layer='features.99' is not allowed: it must name a layer of the backbone "
+        "(features.0, features.1, features.2, features.3, features.4, features.5, features.6, features.7, ...)."
+    ),
+    "dataset=omniglot algorithm=feat algorithm.dropout=1": (
+        "algorithm.dropout=1 is not allowed: it must be a number in [0, 1)."
+    ),
+    "dataset=omniglot algorithm=imaml algorithm.prox=0": (
+        "algorithm.prox=0 is not allowed: it must be a positive number."
+    ),
+    "dataset=omniglot algorithm=r2d2 model=r2d2net model.drop_rate=1": (
+        "model.drop_rate=1 is not allowed: it must be a number in [0, 1)."
+    ),
 }
+
+# Through the installed command: one of each way a mistake reaches the user (a value check,
+# a value Hydra cannot parse as a number, an old key rewritten by the command line's own
+# translation, a constructor's refusal inside Hydra's instantiate, the vmap refusal, a learner's
+# setting). Every one of BAD_SETTINGS also runs in this process through the same
+# `exit_on_config_error` that wraps the command, which is where its message is made.
+THROUGH_THE_COMMAND = (
+    "optimizer.lr=abc",
+    "algorithm.task_batching=vmap",
+    "dataset=omniglot model.norm=bogus",
+    "dataset=omniglot algorithm=protonet model.norm=running task_batching=vmap",
+    "dataset=omniglot algorithm=cavia algorithm.context_layer=features.99",
+    "dataset=omniglot algorithm=r2d2 model=r2d2net model.drop_rate=1",
+)
+
+
+@pytest.mark.parametrize("setting", BAD_SETTINGS)
+def test_bad_setting_is_one_sentence(setting, tmp_path, capsys):
+    """The command line's translation (an old key) refuses while the config is composed."""
+    empty = tmp_path / "no_data"
+    empty.mkdir()
+    paths = [f"paths.data_dir={empty}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(SystemExit) as exited:
+        exit_on_config_error(train)(compose_config([*setting.split(), *paths], tmp_path))
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"metarun: error: {BAD_SETTINGS[setting]}\n"
+    assert not (tmp_path / "cache").exists()
 
 
 def test_bad_settings_are_one_sentence_through_the_command(tmp_path):
-    procs = {o: launch(tmp_path / str(i), o) for i, o in enumerate(BAD_SETTINGS)}
     empty = tmp_path / "no_data"
     empty.mkdir()
-    procs["norm"] = launch(
-        tmp_path / "norm",
-        "dataset=omniglot",
-        "model.norm=bogus",
-        f"paths.data_dir={empty}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-    )
-    procs["vmap"] = launch(
-        tmp_path / "vmap",
-        "dataset=omniglot",
-        "algorithm=protonet",
-        "model.norm=running",
-        "task_batching=vmap",
-        f"paths.data_dir={empty}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-    )
-    for name, learner, override in (
-        ("ridge", "r2d2", "algorithm.ridge=0"),
-        ("svm", "metaoptnet", "algorithm.kernel_ridge=-1"),
-        ("transductive", "protonet", "algorithm.transductive=tta"),
-        ("context", "cavia", "algorithm.context_layer=features.99"),
-        ("feat", "feat", "algorithm.dropout=1"),
-        ("imaml", "imaml", "algorithm.prox=0"),
-        ("r2d2net", "r2d2", "model=r2d2net model.drop_rate=1"),
-    ):
-        procs[name] = launch(
-            tmp_path / name,
-            "dataset=omniglot",
-            f"algorithm={learner}",
-            *override.split(),
-            f"paths.data_dir={empty}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-        )
+    data = [f"paths.data_dir={empty}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    procs = {o: launch(tmp_path / str(i), *o.split(), *data) for i, o in enumerate(THROUGH_THE_COMMAND)}
     parent = tmp_path / "a_file"
     parent.write_text("")
     procs["run_dir"] = launch(parent / "run")
     expected = {
         **BAD_SETTINGS,
-        # the model is checked before any data is looked for or decoded
-        "norm": ("model.norm='bogus' is not allowed: choose one of transductive, running, tasknorm, support, none."),
-        # a convex head's settings, checked before any data
-        "ridge": "algorithm.ridge=0 is not allowed: it must be a positive number.",
-        "svm": "algorithm.kernel_ridge=-1 is not allowed: it must be a number >= 0.",
-        "transductive": "algorithm.transductive='tta' is not allowed: choose one of none, bd_cspn, tim, pt_map.",
-        "context": (
-            "algorithm.context_layer='features.99' is not allowed: it must name a layer of the backbone "
-            "(features.0, features.1, features.2, features.3, features.4, features.5, features.6, features.7, ...)."
-        ),
-        "feat": "algorithm.dropout=1 is not allowed: it must be a number in [0, 1).",
-        "imaml": "algorithm.prox=0 is not allowed: it must be a positive number.",
-        "r2d2net": "model.drop_rate=1 is not allowed: it must be a number in [0, 1).",
-        "vmap": (
-            "task_batching=vmap is not allowed for ProtoNet: its batch norm "
-            "model.features.1 keeps running statistics (model.norm=running), which are "
-            "updated in place and cannot be carried per task under vmap, so use "
-            "task_batching=loop or another model.norm."
-        ),
         "run_dir": (
             f"hydra.run.dir={parent / 'run'} is not allowed: the directory cannot "
             f"be created (Not a directory), so choose a writable path."
