@@ -1,4 +1,4 @@
-"""Every `metarun` command of the README and the docs composes and builds its learner as
+"""Every `metarun` (and `metarun-reproduce`) command of the README and the docs composes and builds its learner as
 written (no data is read, nothing trains): a renamed key or group would fail here first."""
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from metarun.build import build_learner
+from metarun.reproduce import OWN_KEYS
 from tests.conftest import compose_config, on_standins
 
 ROOT = Path(__file__).resolve().parents[1]
+REPRODUCE_KEYS = [k for k in OWN_KEYS if k != "experiment"]  # metarun-reproduce's own, not the runs'
 
 
 def readme_commands() -> list[list[str]]:
@@ -23,9 +25,11 @@ def readme_commands() -> list[list[str]]:
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #")[0].strip()
-            if not line.startswith("metarun ") or "<" in line or "..." in line:
+            if not line.startswith(("metarun ", "metarun-reproduce ")) or "<" in line or "..." in line:
                 continue
             words = [w for w in shlex.split(line)[1:] if w != "-m" and not w.startswith("hydra/")]
+            if line.startswith("metarun-reproduce "):  # the preset and overrides each seed runs
+                words = [w for w in words if w.split("=", 1)[0] not in REPRODUCE_KEYS]
             words = [w if "(" in w else re.sub(r"=([^,]*),.*", r"=\1", w) for w in words]
             # a path on the user's machine ($HOME/...) is theirs: the rest of the line is checked
             out.append(

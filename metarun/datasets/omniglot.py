@@ -35,6 +35,7 @@ OFFICIAL: dict[str, Any] = {
     },
 }
 SCHEMES = ("vinyals", "lake")
+TRAIN_ON = ("train", "train+val")
 LAKE_VAL_ALPHABETS = 5  # the last 5 background alphabets (sorted) validate Lake's split
 FETCH_HINT = (
     "put the official images_background.zip and images_evaluation.zip from "
@@ -68,6 +69,10 @@ class Omniglot(ImageDataset):
         mean, std: per-channel normalisation of the [0, 1] pixels, or None (as published).
         split_scheme: "vinyals" or "lake".
         rotations: for "lake", whether each rotation of a character is its own class.
+        train_on: "train", or "train+val": the training split also holds the validation
+            classes, as Snell et al. (2017) trained their final Omniglot models. Validation
+            still runs on the validation classes, which are then seen in training, so its
+            numbers are optimistic and choose the best checkpoint less well.
         download: fetch missing archives from github.com/brendenlake/omniglot (md5-checked).
     """
 
@@ -85,12 +90,18 @@ class Omniglot(ImageDataset):
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         split_scheme: str = "vinyals",
         rotations: bool = True,
+        train_on: str = "train",
         download: bool = True,
     ) -> None:
         super().__init__(root, cache_dir, image_size, channels, mean, std, max_image_pixels)
         if split_scheme not in SCHEMES:
             raise ConfigError(f"dataset.split_scheme={split_scheme!r} is not allowed: use one of {', '.join(SCHEMES)}.")
-        self.split_scheme = split_scheme
+        if train_on not in TRAIN_ON:
+            raise ConfigError(
+                f"dataset.train_on={train_on!r} is not allowed: use one of {', '.join(TRAIN_ON)} (train+val: "
+                f"the training split also holds the validation classes, as Snell et al. 2017)."
+            )
+        self.split_scheme, self.train_on = split_scheme, train_on
         self.rotations, self.download = rotations, download
         sources = [self._source(part) for part in PARTS]
         self.images, self.labels, self.keys, self.num_background = self._load(sources)
@@ -126,7 +137,7 @@ class Omniglot(ImageDataset):
             ]  # each [20, C, H, W]
             sizes = torch.tensor([len(block) for block in blocks])  # [num_classes]
             labels = torch.repeat_interleave(torch.arange(len(classes)), sizes)  # [N]
-            what = f"omniglot/{self.split_scheme}/{name}"
+            what = f"omniglot/{self.split_scheme}/{self.train_on if name == 'train' else name}"
             self._splits[name] = ClassImages(torch.cat(blocks), labels, what, self.mean, self.std, self.classes(name))
         return self._splits[name]
 
@@ -134,6 +145,12 @@ class Omniglot(ImageDataset):
         """(character key, quarter turns) of each class of split `name`, in label order."""
         if name not in SPLITS:
             raise ValueError(f"split {name!r} is not one of {SPLITS}")
+        if name == "train" and self.train_on == "train+val":
+            return self._listed("train") + self._listed("val")
+        return self._listed(name)
+
+    def _listed(self, name: str) -> list[tuple[str, int]]:
+        """(character key, quarter turns) of each class the split scheme puts in split `name`."""
         if self.split_scheme == "vinyals":
             return [(key, turns) for key in self._vinyals[name] for turns in range(4)]
         background, evaluation = self.keys[: self.num_background], self.keys[self.num_background :]

@@ -50,6 +50,22 @@ def test_vinyals_split_counts(vinyals: Omniglot) -> None:
         assert vinyals.split(name) is split  # built once
 
 
+def test_training_on_train_and_val_characters(vinyals: Omniglot, real_root: Path, real_cache: Path) -> None:
+    """dataset.train_on=train+val (Snell et al. 2017): training holds the validation classes
+    too, after the training ones; validation and test are unchanged."""
+    both = Omniglot(str(real_root), str(real_cache), train_on="train+val", download=False)
+    train, val = vinyals.split("train"), vinyals.split("val")
+    merged = both.split("train")
+    assert merged.name == "omniglot/vinyals/train+val"
+    assert merged.num_classes == 4 * (1028 + 172) and len(merged) == len(train) + len(val)
+    assert both.classes("train") == vinyals.classes("train") + vinyals.classes("val")
+    assert torch.equal(merged.images, torch.cat([train.images, val.images]))
+    for name in ("val", "test"):
+        assert both.classes(name) == vinyals.classes(name)
+    with pytest.raises(ConfigError, match=r"^dataset.train_on='val' is not allowed: use one of train, train\+val"):
+        Omniglot(str(real_root), str(real_cache), train_on="val", download=False)
+
+
 def test_lake_split_counts(vinyals: Omniglot, real_root: Path, real_cache: Path) -> None:
     lake = Omniglot(str(real_root), str(real_cache), split_scheme="lake", download=False)
     alphabets = {name: sorted({c.split("/")[0] for c in lake.classes(name)}) for name in ("train", "val", "test")}
