@@ -327,14 +327,27 @@ BAD = {
 }
 
 
-# Both commands read a checkpoint through the one load_checkpoint: every bad file through `metarun`,
-# and through `metarun-eval` the two that reach furthest into the file (a corrupt archive, and
-# code that a safe load refuses).
-@pytest.mark.parametrize(
-    "command, names", [(METARUN, list(BAD)), (EVAL, ["truncated", "evil"])], ids=["metarun", "metarun-eval"]
-)
-def test_bad_checkpoint_is_one_sentence(bad_checkpoints, tmp_path, command, names):
+@pytest.mark.parametrize("name", BAD)
+def test_bad_checkpoint_is_one_sentence(bad_checkpoints, tmp_path, capsys, name):
+    """Every bad file, through `load_checkpoint` and the command's own error wrapper."""
     folder, _ = bad_checkpoints
+    with pytest.raises(SystemExit) as exited:
+        exit_on_config_error(train)(compose_config([f"ckpt_path={folder / name}.ckpt"], tmp_path / "run"))
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"metarun: error: ckpt_path={folder / name}.ckpt is not allowed: {BAD[name]}"), err
+    assert err.count("\n") == 1
+    assert_one_sentence(err.strip())
+    assert not (folder / "pwned").exists()  # the crafted file's code never ran
+
+
+# Both commands read a checkpoint through the one load_checkpoint: through each installed
+# command, the two files that reach furthest into it (a corrupt archive, and code that a safe
+# load refuses).
+@pytest.mark.parametrize("command", [METARUN, EVAL], ids=["metarun", "metarun-eval"])
+def test_bad_checkpoint_is_one_sentence_through_the_command(bad_checkpoints, tmp_path, command):
+    folder, _ = bad_checkpoints
+    names = ["truncated", "evil"]
     procs = {name: launch(tmp_path / name, f"ckpt_path={folder / name}.ckpt", command=command) for name in names}
     for name, proc in procs.items():
         done = finish(proc)

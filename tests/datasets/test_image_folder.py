@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from metarun.cli import exit_on_config_error
 from metarun.datasets.image_folder import ImageFolder
 from metarun.errors import ConfigError
-from tests.conftest import finish, launch
+from metarun.runner import train
+from tests.conftest import compose_config, finish, launch
 from tests.datasets.conftest import check_cache_reused
 from tests.datasets.standins import cifar_archive, image_folder, mini_imagenet_csv
 
@@ -110,7 +112,7 @@ def test_an_image_over_the_pixel_limit_is_refused_and_the_limit_can_be_raised(tm
 
 @pytest.mark.slow
 def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> None:
-    """Damaged images and archives, and image-only groups on sinusoids: exit 2, one sentence."""
+    """Damaged images, archives and missing files, through the command: exit 2, one sentence."""
     mine = image_folder(tmp_path / "mine", classes=6)
     victim = sorted((mine / "class_03").iterdir())[0]
     victim.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
@@ -131,14 +133,7 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
         "huge": [*common, "dataset=image_folder", f"dataset.root={huge}", "dataset.image_size=16"],
         "archive": [*common, "dataset=cifar_fs", "dataset.download=false"],
         "missing": [*common, "dataset=mini_imagenet", "dataset.image_size=16"],
-        "transform": ["transform=standard"],
-        "test_dataset": [*common, "dataset=mini_imagenet", "test_dataset=cub", "test_dataset.image_size=32"],
         "test_dataset_missing": [*common, "dataset=cifar_fs", "test_dataset=cub", "dataset.download=false"],
-        # settings of the new groups, refused before any data is looked for
-        "transform_value": [*common, "dataset=omniglot", "transform=standard", "transform.crop=zoom"],
-        "timm_name": [*common, "dataset=cifar_fs", "model=timm", "model.name=resnet181"],
-        "resnet12": [*common, "dataset=cifar_fs", "model=resnet12", "model.drop_rate=1.5"],
-        "split_ratio": [*common, "dataset=image_folder", f"dataset.root={mine}", "dataset.split_ratio=[0.5,0.5]"],
     }
     expected = {
         "image": (f"dataset.root={mine}: {victim} is truncated or corrupt", "so replace it"),
@@ -149,16 +144,7 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
         ),
         "archive": ("cifar-100-python.tar.gz is truncated or corrupt", "eb9058c3a382ffc7106e4002c42a8d85"),
         "missing": ("has no image", "ImageNet's terms do not allow metarun to download them"),
-        "transform": ("transform=Augment is not allowed with dataset=Sinusoid", "drop the transform override"),
-        "test_dataset": (
-            "test_dataset.image_size=32 is not allowed: a cross-domain test set takes dataset.image_size",
-            "drop the override",
-        ),
         "test_dataset_missing": (f"test_dataset.root={data / 'cub'} has no class folder", "CUB_200_2011.tgz"),
-        "transform_value": ("transform.crop='zoom' is not allowed: use one of none, pad, resized",),
-        "timm_name": ("model.name='resnet181' is not allowed: timm has no such model", "resnet18"),
-        "resnet12": ("model.drop_rate=1.5 is not allowed: it must be a number in [0, 1)",),
-        "split_ratio": ("dataset.split_ratio=[0.5, 0.5] is not allowed", "sum to 1"),
     }
     procs = {key: launch(tmp_path / key, *overrides) for key, overrides in runs.items()}
     for key, proc in procs.items():
@@ -167,3 +153,45 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
         assert done.returncode == 2 and len(lines) == 1, (key, done.stderr[-2000:])
         assert all(part in lines[0] for part in expected[key]), (key, lines[0])
         assert lines[0].endswith(".") and "Traceback" not in done.stderr and "BytesIO" not in done.stderr, key
+
+
+IMAGE_SETTINGS = {  # refused before any data is looked for: (overrides, parts of the sentence)
+    "transform": (["transform=standard"], ("transform=Augment is not allowed with dataset=Sinusoid", "drop the")),
+    "test_dataset": (
+        ["algorithm=protonet", "dataset=mini_imagenet", "test_dataset=cub", "test_dataset.image_size=32"],
+        ("test_dataset.image_size=32 is not allowed: a cross-domain test set takes dataset.image_size", "drop the"),
+    ),
+    "transform_value": (
+        ["algorithm=protonet", "dataset=omniglot", "transform=standard", "transform.crop=zoom"],
+        ("transform.crop='zoom' is not allowed: use one of none, pad, resized",),
+    ),
+    "timm_name": (
+        ["algorithm=protonet", "dataset=cifar_fs", "model=timm", "model.name=resnet181"],
+        ("model.name='resnet181' is not allowed: timm has no such model", "resnet18"),
+    ),
+    "resnet12": (
+        ["algorithm=protonet", "dataset=cifar_fs", "model=resnet12", "model.drop_rate=1.5"],
+        ("model.drop_rate=1.5 is not allowed: it must be a number in [0, 1)",),
+    ),
+    "split_ratio": (
+        ["algorithm=protonet", "dataset=image_folder", "dataset.root={mine}", "dataset.split_ratio=[0.5,0.5]"],
+        ("dataset.split_ratio=[0.5, 0.5] is not allowed", "sum to 1"),
+    ),
+}
+
+
+@pytest.mark.parametrize("key", IMAGE_SETTINGS)
+def test_image_group_settings_are_one_sentence(key, tmp_path: Path, capsys) -> None:
+    """The image groups' settings (and image-only groups on sinusoids), through the command's
+    own error wrapper: exit 2, one sentence, and no data looked for."""
+    overrides, parts = IMAGE_SETTINGS[key]
+    if any("{mine}" in o for o in overrides):  # a real folder, whose split is then refused
+        mine = image_folder(tmp_path / "mine", classes=6)
+        overrides = [o.format(mine=mine) for o in overrides]
+    paths = [f"paths.cache_dir={tmp_path / 'cache'}", f"paths.data_dir={tmp_path / 'data'}"]
+    with pytest.raises(SystemExit) as exited:
+        exit_on_config_error(train)(compose_config([*overrides, *paths], tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("metarun: error: ") and err.count("\n") == 1, err
+    assert all(part in err for part in parts) and err.rstrip().endswith("."), err
+    assert not (tmp_path / "cache").exists()
