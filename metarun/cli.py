@@ -181,6 +181,19 @@ def quiet_libraries() -> None:
     )
 
 
+def one_line_per_log_record() -> None:
+    """Under a command, Hydra's handlers on the root logger print each record and file it in
+    the run's log; the ``lightning`` package adds its own console handler as well, so each of
+    Lightning's lines ("GPU available: ...") was printed twice. Drop Lightning's console
+    handler where the root logger has handlers (outside a command, Lightning keeps its own)."""
+    if not logging.getLogger().hasHandlers():
+        return
+    lightning = logging.getLogger("lightning")
+    for handler in list(lightning.handlers):
+        if type(handler) is logging.StreamHandler:
+            lightning.removeHandler(handler)
+
+
 def run_command(hydra_main: Callable[[], None], append_unless: tuple[str, ...] = ()) -> None:
     """Run a ``@hydra.main`` entry point on ``sys.argv`` after the checks above (and
     `translate`).

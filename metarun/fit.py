@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from metarun.algorithms.base import MetaAlgorithm
 from metarun.build import instantiate_checked
 from metarun.checkpoints import RunCheckpoints
+from metarun.cli import one_line_per_log_record
 from metarun.episodes import TEST, EvalEpisodes
 from metarun.errors import ConfigError, NonFiniteLoss
 from metarun.module import MetaLearningModule
@@ -113,6 +114,7 @@ def fit(
     bar = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stdout.isatty()
     if cfg.trainer.get("enable_progress_bar", True) and not bar:
         callbacks.append(ProgressLog(cfg.trainer.get("log_every_n_steps") or 50))
+    one_line_per_log_record()
     trainer: L.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, enable_progress_bar=bar)
     # Before any process is launched: under ddp_spawn a ConfigError raised in the workers'
     # datamodule.setup would reach the user as a traceback from torch.multiprocessing.

@@ -341,4 +341,5 @@ def test_a_run_prints_the_run_and_no_library_noise(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     output = done.stdout + done.stderr
     assert "Tip" not in output and "LeafSpec" not in output and "Warning" not in output, output[-2000:]
+    assert output.count("GPU available:") == 1, output[-2000:]  # Lightning's lines once, not twice
     assert "tasks/s (this step)" in output and "test mse:" in output

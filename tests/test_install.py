@@ -100,6 +100,22 @@ def test_installed_package_runs_from_another_directory(tmp_path):
         env=env,
     )
     assert json.loads((elsewhere / "eval" / "results.json").read_text())["test"]["mse"]["episodes"] == 3
+    run(
+        str(venv / "bin" / "metarun-reproduce"),
+        "experiment=maml_sinusoid",
+        "seeds=1",
+        "test_episodes=2",
+        "out=reproduced",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "sampler.val_episodes=2",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        cwd=elsewhere,
+        env=env,
+    )  # the preset from the wheel's conf/, each seed through the installed `metarun`
+    assert (elsewhere / "reproduced" / "seed_0" / "results.json").is_file()
+    assert (elsewhere / "reproduced" / "reproduction.csv").read_text().count("\n") == 3  # header, seed, pool
 
 
 def test_every_folder_of_data_files_is_a_listed_package():
