@@ -1,7 +1,7 @@
 """Runs that survive: kills and signals, resume from any checkpoint, one run per directory,
 divergence, safe loading, and one sentence for every bad input, through the real commands.
 
-The interrupted runs are the default sinusoid run shrunk to 300 outer steps of 4 tasks
+The interrupted runs are the default sinusoid run shrunk to 150 outer steps of 4 tasks
 (validation every 40, a checkpoint every 20) on one thread, so a run is deterministic and a
 resumed run must end with exactly the metrics of an uninterrupted one.
 """
@@ -33,7 +33,7 @@ from tests.conftest import EVAL, METARUN, TINY, compose_config, finish, launch
 from tests.test_cli import assert_one_sentence
 
 RUN = [
-    "trainer.max_steps=300",
+    "trainer.max_steps=150",
     "trainer.val_check_interval=40",
     "sampler.val_episodes=4",
     "sampler.test_episodes=8",
@@ -42,7 +42,7 @@ RUN = [
     "checkpoint.every_n_steps=20",
     "trainer.log_every_n_steps=1",
 ]
-EVERY_STEP_VALIDATES = ["trainer.max_steps=120", "trainer.val_check_interval=1"]
+EVERY_STEP_VALIDATES = ["trainer.max_steps=60", "trainer.val_check_interval=1"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -106,7 +106,7 @@ def test_sigkill_before_the_first_validation_then_resume_is_bit_identical(refere
     done = interrupt(tmp_path, signal.SIGKILL, at)
     assert done.returncode == -signal.SIGKILL
     saved = step_of(tmp_path / "checkpoints" / "last.ckpt")
-    assert 20 <= saved < 300 and not (tmp_path / "results.json").exists()
+    assert 20 <= saved < 150 and not (tmp_path / "results.json").exists()
     results = resume_and_compare(tmp_path, reference["default"])
     assert results["train"]["resumed_from"] == str(tmp_path / "checkpoints" / "last.ckpt")
 
@@ -121,7 +121,7 @@ def test_sigkill_before_the_first_validation_then_resume_is_bit_identical(refere
 )
 def test_signal_saves_the_step_exits_128_plus_signal_and_resumes(reference, tmp_path, sig, name, case):
     extra = EVERY_STEP_VALIDATES if case == "every_step_validates" else []
-    at = random.Random(int(sig)).randint(21, 100)
+    at = random.Random(int(sig)).randint(21, 50)
     done = interrupt(tmp_path, sig, at, *extra)
     assert done.returncode == 128 + sig, done.stderr[-2000:]
     saved = step_of(tmp_path / "checkpoints" / "last.ckpt")
@@ -138,7 +138,7 @@ def test_finished_run_leaves_a_checkpoint_to_continue_from(reference, tmp_path):
     short = finish(launch(tmp_path, *RUN, "trainer.max_steps=100"))
     assert short.returncode == 0, short.stderr[-2000:]
     assert step_of(tmp_path / "checkpoints" / "last.ckpt") == 100  # not the last validation's 80
-    resume_and_compare(tmp_path, reference["default"])  # extended to 300 steps
+    resume_and_compare(tmp_path, reference["default"])  # extended to 150 steps
 
 
 # ------------------------------------------------------------------ which checkpoint resumes
