@@ -146,6 +146,47 @@ def seed_dir(request: Request, seed: int) -> Path:
     return request.out / f"seed_{seed}"
 
 
+def run_overrides(request: Request) -> list[str]:
+    """What every seed's run is given, besides its seed and Hydra's own keys."""
+    return [
+        f"experiment={request.preset}",
+        "ckpt_path=auto",
+        f"sampler.test_episodes={request.test_episodes}",
+        *request.overrides,
+    ]
+
+
+def settings(overrides: list[str]) -> dict[str, Any]:
+    """Overrides as {key: value}, parsed as Hydra parses them (``false`` and ``False`` alike),
+    without the seed and Hydra's own keys."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return {
+        o.get_key_element(): o.value()
+        for o in parsed
+        if o.key_or_group != "seed" and not o.key_or_group.startswith("hydra")
+    }
+
+
+def check_same_run(request: Request, seed: int) -> None:
+    """A seed folder that an earlier command started must have been given the same settings,
+    so that finished and continued seeds are one reproduction."""
+    saved = seed_dir(request, seed) / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        return
+    import yaml
+
+    before, now = settings(yaml.safe_load(saved.read_text()) or []), settings(run_overrides(request))
+    if before != now:
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k, "unset") != now.get(k, "unset"))
+        shown = ", ".join(f"{k}={before.get(k, 'unset')} there, {now.get(k, 'unset')} now" for k in changed[:3])
+        raise ConfigError(
+            f"out={request.out} is not allowed: its {seed_dir(request, seed).name} was run with other settings "
+            f"({shown}), so give the same overrides as before or another out=."
+        )
+
+
 def finished(request: Request, seed: int) -> dict[str, Any] | None:
     """The seed's results.json if it completed with this request's test episodes."""
     path = seed_dir(request, seed) / "results.json"
@@ -164,13 +205,10 @@ def multirun(request: Request, seeds: list[int]) -> int:
     command = [
         str(Path(sys.executable).parent / "metarun"),
         "-m",
-        f"experiment={request.preset}",
+        *run_overrides(request),
         f"seed={','.join(map(str, seeds))}",
-        "ckpt_path=auto",
-        f"sampler.test_episodes={request.test_episodes}",
         f"hydra.sweep.dir={request.out}",
         "hydra.sweep.subdir=seed_${seed}",
-        *request.overrides,
     ]
     proc = subprocess.Popen(command)
 
@@ -396,6 +434,8 @@ def picture(request: Request, seeds: list[Measured], pool: Measured, paper: Publ
 
 def reproduce(request: Request) -> dict[str, Any]:
     """Run the seeds that have not finished, then write the report; the pooled row."""
+    for seed in range(request.seeds):
+        check_same_run(request, seed)
     request.out.mkdir(parents=True, exist_ok=True)
     todo = [seed for seed in range(request.seeds) if finished(request, seed) is None]
     for seed in range(request.seeds):

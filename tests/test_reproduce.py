@@ -128,6 +128,16 @@ def test_two_seeds_report_and_resume_after_sigterm_without_rerunning_a_finished_
     assert (resumed / "reproduction.png").stat().st_size > 10_000
     assert "metarun-reproduce: maml_sinusoid, 2 seed(s): mse" in again.stdout
 
+    # run again as it was: nothing is run, the same report; with another setting: refused
+    repeat = finish(run(resumed))
+    assert repeat.returncode == 0 and repeat.stdout.count("finished earlier") == 2, repeat.stderr[-2000:]
+    assert table(resumed) == rows
+    other = finish(run(resumed, "trainer.max_steps=61"))
+    assert other.returncode == 2 and other.stderr.startswith(
+        f"metarun-reproduce: error: out={resumed} is not allowed: its seed_0 was run with other settings "
+        "(trainer.max_steps=60 there, 61 now), so give the same overrides as before or another out=."
+    ), other.stderr
+
     # the same seeds as an accuracy preset: with a published number, a verdict; without, a sentence
     results = {s: json.loads((resumed / f"seed_{s}" / "results.json").read_text()) for s in (0, 1)}
     for r in results.values():
