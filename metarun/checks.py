@@ -1,8 +1,8 @@
 """Checks of a user's settings, in one place: one sentence each, naming the key, the value and
 what is allowed.
 
-The primitives (`positive_number`, `positive_int`, `same_ways`) are what every constructor
-(learners, models, datasets, the sampler) validates its arguments with. The runner calls
+The primitives (`positive_number`, `positive_int`, `same_ways`, `inner_loop_settings`) are what
+every constructor (learners, models, datasets, the sampler) validates its arguments with. The runner calls
 `check_settings`, `check_run_settings` and `check_hardware` before it builds anything, and
 `check_image_groups` once it knows the dataset.
 """
