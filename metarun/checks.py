@@ -60,6 +60,14 @@ def inner_loop_settings(
     positive_int("algorithm.test_inner_steps", test_inner_steps)
 
 
+def positive_ints(key: str, values: Any, count: int) -> tuple[int, ...]:
+    """``values`` must be ``count`` positive integers (a backbone's stage widths)."""
+    values = list(values)
+    if len(values) != count or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+        raise ConfigError(f"{key}={values} is not allowed: it must be {count} positive integers.")
+    return tuple(values)
+
+
 def integer_at_least(key: str, value: Any, minimum: int) -> int:
     """``value`` must be an integer of at least ``minimum`` (an epoch count may be 0)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,24 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.Completed
     """Wait for a launched command; its exit code and output."""
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def step_of(checkpoint: Path) -> int:
+    """The global step a checkpoint file was saved at."""
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+
+
+def signal_when_saved(proc: subprocess.Popen, last: Path, at_step: int, sig: int, timeout: float = 240) -> None:
+    """Send ``sig`` to ``proc`` once ``last`` (a run's last.ckpt) is at ``at_step`` or later."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if last.exists() and step_of(last) >= at_step:
+                proc.send_signal(sig)
+                return
+        except (RuntimeError, EOFError, OSError):  # replaced while we read it: try again
+            pass
+        time.sleep(0.01)
 
 
 def run_metarun(run_dir: Path, *overrides: str) -> dict:

@@ -29,7 +29,7 @@ from metarun.checkpoint_files import load_checkpoint
 from metarun.cli import exit_on_config_error
 from metarun.errors import ConfigError
 from metarun.runner import train
-from tests.conftest import EVAL, METARUN, TINY, compose_config, finish, launch
+from tests.conftest import EVAL, METARUN, TINY, compose_config, finish, launch, signal_when_saved, step_of
 from tests.test_cli import assert_one_sentence
 
 RUN = [
@@ -53,23 +53,10 @@ def rows(run_dir: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in r.items() if "tasks_per_second" not in k} for r in csv.DictReader(f)]
 
 
-def step_of(checkpoint: Path) -> int:
-    return torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
-
-
 def interrupt(run_dir: Path, sig: int, at_step: int, *overrides: str) -> subprocess.CompletedProcess:
     """Start a run and send ``sig`` once its last.ckpt is at ``at_step`` or later."""
     proc = launch(run_dir, *RUN, *overrides)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            if last.exists() and step_of(last) >= at_step:
-                proc.send_signal(sig)
-                break
-        except (RuntimeError, EOFError, OSError):  # replaced while we read it: try again
-            pass
-        time.sleep(0.01)
+    signal_when_saved(proc, run_dir / "checkpoints" / "last.ckpt", at_step, sig)
     return finish(proc)
 
 
@@ -451,6 +438,10 @@ BAD_SETTINGS = {
     "dataset=omniglot algorithm=imaml algorithm.prox=0": (
         "algorithm.prox=0 is not allowed: it must be a positive number."
     ),
+    "dataset=omniglot dataset.train_on=val": (
+        "dataset.train_on='val' is not allowed: use one of train, train+val (train+val: the training split "
+        "also holds the validation classes, as Snell et al. 2017)."
+    ),
     "dataset=omniglot algorithm=r2d2 model=r2d2net model.drop_rate=1": (
         "model.drop_rate=1 is not allowed: it must be a number in [0, 1)."
     ),
@@ -459,7 +450,7 @@ BAD_SETTINGS = {
 # Through the installed command: one of each way a mistake reaches the user (a value check,
 # a value Hydra cannot parse as a number, an old key rewritten by the command line's own
 # translation, a constructor's refusal inside Hydra's instantiate, the vmap refusal, a learner's
-# setting). Every one of BAD_SETTINGS also runs in this process through the same
+# setting, a dataset's setting). Every one of BAD_SETTINGS also runs in this process through the same
 # `exit_on_config_error` that wraps the command, which is where its message is made.
 THROUGH_THE_COMMAND = (
     "optimizer.lr=abc",
@@ -468,6 +459,7 @@ THROUGH_THE_COMMAND = (
     "dataset=omniglot algorithm=protonet model.norm=running task_batching=vmap",
     "dataset=omniglot algorithm=cavia algorithm.context_layer=features.99",
     "dataset=omniglot algorithm=r2d2 model=r2d2net model.drop_rate=1",
+    "dataset=omniglot dataset.train_on=val",
 )
 
 
@@ -618,11 +610,7 @@ def test_wandb_continues_the_same_run_after_sigterm_and_groups_a_multirun(tmp_pa
     run = tmp_path / "run"
     common = [*RUN, "logger=wandb", f"hydra.run.dir={run}"]
     proc = subprocess.Popen([METARUN, *common], env=wandb_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    last = run / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and not (last.exists() and step_of(last) >= 20) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    signal_when_saved(proc, run / "checkpoints" / "last.ckpt", 20, signal.SIGTERM)
     assert proc.wait(timeout=240) == 128 + signal.SIGTERM
     done = subprocess.run([METARUN, *common, "ckpt_path=last"], env=wandb_env(tmp_path), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

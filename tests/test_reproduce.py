@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from metarun.published import Published
 from metarun.reproduce import CSV_COLUMNS, Measured, Request, pooled, report, verdict
 from metarun.stats import mean_ci95
-from tests.conftest import COMMAND_ENV, ROOT, finish
+from tests.conftest import COMMAND_ENV, ROOT, finish, signal_when_saved
 
 REPRODUCE = str(Path(sys.executable).parent / "metarun-reproduce")
 TINY_SINUSOID = [
@@ -82,25 +81,14 @@ def table(out: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in csv.DictReader(f)]
 
 
-def step_of(checkpoint: Path) -> int:
-    return torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
-
-
 @pytest.mark.slow
 def test_two_seeds_report_and_resume_after_sigterm_without_rerunning_a_finished_seed(tmp_path):
     reference = run(tmp_path / "reference")
     resumed = tmp_path / "resumed"
     proc = run(resumed)
-    last, at = resumed / "seed_1" / "checkpoints" / "last.ckpt", random.Random(0).randint(11, 49)
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            if last.exists() and step_of(last) >= at:
-                proc.send_signal(signal.SIGTERM)
-                break
-        except (RuntimeError, EOFError, OSError):  # replaced while we read it: try again
-            pass
-        time.sleep(0.01)
+    signal_when_saved(
+        proc, resumed / "seed_1" / "checkpoints" / "last.ckpt", random.Random(0).randint(11, 49), signal.SIGTERM
+    )
     stopped = finish(proc)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     assert "metarun: interrupted by SIGTERM" in stopped.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from metarun.checks import number_in, positive_ints
 from metarun.errors import ConfigError
 from metarun.models.dropout import SeededDropout
 from metarun.models.head import classifier_head
@@ -41,11 +42,8 @@ class R2D2Net(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        widths = tuple(widths)
-        if len(widths) != 4 or not all(isinstance(w, int) and w > 0 for w in widths):
-            raise ConfigError(f"model.widths={list(widths)} is not allowed: it must be 4 positive integers.")
-        if not 0 <= drop_rate < 1:
-            raise ConfigError(f"model.drop_rate={drop_rate!r} is not allowed: it must be a number in [0, 1).")
+        widths = positive_ints("model.widths", widths, 4)
+        number_in("model.drop_rate", drop_rate, 0, 1)
         side = image_size // 8  # three 2x2 pools of stride 2
         if side < 2:
             raise ConfigError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metarun.checks import number_in, positive_ints
 from metarun.errors import ConfigError
 from metarun.models.dropout import DropBlock
 from metarun.models.head import classifier_head
@@ -68,11 +69,8 @@ class ResNet12(nn.Module):
         pool: str = "avg",
     ) -> None:
         super().__init__()
-        widths = list(widths)
-        if len(widths) != 4 or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
-            raise ConfigError(f"model.widths={widths} is not allowed: it must be 4 positive integers.")
-        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
-            raise ConfigError(f"model.drop_rate={drop_rate!r} is not allowed: it must be a number in [0, 1).")
+        widths = list(positive_ints("model.widths", widths, 4))
+        number_in("model.drop_rate", drop_rate, 0, 1)
         if pool not in ("avg", "none"):
             raise ConfigError(f"model.pool={pool!r} is not allowed: use avg or none.")
         side = image_size // 16
