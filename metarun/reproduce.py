@@ -12,6 +12,7 @@ interrupted one continues from its own checkpoint. The report is ``reproduction.
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import math
 import signal
@@ -122,10 +123,14 @@ def parse(argv: list[str]) -> Request:
         raise ConfigError("experiment is not set: give experiment=<preset> (metarun-reproduce --help).")
     preset = own["experiment"]
     if preset not in presets:
-        close = [name for name in presets if name.split("_")[0] == preset.split("_")[0]] or list(presets)
+        close = (
+            difflib.get_close_matches(preset, list(presets), n=5, cutoff=0.6)
+            or [name for name in presets if name.split("_")[0] == preset.split("_")[0]][:5]
+        )
+        hint = f"choose one of {', '.join(close)}" if close else "choose a preset"
         raise ConfigError(
-            f"experiment={preset} is not allowed: conf/experiment has no such preset, so choose one of "
-            f"{', '.join(close[:8])}{', ...' if len(close) > 8 else ''}."
+            f"experiment={preset} is not allowed: conf/experiment has no such preset, so {hint} "
+            f"(metarun --help lists all {len(presets)})."
         )
     for key in ("seed", "ckpt_path", "sampler.test_episodes", "hydra.sweep.dir", "hydra.sweep.subdir"):
         if any(o.split("=", 1)[0].lstrip("+") == key for o in overrides):

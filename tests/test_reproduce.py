@@ -155,13 +155,17 @@ def test_two_seeds_report_and_resume_after_sigterm_without_rerunning_a_finished_
             "experiment=protonet_omniglot_5w2s is not allowed: conf/experiment has no such preset, so choose one of "
             "protonet_",
         ),
+        (
+            ["experiment=bogus"],
+            "experiment=bogus is not allowed: conf/experiment has no such preset, so choose a preset",
+        ),
         (["experiment=maml_sinusoid", "seeds=0"], "seeds=0 is not allowed: it must be a positive integer."),
         (["experiment=maml_sinusoid", "seeds=two"], "seeds=two is not allowed: it must be a positive integer."),
         (["experiment=maml_sinusoid", "test_episodes=-1"], "test_episodes=-1 is not allowed: it must be a positive"),
         (["experiment=maml_sinusoid", "seed=3"], "seed is not allowed here: metarun-reproduce sets it for each seed"),
         (["experiment=maml_sinusoid", "fast"], "'fast' is not allowed: give key=value arguments"),
     ],
-    ids=["no-preset", "unknown-preset", "seeds-0", "seeds-word", "episodes", "seed", "not-key-value"],
+    ids=["no-preset", "unknown-preset", "nothing-close", "seeds-0", "seeds-word", "episodes", "seed", "not-key-value"],
 )
 def test_bad_input_is_one_sentence_through_the_command(args, message, tmp_path):
     done = subprocess.run(
