@@ -21,6 +21,7 @@ from metarun.catalog import CONFIG_DIR  # noqa: F401  (the commands read it here
 from metarun.checks import check_image_groups, check_settings
 from metarun.cli import config_error
 from metarun.datasets.base import Dataset
+from metarun.episodes import EpisodeSampler
 from metarun.errors import ConfigError
 from metarun.init_from import init_backbone
 from metarun.test_time import TestTimeFinetune
@@ -89,7 +90,8 @@ def complete_config(cfg: DictConfig, learner: type[MetaAlgorithm]) -> None:
         if OmegaConf.select(cfg, "algorithm.num_train_classes") == "auto":
             cfg.algorithm.num_train_classes = instantiate_checked(cfg.dataset).class_count("train")
         if OmegaConf.select(cfg, "model.out_features") == "auto":
-            cfg.model.out_features = cfg.sampler.train_ways if learner.needs_head else None
+            ways = OmegaConf.select(cfg, "sampler.train_ways", default=OmegaConf.select(cfg, "sampler.max_ways"))
+            cfg.model.out_features = ways if learner.needs_head else None
         if cfg.get("test_dataset"):
             for key in TEST_DATASET_FROM_DATASET:
                 if key in cfg.dataset:
@@ -130,6 +132,12 @@ def build_learner(cfg: DictConfig, initialise: bool = True) -> dict[str, Any]:
             f"{' and '.join(learner.tasks)} tasks only, so choose a {learner.tasks[0]} "
             f"dataset or another algorithm."
         )
+    episodes = cast("type[EpisodeSampler]", named_class(cfg.sampler, "sampler", EpisodeSampler))
+    if data.kind not in episodes.kinds:
+        raise ConfigError(
+            f"sampler={episodes.__name__} is not allowed with dataset={data.__name__}: it draws "
+            f"{' and '.join(episodes.kinds)} episodes only, so use sampler=episodic or another dataset."
+        )
     check_image_groups(cfg, data.takes_images)
     complete_config(cfg, learner)
     sampler = instantiate_checked(cfg.sampler)
@@ -141,7 +149,7 @@ def build_learner(cfg: DictConfig, initialise: bool = True) -> dict[str, Any]:
         if cfg.get("channels_last"):  # a hardware choice: any backbone, 4-D weights only
             model.to(memory_format=torch.channels_last)
         algorithm = instantiate_checked(cfg.algorithm, model=model)  # and its own parameters
-    algorithm.check_episode_shape(sampler.train_ways, sampler.ways)
+    sampler.check_learner(algorithm)
     algorithm.set_task_batching(cfg.get("task_batching", "auto"))
     optimizer = instantiate(cfg.optimizer)
     try:  # the optimiser's own checks (e.g. Adam's betas), on a throwaway instance

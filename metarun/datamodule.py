@@ -12,13 +12,12 @@ from metarun.episodes import (
     TEST,
     VAL,
     Augment,
+    Batch,
     BatchSource,
-    EpisodeBatch,
     EpisodeSampler,
     EvalEpisodes,
     TaskSource,
     TrainEpisodes,
-    collate_episodes,
     first_episodes,
     task_generator,
 )
@@ -70,7 +69,7 @@ class EpisodicDataModule(L.LightningDataModule):
         if self.trainer is not None:
             self.sampler.shard(self.trainer.world_size)
 
-    def train_batch(self, step: int, rank: int = 0, world_size: int = 1) -> EpisodeBatch:
+    def train_batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
         """This rank's slice of training step ``step``'s meta-batch, as the loader serves it
         (episodes, or plain mini-batches for a whole-class learner)."""
         self.prepare()
@@ -89,7 +88,7 @@ class EpisodicDataModule(L.LightningDataModule):
         )
         return DataLoader(episodes, batch_size=None, num_workers=0)
 
-    def validation_batch(self, size: int) -> EpisodeBatch:
+    def validation_batch(self, size: int) -> Batch:
         """The first ``size`` validation episodes (at most all of them) as one batch."""
         self.prepare()
         return first_episodes(self.sampler, self.splits["val"], VAL, min(size, self.sampler.val_episodes))
@@ -107,7 +106,7 @@ class EpisodicDataModule(L.LightningDataModule):
             EvalEpisodes(self.sampler, self.splits[split], stream, size),
             batch_size=self.sampler.eval_batch_size,
             shuffle=False,
-            collate_fn=collate_episodes,
+            collate_fn=self.sampler.collate,
             num_workers=0,
         )
 

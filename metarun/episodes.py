@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -93,6 +93,44 @@ class EpisodeBatch:
         return Episode(
             self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i], params, int(self.index[i]), classes
         )
+
+    def uniform(self) -> list[EpisodeBatch]:
+        """The batch as same-shaped batches: itself."""
+        return [self]
+
+
+@dataclass
+class RaggedBatch:
+    """B episodes whose shapes differ (`VariableEpisodeSampler`), each held as a batch of one
+    task: the per-task loop of every learner, since no tensor can stack them.
+
+    ``parts``: B one-task `EpisodeBatch` es, in task order.
+    """
+
+    parts: list[EpisodeBatch]
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    @property
+    def index(self) -> Tensor:
+        """``[B]`` the episodes' indices, as `EpisodeBatch.index`."""
+        return torch.cat([part.index for part in self.parts])
+
+    def tasks(self, start: int, stop: int) -> RaggedBatch:
+        """Tasks ``start .. stop - 1`` as a batch of their own."""
+        return RaggedBatch(self.parts[start:stop])
+
+    def task(self, i: int) -> Episode:
+        """The i-th episode of the batch."""
+        return self.parts[i].task(0)
+
+    def uniform(self) -> list[EpisodeBatch]:
+        """The batch as same-shaped batches: one per task."""
+        return list(self.parts)
+
+
+Batch = EpisodeBatch | RaggedBatch
 
 
 def collate_episodes(episodes: list[Episode]) -> EpisodeBatch:
@@ -197,6 +235,26 @@ class EpisodeSampler:
         self.seed = seed
         self.eval_seed = eval_seed
 
+    kinds: tuple[str, ...] = ("classification", "regression")  # the task kinds it draws
+
+    def check_learner(self, algorithm: Any) -> None:
+        """Raise `ConfigError` if ``algorithm`` (a `MetaAlgorithm`) cannot learn from these episodes."""
+        algorithm.check_episode_shape(self.train_ways, self.ways)
+
+    def collate(self, episodes: list[Episode]) -> Batch:
+        """The episodes as one meta-batch: stacked, since they share one shape."""
+        return collate_episodes(episodes)
+
+    def shape(self) -> dict[str, Any]:
+        """The episode shape, as results.json records it."""
+        return {
+            "ways": self.ways,
+            "shots": self.shots,
+            "queries": self.queries,
+            "train_ways": self.train_ways,
+            "train_shots": self.train_shots,
+        }
+
     def check(self, train: TaskSource, val: TaskSource, test: TaskSource, plain: bool = False) -> None:
         """Stop early when a split cannot provide the requested episode shapes (``plain``:
         training draws mini-batches of ``batch_size`` images instead of episodes).
@@ -228,7 +286,7 @@ class EpisodeSampler:
         world_size: int = 1,
         augment: Augment | None = None,
         plain: bool = False,
-    ) -> EpisodeBatch:
+    ) -> Batch:
         """This rank's slice of the meta-batch of training step `step`; ``augment`` (the
         `transform` group) draws from each task's own generator, so it is the same on any
         number of processes. ``plain``: each task is a mini-batch of ``batch_size`` images
@@ -240,10 +298,8 @@ class EpisodeSampler:
             drawn = [batches.batch(task_generator(self.seed, TRAIN, step, t), self.batch_size, augment) for t in tasks]
             for t, episode in zip(tasks, drawn):
                 episode.index = t
-            return collate_episodes(drawn)
-        return collate_episodes(
-            [self._draw(source, task_generator(self.seed, TRAIN, step, t), t, augment) for t in tasks]
-        )
+            return collate_episodes(drawn)  # plain mini-batches share one shape
+        return self.collate([self._draw(source, task_generator(self.seed, TRAIN, step, t), t, augment) for t in tasks])
 
     def eval_episode(self, source: TaskSource, stream: int, index: int) -> Episode:
         """Episode `index` of the fixed validation (stream 1) or test (stream 2) list."""
@@ -259,6 +315,220 @@ class EpisodeSampler:
         else:
             image_source = cast(AugmentableSource, source)  # train.py refuses a transform without images
             episode = image_source.episode(g, self.train_ways, self.train_shots, self.train_queries, augment=augment)
+        episode.index = index
+        return episode
+
+
+class VariableSource(Protocol):
+    """What `VariableEpisodeSampler` needs from a split of class images (`ClassImages`)."""
+
+    name: str
+    num_classes: int
+    counts: Tensor  # [num_classes] images of each class
+    groups: Tensor | None  # [num_classes] superclass of each class, where the dataset declares them
+
+    def described_episode(
+        self, generator: torch.Generator, classes: Tensor, shots: Tensor, queries: int, augment: Augment | None = None
+    ) -> Episode: ...
+
+
+@dataclass
+class EpisodeDescription:
+    """What one variable episode holds: ``classes [N]`` (split class ids), ``shots [N]``
+    support images of each class, ``queries`` query images of every class."""
+
+    classes: Tensor
+    shots: Tensor
+    queries: int
+
+
+def variable_shots(
+    images: Tensor, queries: int, beta: float, alpha: Tensor, max_support: int, max_support_per_class: int
+) -> Tensor:
+    """Meta-Dataset's support shots ``[N]`` for classes of ``images [N]`` images each, given
+    the episode's ``queries`` per class and its draws ``beta`` in [0, 1) and ``alpha [N]``:
+    |S| = min(max_support, Σ_c ⌊β · min(max_support_per_class, |c| − q)⌋ + 1), then
+    k_c = min(⌊p_c · (|S| − N)⌋ + 1, |c| − q) with p_c ∝ |c| · exp(α_c)."""
+    remaining = images - queries  # [N] at least 1 each
+    contribution = remaining.clamp(max=max_support_per_class).double()  # [N]
+    support = min(max_support, int(torch.floor(beta * contribution + 1).sum()))
+    weights = images.double() * alpha.exp()  # [N]
+    share = weights / weights.sum()  # [N]
+    return torch.minimum(torch.floor(share * (support - len(images))).long() + 1, remaining)  # [N]
+
+
+class VariableEpisodeSampler(EpisodeSampler):
+    """Meta-Dataset's episodes (Triantafillou et al. 2020, section 3.2 and appendix): any
+    number of ways, class-imbalanced supports, and a query size that follows the classes.
+
+    For each episode, from the task's own generator:
+
+    1. ways ~ U{min_ways, ..., min(max_ways, classes available)}; the classes uniformly
+       without replacement (``hierarchy``: first a superclass, uniformly among those with at
+       least ``min_ways`` classes, then the classes within it, as Meta-Dataset's Omniglot).
+    2. queries per class q = min(max_queries, min_c ⌊|c| / 2⌋), where |c| is the images of class c.
+    3. support size |S| = min(max_support, Σ_c ⌊β · min(max_support_per_class, |c| − q)⌋ + 1),
+       β ~ U[0, 1).
+    4. shots k_c = min(⌊p_c · (|S| − N)⌋ + 1, |c| − q), with p_c ∝ |c| · exp(α_c),
+       α_c ~ U[min_log_weight, max_log_weight).
+
+    Training, validation and test episodes all follow it; the meta-batch's tasks differ in
+    shape, so they reach the learner as a `RaggedBatch` (one task per backward pass).
+
+    Args:
+        meta_batch_size, val_episodes, test_episodes, eval_batch_size, batch_size, seed,
+            eval_seed: as `EpisodeSampler`.
+        min_ways, max_ways: the range of ways (Meta-Dataset: 5 and 50).
+        max_queries: most query images per class (10).
+        max_support: most support images in an episode (500).
+        max_support_per_class: most any class adds to the support size's draw (100).
+        min_log_weight, max_log_weight: the range of a class's log weight (log ½, log 2).
+        hierarchy: choose the classes within one superclass of a dataset that declares them
+            (Omniglot's alphabets, tiered-ImageNet's categories).
+    """
+
+    def __init__(
+        self,
+        meta_batch_size: int,
+        min_ways: int = 5,
+        max_ways: int = 50,
+        max_queries: int = 10,
+        max_support: int = 500,
+        max_support_per_class: int = 100,
+        min_log_weight: float = -0.6931471805599453,
+        max_log_weight: float = 0.6931471805599453,
+        hierarchy: bool = False,
+        val_episodes: int = 100,
+        test_episodes: int = 600,
+        eval_batch_size: int = 1,
+        batch_size: int = 64,
+        seed: int = 0,
+        eval_seed: int = 0,
+    ) -> None:
+        self.min_ways = integer_at_least("sampler.min_ways", min_ways, 2)
+        self.max_ways = _positive("sampler.max_ways", max_ways)
+        if self.min_ways > self.max_ways:
+            raise ConfigError(
+                f"sampler.min_ways={self.min_ways} is not allowed with sampler.max_ways={self.max_ways}: "
+                f"it must be at most max_ways."
+            )
+        self.max_queries = _positive("sampler.max_queries", max_queries)
+        self.max_support = _positive("sampler.max_support", max_support)
+        if self.max_support < self.max_ways:
+            raise ConfigError(
+                f"sampler.max_support={self.max_support} is not allowed with sampler.max_ways={self.max_ways}: "
+                f"every class needs a support image, so it must be at least max_ways."
+            )
+        self.max_support_per_class = _positive("sampler.max_support_per_class", max_support_per_class)
+        if not isinstance(min_log_weight, int | float) or not isinstance(max_log_weight, int | float):
+            raise ConfigError(
+                f"sampler.min_log_weight={min_log_weight!r} and sampler.max_log_weight={max_log_weight!r} are "
+                f"not allowed: they must be numbers."
+            )
+        if min_log_weight > max_log_weight:
+            raise ConfigError(
+                f"sampler.min_log_weight={min_log_weight} is not allowed with sampler.max_log_weight="
+                f"{max_log_weight}: it must be at most max_log_weight."
+            )
+        self.min_log_weight, self.max_log_weight = float(min_log_weight), float(max_log_weight)
+        if not isinstance(hierarchy, bool):
+            raise ConfigError(f"sampler.hierarchy={hierarchy!r} is not allowed: it must be true or false.")
+        self.hierarchy = hierarchy
+        super().__init__(
+            ways=self.max_ways,
+            shots=1,
+            queries=self.max_queries,
+            meta_batch_size=meta_batch_size,
+            val_episodes=val_episodes,
+            test_episodes=test_episodes,
+            eval_batch_size=eval_batch_size,
+            batch_size=batch_size,
+            seed=seed,
+            eval_seed=eval_seed,
+        )
+
+    kinds = ("classification",)
+
+    def check_learner(self, algorithm: Any) -> None:
+        algorithm.check_variable_episodes(self.min_ways, self.max_ways)
+
+    def collate(self, episodes: list[Episode]) -> Batch:
+        """Always a `RaggedBatch`: two episodes of one shape may still differ in their ways
+        and in each class's shots, so they are never stacked."""
+        return RaggedBatch([collate_episodes([e]) for e in episodes])
+
+    def shape(self) -> dict[str, Any]:
+        ways = self.min_ways if self.min_ways == self.max_ways else f"{self.min_ways}-{self.max_ways}"
+        return {
+            "episodes": "variable",
+            "ways": ways,
+            "shots": "variable",
+            "queries": f"at most {self.max_queries}",
+            "train_ways": ways,
+            "train_shots": "variable",
+        }
+
+    def check(self, train: TaskSource, val: TaskSource, test: TaskSource, plain: bool = False) -> None:
+        """Stop early when a split cannot give a variable episode: fewer classes than
+        ``min_ways`` (within one superclass, with ``hierarchy``), or a class of one image."""
+        splits = [val, test] if plain else [train, val, test]
+        for split in splits:
+            self._check_split(cast(VariableSource, split))
+        if plain:
+            cast(BatchSource, train).check_batch(self.batch_size, "sampler.batch_size")
+
+    def _check_split(self, split: VariableSource) -> None:
+        if self.hierarchy:
+            if split.groups is None:
+                raise ConfigError(
+                    f"sampler.hierarchy=true is not allowed with split {split.name}: its dataset declares no "
+                    f"superclasses (Omniglot's alphabets and tiered-ImageNet's categories do), so set "
+                    f"sampler.hierarchy=false."
+                )
+            largest = int(torch.bincount(split.groups).max())
+            if largest < self.min_ways:
+                raise ConfigError(
+                    f"sampler.min_ways={self.min_ways} is not allowed with sampler.hierarchy=true: the largest "
+                    f"superclass of split {split.name} has {largest} classes, so min_ways must be at most {largest}."
+                )
+        elif split.num_classes < self.min_ways:
+            raise ConfigError(
+                f"sampler.min_ways={self.min_ways} is not allowed: split {split.name} has only "
+                f"{split.num_classes} classes, so min_ways must be at most {split.num_classes}."
+            )
+        smallest = int(split.counts.min())
+        if smallest < 2:
+            raise ConfigError(
+                f"sampler=variable is not allowed with split {split.name}: a class of it has {smallest} image, "
+                f"and each class needs one support and one query image, so give every class at least 2 images."
+            )
+
+    def describe(self, split: VariableSource, g: torch.Generator) -> EpisodeDescription:
+        """Draw one episode's classes, shots and queries (the class's docstring, steps 1-4)."""
+        pool = torch.arange(split.num_classes)
+        if self.hierarchy and split.groups is not None:
+            sizes = torch.bincount(split.groups)  # [G]
+            eligible = torch.nonzero(sizes >= self.min_ways).flatten()  # [G']
+            group = eligible[torch.randint(len(eligible), (1,), generator=g)]
+            pool = torch.nonzero(split.groups == group).flatten()  # classes of the superclass
+        top = min(self.max_ways, len(pool))
+        ways = int(torch.randint(self.min_ways, top + 1, (1,), generator=g))
+        classes = pool[torch.randperm(len(pool), generator=g)[:ways]]  # [N]
+        images = split.counts[classes]  # [N]
+        queries = min(self.max_queries, int((images // 2).min()))
+        beta = float(torch.rand((), generator=g, dtype=torch.float64))
+        alpha = torch.empty(ways, dtype=torch.float64).uniform_(self.min_log_weight, self.max_log_weight, generator=g)
+        shots = variable_shots(images, queries, beta, alpha, self.max_support, self.max_support_per_class)
+        return EpisodeDescription(classes, shots, queries)
+
+    def _draw(
+        self, source: TaskSource, g: torch.Generator, index: int, augment: Augment | None, train: bool = True
+    ) -> Episode:
+        split = cast(VariableSource, source)
+        description = self.describe(split, g)
+        episode = split.described_episode(
+            g, description.classes, description.shots, description.queries, augment if train else None
+        )
         episode.index = index
         return episode
 
@@ -280,7 +550,7 @@ class TrainEpisodes(IterableDataset):
         self.sampler, self.source, self.augment, self.plain = sampler, source, augment, plain
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
 
-    def __iter__(self) -> Iterator[EpisodeBatch]:
+    def __iter__(self) -> Iterator[Batch]:
         step = self.start_step
         while True:
             yield self.sampler.train_batch(self.source, step, self.rank, self.world_size, self.augment, self.plain)
@@ -300,16 +570,21 @@ class EvalEpisodes(Dataset):
         return self.sampler.eval_episode(self.source, self.stream, index)
 
 
-def first_episodes(sampler: EpisodeSampler, source: TaskSource, stream: int, size: int) -> EpisodeBatch:
-    """The first ``size`` episodes of a fixed evaluation list as one batch."""
+def first_episodes(sampler: EpisodeSampler, source: TaskSource, stream: int, size: int) -> Batch:
+    """The first ``size`` episodes of a fixed evaluation list as one meta-batch."""
     episodes = EvalEpisodes(sampler, source, stream, size)
-    return collate_episodes([episodes[i] for i in range(size)])
+    return sampler.collate([episodes[i] for i in range(size)])
 
 
 __all__ = [
     "Episode",
     "EpisodeBatch",
     "EpisodeSampler",
+    "VariableEpisodeSampler",
+    "EpisodeDescription",
+    "variable_shots",
+    "RaggedBatch",
+    "Batch",
     "TrainEpisodes",
     "EvalEpisodes",
     "collate_episodes",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -14,7 +15,7 @@ from torch import Tensor
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.feature_transform import MEAN_IMAGES
 from metarun.algorithms.feature_transform import STREAM as FEATURES_STREAM
-from metarun.episodes import EpisodeBatch
+from metarun.episodes import Batch, EpisodeBatch
 from metarun.errors import NonFiniteLoss
 from metarun.stats import mean_ci95
 from metarun.test_time import AUTO_EPISODES, TestTimeFinetune
@@ -86,7 +87,7 @@ class MetaLearningModule(L.LightningModule):
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt), "interval": "step"},
         }
 
-    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         started = time.perf_counter()
         opt = self.optimizers()
         opt.zero_grad()
@@ -102,7 +103,7 @@ class MetaLearningModule(L.LightningModule):
         if sched is not None:
             sched.step()
         tasks = len(batch) * self.trainer.world_size
-        metric = per_task_metric(out.query_logits, batch.query_y, self.metric).mean()
+        metric = out.task_metric.mean()
         extra = {f"train/{k}": v.detach().float().mean() for k, v in (out.extra or {}).items()}
         self.log_dict(
             {
@@ -131,15 +132,19 @@ class MetaLearningModule(L.LightningModule):
         if self.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
-    def backward_meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
+    def backward_meta_loss(self, batch: Batch) -> OuterOutput:
         """`backward_in_chunks` with Lightning's backward; under DDP only the last chunk's
         backward all-reduces (the others run under ``no_sync``)."""
         hold = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
-        return backward_in_chunks(self.algorithm, batch, self.task_chunk, self.manual_backward, hold)
+        return backward_in_chunks(self.algorithm, batch, self.task_chunk, self.manual_backward, hold, self.metric)
 
     # evaluation ---------------------------------------------------------------------------
 
-    def _eval_step(self, stage: str, batch: EpisodeBatch) -> None:
+    def _eval_step(self, stage: str, batch: Batch) -> None:
+        for part in batch.uniform():  # a RaggedBatch: one task at a time
+            self._eval_part(stage, part)
+
+    def _eval_part(self, stage: str, batch: EpisodeBatch) -> None:
         out: MetaOutput = (
             self.test_time.predict(self.algorithm, batch) if stage == "test" else self.algorithm.predict(batch)
         )
@@ -180,7 +185,7 @@ class MetaLearningModule(L.LightningModule):
         self.log_dict(metrics, sync_dist=True)  # identical on every rank: all were gathered
         return metrics
 
-    def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step("val", batch)
 
     def on_validation_epoch_end(self) -> None:
@@ -224,7 +229,7 @@ class MetaLearningModule(L.LightningModule):
             with self.trainer.precision_plugin.forward_context():
                 self.test_time.choose_lr(self.algorithm, episodes)
 
-    def test_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step("test", batch)
 
     def on_test_epoch_end(self) -> None:
@@ -257,36 +262,53 @@ class MetaLearningModule(L.LightningModule):
                     schedule["base_lrs"] = [changed["lr"]] * len(schedule["base_lrs"])
 
 
+@dataclass
+class OuterOutput:
+    """What one outer step's backward passes give: the meta-batch's ``loss`` (detached), each
+    task's ``task_metric [B]`` (accuracy or MSE on its queries) and the learner's ``extra``
+    per-task metrics (name -> ``[B]``)."""
+
+    loss: Tensor
+    task_metric: Tensor
+    extra: dict[str, Tensor] | None = None
+
+
 def backward_in_chunks(
     algorithm: MetaAlgorithm,
-    batch: EpisodeBatch,
+    batch: Batch,
     chunk: int | None,
     backward: Callable[[Tensor], Any],
     hold_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> MetaOutput:
+    metric: str = "accuracy",
+) -> OuterOutput:
     """Back-propagate the meta-batch's meta-loss, ``chunk`` tasks at a time (None: all).
 
     Each chunk's loss is weighted by its share of the tasks (every learner's meta-loss is
-    a mean over equally sized tasks), so the gradients accumulated over the chunks are the
-    whole meta-batch's; peak memory is one chunk's graph. ``hold_sync`` wraps every
-    backward but the last (DDP's ``no_sync``). Returns the whole meta-batch's loss
-    (detached), query logits and extras, as one `meta_loss` call would.
+    a mean over its tasks), so the gradients accumulated over the chunks are the whole
+    meta-batch's; peak memory is one chunk's graph. A `RaggedBatch` (tasks of different
+    shapes) runs one task per chunk, whatever ``chunk`` says. ``hold_sync`` wraps every
+    backward but the last (DDP's ``no_sync``). Returns the whole meta-batch's loss, each
+    task's ``metric`` and the extras, as one `meta_loss` call would.
     """
     size = len(batch)
-    chunk = min(chunk or size, size)
-    outputs, losses = [], []
-    for start in range(0, size, chunk):
-        stop = min(start + chunk, size)
-        out = algorithm.meta_loss(batch if chunk == size else batch.tasks(start, stop))
-        loss = out.loss * ((stop - start) / size)
-        with hold_sync() if stop < size else contextlib.nullcontext():
+    if isinstance(batch, EpisodeBatch):
+        step = min(chunk or size, size)
+        starts = range(0, size, step)
+        parts = [batch if step == size else batch.tasks(start, min(start + step, size)) for start in starts]
+    else:
+        parts = batch.uniform()
+    outputs, losses, metrics, done = [], [], [], 0
+    for part in parts:
+        done += len(part)
+        out = algorithm.meta_loss(part)
+        loss = out.loss * (len(part) / size)
+        with hold_sync() if done < size else contextlib.nullcontext():
             backward(loss)
         outputs.append(out)
         losses.append(loss.detach())
-    if len(outputs) == 1:
-        return MetaOutput(losses[0], outputs[0].query_logits, extra=outputs[0].extra)
+        metrics.append(per_task_metric(out.query_logits.detach(), part.query_y, metric))
     extra = {k: torch.cat([o.extra[k] for o in outputs]) for k in (outputs[0].extra or {})}
-    return MetaOutput(torch.stack(losses).sum(), torch.cat([o.query_logits for o in outputs]), extra=extra or None)
+    return OuterOutput(torch.stack(losses).sum(), torch.cat(metrics), extra or None)
 
 
 def _unique_first(ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -298,4 +320,4 @@ def _unique_first(ids: Tensor) -> tuple[Tensor, Tensor]:
     return sorted_ids[first], order[first]
 
 
-__all__ = ["MetaLearningModule", "backward_in_chunks", "per_task_metric"]
+__all__ = ["MetaLearningModule", "OuterOutput", "backward_in_chunks", "per_task_metric"]

@@ -23,11 +23,7 @@ def experiment_block(cfg: DictConfig, sampler: Any) -> dict[str, Any]:
     block = {
         "algorithm": cfg.algorithm._target_.rsplit(".", 1)[-1],
         "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
-        "ways": sampler.ways,
-        "shots": sampler.shots,
-        "queries": sampler.queries,
-        "train_ways": sampler.train_ways,
-        "train_shots": sampler.train_shots,
+        **sampler.shape(),
         "seed": cfg.seed,
         "inference": describe_inference(cfg.algorithm.get("transductive")),
     }

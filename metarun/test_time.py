@@ -27,7 +27,7 @@ from torch import Tensor
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput
 from metarun.algorithms.tasks import map_tasks
 from metarun.checks import integer_at_least
-from metarun.episodes import EpisodeBatch, task_generator
+from metarun.episodes import Batch, EpisodeBatch, task_generator
 from metarun.errors import ConfigError
 
 STREAM = 3  # the generators' stream: after training (0), validation (1) and test (2)
@@ -92,14 +92,20 @@ class TestTimeFinetune:
             settings["lr_search"] = self.search
         return settings
 
-    def choose_lr(self, algorithm: MetaAlgorithm, episodes: EpisodeBatch) -> float:
+    def choose_lr(self, algorithm: MetaAlgorithm, episodes: Batch) -> float:
         """Set ``lr`` to the rate of `AUTO_RATES` whose fine-tuned copies label ``episodes``
-        (labelled validation episodes, never test ones) best; a tie goes to the smaller rate."""
-        self.check_task(algorithm, episodes)
+        (labelled validation episodes, never test ones) best, by their mean accuracy per
+        episode; a tie goes to the smaller rate."""
+        parts = episodes.uniform()  # a RaggedBatch: one task at a time
+        for part in parts:
+            self.check_task(algorithm, part)
         accuracy = {}
         for rate in AUTO_RATES:
-            logits = self.predict_at(algorithm, episodes, rate).query_logits
-            accuracy[rate] = (logits.argmax(-1) == episodes.query_y).float().mean().item()
+            scores = []
+            for part in parts:
+                logits = self.predict_at(algorithm, part, rate).query_logits
+                scores.append((logits.argmax(-1) == part.query_y).float().mean(1))  # [B]
+            accuracy[rate] = torch.cat(scores).mean().item()
         self.lr = max(AUTO_RATES, key=lambda rate: (accuracy[rate], -rate))
         self.search = {"episodes": len(episodes), "accuracy": {str(r): a for r, a in accuracy.items()}}
         return self.lr

@@ -445,6 +445,28 @@ BAD_SETTINGS = {
     "dataset=omniglot algorithm=r2d2 model=r2d2net model.drop_rate=1": (
         "model.drop_rate=1 is not allowed: it must be a number in [0, 1)."
     ),
+    "dataset=omniglot sampler=variable algorithm=maml": (
+        "algorithm=MAML is not allowed with sampler=variable's episodes of 5 to 50 ways: its classifier head has "
+        "a fixed number of outputs, so set sampler.min_ways equal to sampler.max_ways, or choose a learner "
+        "without a head (e.g. protonet)."
+    ),
+    "dataset=omniglot sampler=variable algorithm=relation_net": (
+        "algorithm=RelationNet is not allowed with sampler=variable: it sums each class's shots (Sung et al. "
+        "2018), and sums over different numbers of shots are not comparable across classes, so use "
+        "sampler=episodic or a learner that averages them (protonet)."
+    ),
+    "dataset=omniglot sampler=variable algorithm=feat": (
+        "algorithm.balance=0.01 is not allowed with sampler=variable: FEAT's contrastive term splits each "
+        "class's support and query images into sets of one size, which class-imbalanced supports do not "
+        "have, so set algorithm.balance=0."
+    ),
+    "dataset=omniglot sampler=variable algorithm=protonet sampler.min_ways=9 sampler.max_ways=8": (
+        "sampler.min_ways=9 is not allowed with sampler.max_ways=8: it must be at most max_ways."
+    ),
+    "sampler=variable": (
+        "sampler=VariableEpisodeSampler is not allowed with dataset=Sinusoid: it draws classification "
+        "episodes only, so use sampler=episodic or another dataset."
+    ),
 }
 
 # Through the installed command: one of each way a mistake reaches the user (a value check,
@@ -460,6 +482,7 @@ THROUGH_THE_COMMAND = (
     "dataset=omniglot algorithm=cavia algorithm.context_layer=features.99",
     "dataset=omniglot algorithm=r2d2 model=r2d2net model.drop_rate=1",
     "dataset=omniglot dataset.train_on=val",
+    "dataset=omniglot sampler=variable algorithm=maml",
 )
 
 

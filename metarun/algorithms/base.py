@@ -168,6 +168,18 @@ class MetaAlgorithm(nn.Module):
     def check_episode_shape(self, train_ways: int, ways: int) -> None:
         """Raise `ConfigError` if the algorithm cannot test on ``ways`` after ``train_ways``."""
 
+    def check_variable_episodes(self, min_ways: int, max_ways: int) -> None:
+        """Raise `ConfigError` if the algorithm cannot learn from ``sampler=variable``'s
+        episodes: class-imbalanced supports of ``min_ways`` to ``max_ways`` ways. A learner
+        with a classifier head needs a fixed number of ways."""
+        if self.needs_head and min_ways != max_ways:
+            raise ConfigError(
+                f"algorithm={type(self).__name__} is not allowed with sampler=variable's episodes of "
+                f"{min_ways} to {max_ways} ways: its classifier head has a fixed number of outputs, so set "
+                f"sampler.min_ways equal to sampler.max_ways, or choose a learner without a head "
+                f"(e.g. protonet)."
+            )
+
     def query_probabilities(self, query_logits: Tensor) -> Tensor:
         """Class probabilities ``[B, M, N]`` from `predict`'s ``query_logits`` (a softmax;
         log-probabilities, as Matching Networks give, come back unchanged)."""

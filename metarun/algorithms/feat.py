@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput, class_means, embedding_dim, embedding_network
 from metarun.checks import number_in, positive_number
 from metarun.episodes import TRAIN, EpisodeBatch, task_generator
+from metarun.errors import ConfigError
 
 STREAM = TRAIN + 10  # the dropout masks' generator stream, apart from the episodes' own draws
 
@@ -96,6 +97,14 @@ class FEAT(MetaAlgorithm):
 
     def end_outer_step(self) -> None:
         self.outer_step.add_(1)
+
+    def check_variable_episodes(self, min_ways: int, max_ways: int) -> None:
+        if self.balance > 0:
+            raise ConfigError(
+                f"algorithm.balance={self.balance} is not allowed with sampler=variable: FEAT's contrastive "
+                f"term splits each class's support and query images into sets of one size, which "
+                f"class-imbalanced supports do not have, so set algorithm.balance=0."
+            )
 
     def generators(self, batch: EpisodeBatch) -> list[torch.Generator] | None:
         """Each task's dropout generator in training; None (no dropout) otherwise."""

@@ -104,6 +104,13 @@ class RelationNet(MetaAlgorithm):
         )  # [NQ, N, 2C, h, w]
         return self.relation(pairs.flatten(0, 1)).view(m, ways)  # [NQ*N] -> [NQ, N]
 
+    def check_variable_episodes(self, min_ways: int, max_ways: int) -> None:
+        raise ConfigError(
+            "algorithm=RelationNet is not allowed with sampler=variable: it sums each class's shots "
+            "(Sung et al. 2018), and sums over different numbers of shots are not comparable across "
+            "classes, so use sampler=episodic or a learner that averages them (protonet)."
+        )
+
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         ways = int(batch.support_y.max()) + 1
         scores = self.map_tasks(  # [B, NQ, N]

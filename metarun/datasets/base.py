@@ -66,6 +66,11 @@ class Dataset(abc.ABC):
         """How many classes split ``name`` has (a regression dataset: 0)."""
         return self.split(name).num_classes
 
+    def superclasses(self, name: str) -> list[str] | None:
+        """The superclass of each class of split ``name``, in label order, where the dataset
+        declares a hierarchy (`VariableEpisodeSampler`'s ``hierarchy``), else None."""
+        return None
+
     @staticmethod
     def prepare_image(image: Image.Image, size: int, channels: int) -> np.ndarray:
         """A user's image prepared as this dataset's examples are: uint8 ``[C, size, size]``."""
@@ -86,6 +91,8 @@ class ClassImages:
         mean, std: per-channel normalisation applied to the [0, 1] pixels of every episode
             (after any augmentation), or None for none.
         names: the class name of each label, for messages (None: class ids are named).
+        superclasses: the superclass of each label (Omniglot's alphabet, tiered-ImageNet's
+            category), for `VariableEpisodeSampler`'s ``hierarchy``, or None.
     """
 
     def __init__(
@@ -96,6 +103,7 @@ class ClassImages:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         names: Sequence[str] | None = None,
+        superclasses: Sequence[str] | None = None,
     ) -> None:
         self.names = None if names is None else list(names)
         if images.dtype != torch.uint8 or images.dim() != 4:
@@ -114,6 +122,10 @@ class ClassImages:
         # by_class[c, j] = j-th image of class c (padded with its first image)
         pos = starts[:, None] + torch.minimum(slot[None, :], counts[:, None] - 1)  # [num_classes, W]
         self.by_class = order[pos]
+        self.groups: Tensor | None = None  # [num_classes] superclass id of each class
+        if superclasses is not None:
+            ids = {name: i for i, name in enumerate(dict.fromkeys(superclasses))}
+            self.groups = torch.tensor([ids[name] for name in superclasses], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -175,19 +187,30 @@ class ClassImages:
         episodes only) draws from the same generator, after the images are chosen.
         """
         classes = torch.randperm(self.num_classes, generator=generator)[:ways]  # [N]
+        return self.described_episode(generator, classes, torch.full((ways,), shots), queries, augment)
+
+    def described_episode(
+        self, generator: torch.Generator, classes: Tensor, shots: Tensor, queries: int, augment: Augment | None = None
+    ) -> Episode:
+        """``shots[c]`` support and ``queries`` query images of each class ``classes[c]``,
+        disjoint, labels 0..N-1 (the support class by class); `VariableEpisodeSampler`'s
+        imbalanced episodes and, with equal shots, `episode`'s."""
+        ways = len(classes)
         width = self.by_class.shape[1]
         keys = torch.rand(ways, width, generator=generator)  # [N, W]
         keys[torch.arange(width)[None, :] >= self.counts[classes][:, None]] = 2.0  # padding last
-        pick = keys.argsort(dim=1)[:, : shots + queries]  # [N, K+Q] distinct slots
-        ids = self.by_class[classes[:, None], pick]  # [N, K+Q] image ids
-        x = self.pixels(ids.reshape(-1), generator, augment)  # [N*(K+Q), C, H, W]
-        x = x.view(ways, shots + queries, *x.shape[1:])  # [N, K+Q, C, H, W]
-        y = torch.arange(ways)[:, None].expand(ways, shots + queries)  # [N, K+Q]
-        c, h, w = x.shape[-3:]
+        take = int(shots.max()) + queries
+        pick = keys.argsort(dim=1)[:, :take]  # [N, T] distinct slots
+        ids = self.by_class[classes[:, None], pick]  # [N, T] image ids
+        slot = torch.arange(take)[None, :]  # [1, T]
+        support, query = slot < shots[:, None], (slot >= shots[:, None]) & (slot < shots[:, None] + queries)  # [N, T]
+        used = support | query  # [N, T]: all of it when every class has the same shots
+        x = self.pixels(ids[used], generator, augment)  # [ΣK + N*Q, C, H, W], class by class
+        y = torch.arange(ways)[:, None].expand(ways, take)  # [N, T]
         return Episode(
-            support_x=x[:, :shots].reshape(ways * shots, c, h, w),  # [N*K, C, H, W]
-            support_y=y[:, :shots].reshape(-1),  # [N*K]
-            query_x=x[:, shots:].reshape(ways * queries, c, h, w),  # [N*Q, C, H, W]
-            query_y=y[:, shots:].reshape(-1),  # [N*Q]
+            support_x=x[support[used]],  # [ΣK, C, H, W]
+            support_y=y[support],  # [ΣK]
+            query_x=x[query[used]],  # [N*Q, C, H, W]
+            query_y=y[query],  # [N*Q]
             classes=classes,  # [N]
         )

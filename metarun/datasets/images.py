@@ -496,7 +496,9 @@ class ImageDataset(Dataset):
             what = f"{self.name}/{name}"
             images, labels, meta = cached(self.cache_dir / self.cache_stem(name), self._fingerprint(name), build, what)
             self._classes[name] = list(meta["classes"])
-            self._splits[name] = ClassImages(images, labels, what, self.mean, self.std, self._classes[name])
+            self._splits[name] = ClassImages(
+                images, labels, what, self.mean, self.std, self._classes[name], self.superclasses(name)
+            )
         return self._splits[name]
 
     def classes(self, name: str) -> list[str]:

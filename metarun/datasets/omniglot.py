@@ -121,6 +121,10 @@ class Omniglot(ImageDataset):
         """Classes of split `name`, from the split lists (nothing is decoded)."""
         return len(self._class_list(name))
 
+    def superclasses(self, name: str) -> list[str]:
+        """The alphabet of each class of split `name` (its four rotations included)."""
+        return [key.split("/")[0] for key, _ in self._class_list(name)]
+
     def split(self, name: str) -> ClassImages:
         """The "train", "val" or "test" split: uint8 ``[N, C, H, W]``, built once."""
         if name not in self._splits:
@@ -138,7 +142,9 @@ class Omniglot(ImageDataset):
             sizes = torch.tensor([len(block) for block in blocks])  # [num_classes]
             labels = torch.repeat_interleave(torch.arange(len(classes)), sizes)  # [N]
             what = f"omniglot/{self.split_scheme}/{self.train_on if name == 'train' else name}"
-            self._splits[name] = ClassImages(torch.cat(blocks), labels, what, self.mean, self.std, self.classes(name))
+            self._splits[name] = ClassImages(
+                torch.cat(blocks), labels, what, self.mean, self.std, self.classes(name), self.superclasses(name)
+            )
         return self._splits[name]
 
     def _class_list(self, name: str) -> list[tuple[str, int]]:

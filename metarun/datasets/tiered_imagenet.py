@@ -104,3 +104,9 @@ class TieredImageNet(ImageDataset):
     def categories(self, split: str) -> list[str]:
         """The category wnid of each class of `split`, in label order (20/6/8 distinct)."""
         return [category for _, category in split_classes(split)]
+
+    def superclasses(self, name: str) -> list[str] | None:
+        """The categories are the superclasses (Ren et al. 2018's hierarchy), where the classes
+        are in the published order (files that do not name them by wnid keep their own: None)."""
+        wnids = [wnid for wnid, _ in split_classes(name)]
+        return self.categories(name) if self._classes.get(name, wnids) == wnids else None

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from metarun.build import build
+from metarun.module import backward_in_chunks
 from tests.conftest import NEEDS, TINY, algorithms, compose_config, data_dir
 
 pytestmark = pytest.mark.slow  # launches processes or runs every algorithm
@@ -46,17 +47,29 @@ def configs(omniglot: bool) -> dict[str, list[str]]:
             "sampler.queries=2",
             "transform=resized",
         ]
+        # sampler=variable: ragged meta-batches, one backward per task, the same on any number of ranks
+        out["protonet_omniglot_sampler_variable"] = [
+            "algorithm=protonet",
+            "dataset=omniglot",
+            "model.hidden=8",
+            "sampler=variable",
+            "sampler.max_ways=8",
+            "sampler.max_queries=2",
+            "sampler.max_support=24",
+        ]
     return {name: [*TINY, *overrides, f"sampler.meta_batch_size={META_BATCH}"] for name, overrides in out.items()}
 
 
 def meta_gradient(overrides: list[str], output_dir: Path, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
-    """This rank's gradient of the meta-loss of training step 0 (zeros where unused)."""
+    """This rank's gradient of the meta-loss of training step 0 (zeros where unused), as the
+    module back-propagates it."""
     objects = build(compose_config(overrides, output_dir))
     algorithm, batch = objects["algorithm"], objects["datamodule"].train_batch(0, rank, world_size)
     algorithm.train()
     params = [p for p in algorithm.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(algorithm.meta_loss(batch).loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+    metric = "mse" if objects["regression"] else "accuracy"
+    backward_in_chunks(algorithm, batch, None, lambda loss: loss.backward(), metric=metric)  # ragged: task by task
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
 
 
 def worker(rank: int, world_size: int, port: int, jobs: dict[str, list[str]], out: str) -> None:

@@ -175,10 +175,10 @@ def check_chunks_give_the_whole_meta_gradient(algorithm, batch: EpisodeBatch) ->
         out = backward_in_chunks(algorithm, batch, chunk, lambda loss: loss.backward())
         grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
         if whole is None:
-            whole = (out.loss, out.query_logits, grads)
+            whole = (out.loss, out.task_metric, grads)
             continue
         torch.testing.assert_close(out.loss, whole[0], rtol=1e-12, atol=1e-12)
-        assert out.query_logits.shape == whole[1].shape
+        assert out.task_metric.shape == whole[1].shape == (len(batch),)
         for a, b in zip(grads, whole[2]):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
