@@ -86,6 +86,7 @@ def complete_config(cfg: DictConfig, learner: type[MetaAlgorithm]) -> None:
     ``test_dataset`` takes the training dataset's image size, channels and normalisation;
     ``algorithm.num_train_classes=auto`` (a whole-class head) becomes the number of classes
     of the dataset's training split (which builds the dataset: the one setting read from data)."""
+    dataset_class(cfg.dataset).complete(cfg.dataset)  # e.g. dataset=multi's sources
     with open_dict(cfg):
         if OmegaConf.select(cfg, "algorithm.num_train_classes") == "auto":
             cfg.algorithm.num_train_classes = instantiate_checked(cfg.dataset).class_count("train")

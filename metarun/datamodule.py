@@ -16,6 +16,7 @@ from metarun.episodes import (
     BatchSource,
     EpisodeSampler,
     EvalEpisodes,
+    SourceMixture,
     TaskSource,
     TrainEpisodes,
     first_episodes,
@@ -74,6 +75,12 @@ class EpisodicDataModule(L.LightningDataModule):
         (episodes, or plain mini-batches for a whole-class learner)."""
         self.prepare()
         return self.sampler.train_batch(self.splits["train"], step, rank, world_size, self.augment, self.plain_batches)
+
+    def source_names(self, stage: str) -> list[str]:
+        """The sources of the validation ("val") or test ("test") split when it has several
+        (dataset=multi), else none."""
+        split = self.splits.get(stage)
+        return list(split.names) if isinstance(split, SourceMixture) else []
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

@@ -39,6 +39,7 @@ class Episode:
     ``y [K, D_out]`` float. ``task_params [P]`` describes a synthetic task (for plots).
     ``classes [N]``: the split's class id of each episode label 0..N-1, when the source has
     classes (used by supervised pre-training, e.g. the fine-tuning baseline), else None.
+    ``source``: which source of a several-source dataset (`SourceMixture`) it came from.
     """
 
     support_x: Tensor
@@ -48,6 +49,7 @@ class Episode:
     task_params: Tensor | None = None
     index: int = 0
     classes: Tensor | None = None
+    source: int = 0
 
 
 @dataclass
@@ -56,7 +58,8 @@ class EpisodeBatch:
 
     ``support_x [B, N*K, ...]``, ``support_y [B, N*K, ...]``, ``query_x [B, N*Q, ...]``,
     ``query_y [B, N*Q, ...]``, ``task_params [B, P]`` or None, ``index [B]``,
-    ``classes [B, N]`` (split class id of each label) or None.
+    ``classes [B, N]`` (split class id of each label) or None, ``source [B]`` (each
+    episode's source, `Episode.source`) or None (all from source 0).
     """
 
     support_x: Tensor
@@ -66,6 +69,7 @@ class EpisodeBatch:
     task_params: Tensor | None
     index: Tensor
     classes: Tensor | None = None
+    source: Tensor | None = None
 
     def __len__(self) -> int:
         return self.support_x.shape[0]
@@ -84,15 +88,20 @@ class EpisodeBatch:
             part(self.task_params),
             self.index[start:stop],
             part(self.classes),
+            part(self.source),
         )
 
     def task(self, i: int) -> Episode:
         """The i-th episode of the batch (views, no copy)."""
         params = None if self.task_params is None else self.task_params[i]
         classes = None if self.classes is None else self.classes[i]
-        return Episode(
-            self.support_x[i], self.support_y[i], self.query_x[i], self.query_y[i], params, int(self.index[i]), classes
-        )
+        source = 0 if self.source is None else int(self.source[i])
+        x, y = self.support_x[i], self.support_y[i]
+        return Episode(x, y, self.query_x[i], self.query_y[i], params, int(self.index[i]), classes, source)
+
+    def sources(self) -> Tensor:
+        """``[B]`` each episode's source (0 when the dataset has one)."""
+        return torch.zeros_like(self.index) if self.source is None else self.source
 
     def uniform(self) -> list[EpisodeBatch]:
         """The batch as same-shaped batches: itself."""
@@ -149,6 +158,9 @@ def collate_episodes(episodes: list[Episode]) -> EpisodeBatch:
         classes=None
         if any(c is None for c in classes)
         else torch.stack([c for c in classes if c is not None]),  # [B, N]
+        source=None
+        if all(e.source == 0 for e in episodes)
+        else torch.tensor([e.source for e in episodes], dtype=torch.long),  # [B]
     )
 
 
@@ -182,6 +194,71 @@ class AugmentableSource(TaskSource, Protocol):
     def episode(
         self, generator: torch.Generator, ways: int, shots: int, queries: int, augment: Augment | None = None
     ) -> Episode: ...
+
+
+class SourceMixture:
+    """One split of several sources (``dataset=multi``, Meta-Dataset's "all sources"): a
+    training episode comes from source s with probability ``weights[s]``, drawn from the
+    task's own generator; evaluation episode i from source i mod S, so each source has its
+    share of the fixed validation and test lists.
+
+    Args:
+        members: each source's split (`ClassImages`).
+        names: each source's name, for the per-source tables.
+        weights: each source's probability of giving a training episode (they sum to 1).
+    """
+
+    def __init__(self, members: list[TaskSource], names: list[str], weights: list[float]) -> None:
+        self.members, self.names = members, names
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        counts = [int(cast(Any, m).num_classes) for m in members]
+        self.offsets = [sum(counts[:s]) for s in range(len(counts))]  # class ids of the union
+        self.num_classes = sum(counts)
+        first = cast(Any, members[0])  # every source has the same normalisation (dataset=multi)
+        self.mean, self.std = first.mean, first.std
+
+    def choose(self, generator: torch.Generator, index: int | None) -> tuple[int, TaskSource]:
+        """The source of a training episode (``index`` None: drawn by weight) or of evaluation
+        episode ``index`` (in turn)."""
+        if index is not None:
+            which = index % len(self.members)
+        else:
+            which = int(torch.multinomial(self.weights, 1, generator=generator))
+        return which, self.members[which]
+
+    def check_episode(self, ways: int, shots: int, queries: int, prefix: str) -> None:
+        for m in self.members:
+            m.check_episode(ways, shots, queries, prefix)
+
+    def episode(self, generator: torch.Generator, ways: int, shots: int, queries: int) -> Episode:
+        which, source = self.choose(generator, None)
+        episode = source.episode(generator, ways, shots, queries)
+        episode.source = which
+        return episode
+
+    def check_batch(self, size: int, key: str) -> None:
+        for m in self.members:
+            cast(BatchSource, m).check_batch(size, key)
+
+    def batch(self, generator: torch.Generator, size: int, augment: Augment | None = None) -> Episode:
+        """A plain mini-batch of one source, drawn by weight; its labels are class ids of the
+        union of the sources' classes (source s's classes follow those of sources 0..s-1)."""
+        which, source = self.choose(generator, None)
+        batch = cast(BatchSource, source).batch(generator, size, augment)
+        batch.query_y = batch.query_y + self.offsets[which]
+        batch.source = which
+        return batch
+
+    def __len__(self) -> int:
+        return sum(len(cast(Any, m)) for m in self.members)
+
+
+def member(source: TaskSource, generator: torch.Generator, index: int, train: bool) -> tuple[int, TaskSource]:
+    """``(source index, split)`` an episode is drawn from: the split itself (source 0), or
+    one member of a `SourceMixture`."""
+    if isinstance(source, SourceMixture):
+        return source.choose(generator, None if train else index)
+    return 0, source
 
 
 def _positive(key: str, value: int) -> int:
@@ -308,6 +385,12 @@ class EpisodeSampler:
     def _draw(
         self, source: TaskSource, g: torch.Generator, index: int, augment: Augment | None, train: bool = True
     ) -> Episode:
+        which, source = member(source, g, index, train)
+        episode = self._draw_from(source, g, augment, train)
+        episode.index, episode.source = index, which
+        return episode
+
+    def _draw_from(self, source: TaskSource, g: torch.Generator, augment: Augment | None, train: bool) -> Episode:
         if not train:  # evaluation episodes are never augmented
             episode = source.episode(g, self.ways, self.shots, self.queries)
         elif augment is None:
@@ -315,7 +398,6 @@ class EpisodeSampler:
         else:
             image_source = cast(AugmentableSource, source)  # train.py refuses a transform without images
             episode = image_source.episode(g, self.train_ways, self.train_shots, self.train_queries, augment=augment)
-        episode.index = index
         return episode
 
 
@@ -473,7 +555,8 @@ class VariableEpisodeSampler(EpisodeSampler):
         ``min_ways`` (within one superclass, with ``hierarchy``), or a class of one image."""
         splits = [val, test] if plain else [train, val, test]
         for split in splits:
-            self._check_split(cast(VariableSource, split))
+            for one in split.members if isinstance(split, SourceMixture) else [split]:
+                self._check_split(cast(VariableSource, one))
         if plain:
             cast(BatchSource, train).check_batch(self.batch_size, "sampler.batch_size")
 
@@ -521,16 +604,12 @@ class VariableEpisodeSampler(EpisodeSampler):
         shots = variable_shots(images, queries, beta, alpha, self.max_support, self.max_support_per_class)
         return EpisodeDescription(classes, shots, queries)
 
-    def _draw(
-        self, source: TaskSource, g: torch.Generator, index: int, augment: Augment | None, train: bool = True
-    ) -> Episode:
+    def _draw_from(self, source: TaskSource, g: torch.Generator, augment: Augment | None, train: bool) -> Episode:
         split = cast(VariableSource, source)
         description = self.describe(split, g)
-        episode = split.described_episode(
+        return split.described_episode(
             g, description.classes, description.shots, description.queries, augment if train else None
         )
-        episode.index = index
-        return episode
 
 
 class TrainEpisodes(IterableDataset):
@@ -584,6 +663,7 @@ __all__ = [
     "EpisodeDescription",
     "variable_shots",
     "RaggedBatch",
+    "SourceMixture",
     "Batch",
     "TrainEpisodes",
     "EvalEpisodes",

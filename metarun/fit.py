@@ -21,8 +21,16 @@ from metarun.cli import one_line_per_log_record
 from metarun.episodes import TEST, EvalEpisodes
 from metarun.errors import ConfigError, NonFiniteLoss
 from metarun.module import MetaLearningModule
-from metarun.plots import plot_learning_curves, plot_regression_tasks, plot_test_episode
-from metarun.results import environment, experiment_block, report, test_block, with_test_time, write_results
+from metarun.plots import plot_learning_curves, plot_regression_tasks, plot_sources, plot_test_episode
+from metarun.results import (
+    environment,
+    experiment_block,
+    report,
+    source_table,
+    test_block,
+    with_test_time,
+    write_results,
+)
 from metarun.run_directory import SignalFlag
 from metarun.tracking import ProgressLog, ResumableCSVLogger, RunPictures, finish, log_pictures, log_test_table
 
@@ -158,6 +166,9 @@ def fit(
         "environment": environment(trainer),
         "config": resolved,
     }
+    sources = source_table(fit_metrics, metrics, metric)
+    if sources:  # dataset=multi: each source's validation and test
+        results["sources"] = sources
     if module.lineage:  # where the backbone's starting weights came from (model.init_from)
         results["lineage"] = module.lineage
     if trainer.is_global_zero:
@@ -179,6 +190,8 @@ def fit(
                 output_dir / "test_episode.png",
                 normalization=None if test_split.mean is None else (test_split.mean, test_split.std),
             )
+        if results.get("sources"):
+            pictures["sources"] = plot_sources(results["sources"], metric, output_dir / "sources.png")
         report(results, metric)
         log_test_table(logger, results["test"], step=steps)
         log_pictures(logger, pictures, step=steps)

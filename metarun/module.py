@@ -21,6 +21,7 @@ from metarun.stats import mean_ci95
 from metarun.test_time import AUTO_EPISODES, TestTimeFinetune
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SOURCE = "source:"  # the key prefix of each evaluated episode's source
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
@@ -148,6 +149,9 @@ class MetaLearningModule(L.LightningModule):
         out: MetaOutput = (
             self.test_time.predict(self.algorithm, batch) if stage == "test" else self.algorithm.predict(batch)
         )
+        self._episodes.setdefault(f"{SOURCE}{stage}", []).append(
+            torch.stack([batch.index.float(), batch.sources().float()], 1)
+        )  # [B, 2]: each episode's source (dataset=multi)
         rows = [batch.index.float(), per_task_metric(out.query_logits, batch.query_y, self.metric)]
         if out.query_logits_before is not None:
             rows.append(per_task_metric(out.query_logits_before, batch.query_y, self.metric))
@@ -182,15 +186,30 @@ class MetaLearningModule(L.LightningModule):
         for key in sorted(k for k in self._episodes if k.startswith(f"{stage}/")):
             extra, extra_ci = mean_ci95(self._gather(key)[:, 1].tolist())
             metrics |= {key: extra, f"{key}_ci95": extra_ci}
+        sources = self._gather(f"{SOURCE}{stage}")[:, 1].long()  # [E], in the order of rows
+        for s, name in enumerate(self.source_names(stage)):
+            values = rows[sources == s, 1].tolist()
+            mean_s, ci_s = mean_ci95(values) if values else (float("nan"), float("nan"))
+            metrics |= {
+                f"{stage}/source/{name}/{self.metric}": mean_s,
+                f"{stage}/source/{name}/{self.metric}_ci95": ci_s,
+                f"{stage}/source/{name}/episodes": float(len(values)),
+            }
         self.log_dict(metrics, sync_dist=True)  # identical on every rank: all were gathered
         return metrics
+
+    def source_names(self, stage: str) -> list[str]:
+        """The sources of the ``stage`` split when the dataset has several (dataset=multi),
+        else none: the per-source metrics are logged for those only."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return [] if datamodule is None else datamodule.source_names(stage)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step("val", batch)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
-            for key in [k for k in self._episodes if k == "val" or k.startswith("val/")]:
+            for key in [k for k in self._episodes if k in ("val", f"{SOURCE}val") or k.startswith("val/")]:
                 self._episodes.pop(key)
             return
         value = self._eval_end("val")[f"val/{self.metric}"]

@@ -175,6 +175,29 @@ def plot_learning_curves(train: list, val: list, metric: str, path: Path) -> Pat
     return path
 
 
+def plot_sources(sources: dict, metric: str, path: Path) -> Path:
+    """Each source's validation (last) and test ``metric`` with its 95% CI (dataset=multi)."""
+    names = list(sources)
+    scale, unit = (100.0, " (%)") if metric == "accuracy" else (1.0, "")
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(names) + 1.5), 3.2))
+    width = 0.38
+    for offset, stage, colour in ((-width / 2, "val", "C0"), (width / 2, "test", "C1")):
+        means = [scale * sources[n][stage]["mean"] if stage in sources[n] else float("nan") for n in names]
+        cis = [scale * sources[n][stage]["ci95"] if stage in sources[n] else 0.0 for n in names]
+        positions = [i + offset for i in range(len(names))]
+        ax.bar(positions, means, width, yerr=cis, capsize=3, color=colour, label=stage)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel(f"{metric}{unit}")
+    ax.set_title(f"{metric} per source (95% CI)")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + 0.2 * (high - low))  # room for the legend above the bars
+    ax.legend(loc="upper center", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_test_episode(
     algorithm, episode, path: Path, max_queries: int = 24, normalization: Normalization = None
 ) -> Path:

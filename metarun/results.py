@@ -59,12 +59,29 @@ def test_block(metrics: dict[str, float], metric: str) -> dict[str, Any]:
     names = [metric] + sorted(
         k[len("test/") : -len("_ci95")]
         for k in metrics
-        if k.startswith("test/") and k.endswith("_ci95") and k != f"test/{metric}_ci95"
+        if k.startswith("test/") and k.endswith("_ci95") and k != f"test/{metric}_ci95" and "/source/" not in k
     )
     return {
         name: {"mean": metrics[f"test/{name}"], "ci95": metrics[f"test/{name}_ci95"], "episodes": episodes}
         for name in names
     }
+
+
+def source_table(val: dict[str, float], test: dict[str, float], metric: str) -> dict[str, Any] | None:
+    """The ``sources`` block of results.json (dataset=multi): each source's ``val`` (the last
+    validation) and ``test`` metric as ``{mean, ci95, episodes}``; None for one source."""
+    table: dict[str, Any] = {}
+    for stage, metrics in (("val", val), ("test", test)):
+        prefix = f"{stage}/source/"
+        for key in metrics:
+            if key.startswith(prefix) and key.endswith(f"/{metric}"):
+                name = key[len(prefix) : -len(f"/{metric}")]
+                table.setdefault(name, {})[stage] = {
+                    "mean": metrics[key],
+                    "ci95": metrics[f"{key}_ci95"],
+                    "episodes": int(metrics[f"{prefix}{name}/episodes"]),
+                }
+    return table or None
 
 
 def describe_test_time(settings: dict[str, Any]) -> str:
@@ -99,12 +116,19 @@ def report(results: dict[str, Any], metric: str) -> None:
     inference = results["experiment"].get("inference", "inductive")
     if inference != "inductive":
         print(f"inference: {inference}: each task's queries were labelled together, from their own features")
+    scale, unit = (100.0, "%") if metric == "accuracy" else (1.0, "")
     for name, value in results["test"].items():
-        scale, unit = (100.0, "%") if metric == "accuracy" else (1.0, "")
         print(
             f"test {name}: {value['mean'] * scale:.4g}{unit} ± {value['ci95'] * scale:.2g}{unit} "
             f"(95% CI, {value['episodes']} episodes)"
         )
+    for source, stages in (results.get("sources") or {}).items():
+        if "test" in stages:
+            value = stages["test"]
+            print(
+                f"  {source}: {value['mean'] * scale:.4g}{unit} ± {value['ci95'] * scale:.2g}{unit} "
+                f"({value['episodes']} episodes)"
+            )
     print(f"results: {results['config']['paths']['output_dir']}/results.json")
 
 

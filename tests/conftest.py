@@ -196,8 +196,9 @@ def on_standins(cfg: DictConfig, request: pytest.FixtureRequest) -> None:
     with open_dict(cfg):
         cfg.paths.data_dir = str(root)
         cfg.paths.cache_dir = str(root / "cache")
-        cfg.sampler.queries = 1
-        cfg.sampler.train_queries = 1
+        if "queries" in cfg.sampler:  # the episodic sampler (sampler=variable sizes its own)
+            cfg.sampler.queries = 1
+            cfg.sampler.train_queries = 1
         for key in ("shots", "train_shots"):
             if isinstance(cfg.sampler.get(key), int) and cfg.sampler[key] > 5:
                 cfg.sampler[key] = 5

@@ -30,7 +30,8 @@ def readme_commands() -> list[list[str]]:
             words = [w for w in shlex.split(line)[1:] if w != "-m" and not w.startswith("hydra/")]
             if line.startswith("metarun-reproduce "):  # the preset and overrides each seed runs
                 words = [w for w in words if w.split("=", 1)[0] not in REPRODUCE_KEYS]
-            words = [w if "(" in w else re.sub(r"=([^,]*),.*", r"=\1", w) for w in words]
+            # a sweep's first value; a list or dict value ([a,b], {k: v}) is one value
+            words = [w if "(" in w or re.match(r"[^=]+=[\[{]", w) else re.sub(r"=([^,]*),.*", r"=\1", w) for w in words]
             # a path on the user's machine ($HOME/...) is theirs: the rest of the line is checked
             out.append(
                 [w for w in words if not w.startswith(("hydra.", "'")) and "interval(" not in w and "$HOME" not in w]

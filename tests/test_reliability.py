@@ -463,6 +463,18 @@ BAD_SETTINGS = {
     "dataset=omniglot sampler=variable algorithm=protonet sampler.min_ways=9 sampler.max_ways=8": (
         "sampler.min_ways=9 is not allowed with sampler.max_ways=8: it must be at most max_ways."
     ),
+    "dataset=multi dataset.sources=[omniglot,sinusoid]": (
+        "dataset.sources entry 'sinusoid' is not allowed: a source is an image dataset option (cifar_fs, cub, "
+        "fc100, image_folder, mini_imagenet, omniglot, tiered_imagenet), or {name: <option>, <key>: <value>} "
+        "with that option's keys."
+    ),
+    "dataset=multi dataset.sources=[omniglot,omniglot]": (
+        "dataset.sources names omniglot twice, which is not allowed: each source is one dataset."
+    ),
+    "dataset=multi dataset.weights=[1]": (
+        "dataset.weights=[1] is not allowed: it must be 2 numbers >= 0, one per source (omniglot, image_folder), "
+        "not all 0, or null for uniform."
+    ),
     "sampler=variable": (
         "sampler=VariableEpisodeSampler is not allowed with dataset=Sinusoid: it draws classification "
         "episodes only, so use sampler=episodic or another dataset."
@@ -483,6 +495,7 @@ THROUGH_THE_COMMAND = (
     "dataset=omniglot algorithm=r2d2 model=r2d2net model.drop_rate=1",
     "dataset=omniglot dataset.train_on=val",
     "dataset=omniglot sampler=variable algorithm=maml",
+    "dataset=multi dataset.sources=[omniglot,sinusoid]",
 )
 
 

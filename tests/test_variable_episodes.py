@@ -10,7 +10,6 @@ meta-batch split into one-task parts exactly its fixed-shape result, or refuses 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -325,18 +324,13 @@ def test_a_variable_run_trains_validates_tests_and_resumes_exactly(omniglot_avai
     assert resumed["test"] == straight["test"]
 
 
-def test_resident_memory_stays_bounded_over_2000_episodes(omniglot_available, tmp_path):
-    """Drawing episodes allocates only the episode: after 200 episodes of warm-up the
-    process's resident memory grows by less than 5% over the next 1,800."""
-    objects = build(compose_config([*VARIABLE, "algorithm=protonet", "sampler.max_support=500"], tmp_path))
-    datamodule = objects["datamodule"]
-
-    def resident() -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
-
-    for step in range(100):  # meta-batches of 2: 200 episodes
-        datamodule.train_batch(step)
-    warm = resident()
-    for step in range(100, 1000):
-        datamodule.train_batch(step)
-    assert resident() < 1.05 * warm, (warm, resident())
+def test_fine_tuning_at_test_time_chooses_its_rate_on_variable_episodes(omniglot_available, tmp_path):
+    """``test_time.lr=auto`` scores each candidate rate on ragged validation episodes, one
+    task at a time, and the test fine-tunes each variable test task's own copy."""
+    settings = [*VARIABLE, "algorithm=protonet", "sampler.min_ways=3", "sampler.max_ways=5", "trainer.max_steps=2"]
+    tuned = [*settings, "test_time.finetune_steps=1", "test_time.lr=auto"]
+    results, _ = train(compose_config(tuned, tmp_path / "tuned"))
+    search = results["experiment"]["test_time"]["lr_search"]
+    assert search["episodes"] == 4 and {float(rate) for rate in search["accuracy"]} == {0.0, 0.0001, 0.001, 0.01}
+    assert results["experiment"]["test_time"]["lr"] in (0, 0.0001, 0.001, 0.01)
+    assert results["test"]["accuracy"]["episodes"] == 4

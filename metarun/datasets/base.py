@@ -19,6 +19,7 @@ from metarun.errors import ConfigError
 
 if TYPE_CHECKING:
     import numpy as np
+    from omegaconf import DictConfig
     from PIL import Image
 
 TaskKind = Literal["classification", "regression"]
@@ -57,6 +58,12 @@ class Dataset(abc.ABC):
     kind: ClassVar[TaskKind] = "classification"
     takes_images: ClassVar[bool] = True
     has_curve: ClassVar[bool] = False
+
+    @classmethod
+    def complete(cls, node: DictConfig) -> None:
+        """Fill, in the dataset group's config ``node``, settings that follow from the others
+        (before it is built; nothing by default)."""
+        return None
 
     @abc.abstractmethod
     def split(self, name: str) -> Split:

@@ -172,7 +172,8 @@ def check_chunks_give_the_whole_meta_gradient(algorithm, batch: EpisodeBatch) ->
     whole = None
     for chunk in (None, 2):
         algorithm.zero_grad()
-        out = backward_in_chunks(algorithm, batch, chunk, lambda loss: loss.backward())
+        metric = "mse" if batch.query_y.is_floating_point() else "accuracy"
+        out = backward_in_chunks(algorithm, batch, chunk, lambda loss: loss.backward(), metric=metric)
         grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
         if whole is None:
             whole = (out.loss, out.task_metric, grads)
