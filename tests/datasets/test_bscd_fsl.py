@@ -1,0 +1,115 @@
+"""``test_dataset=bscd_fsl``: BSCD-FSL's four target domains (Guo et al. 2020), each read from
+the layout the benchmark's loaders read, on stand-ins built here in those layouts."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from metarun.datasets.bscd_fsl import BSCDFSL, CHESTX, CROP_DISEASES, EUROSAT, ISIC
+from metarun.errors import ConfigError
+from metarun.runner import train
+from tests.conftest import TINY, compose_config
+from tests.datasets.standins import class_image
+
+PER_CLASS = 4
+
+
+def write_table(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+
+def folders(base: Path, classes: list[str]) -> None:
+    for label, name in enumerate(classes):
+        (base / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            class_image(label, i, 20).save(base / name / f"{name}_{i}.jpg")
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory) -> Path:
+    """Each domain's stand-in under <root>/<domain>, in its published layout."""
+    root = tmp_path_factory.mktemp("bscd_fsl")
+    folders(root / "eurosat" / "2750", EUROSAT)
+    folders(root / "crop_diseases" / "dataset" / "train", [f"Crop___disease_{i:02d}" for i in range(CROP_DISEASES)])
+    isic = root / "isic"
+    (isic / "ISIC2018_Task3_Training_Input").mkdir(parents=True)
+    rows = []
+    for label in range(len(ISIC)):
+        for i in range(PER_CLASS):
+            name = f"ISIC_{label:02d}{i:05d}"
+            class_image(label, i, 20).save(isic / "ISIC2018_Task3_Training_Input" / f"{name}.jpg")
+            rows.append([name, *("1.0" if c == label else "0.0" for c in range(len(ISIC)))])
+    write_table(
+        isic / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv", ["image", *ISIC], rows
+    )
+    chestx = root / "chestx"
+    (chestx / "images").mkdir(parents=True)
+    rows = []
+    findings = [*CHESTX, "Pneumonia", "No Finding", "Effusion|Mass"]  # the last three are left out
+    for label, finding in enumerate(findings):
+        for i in range(PER_CLASS):
+            name = f"{label:05d}_{i:03d}.png"
+            class_image(label, i, 20, grey=True).save(chestx / "images" / name)
+            rows.append([name, finding, "0", str(i), "58", "M", "PA"])
+    header = [
+        "Image Index",
+        "Finding Labels",
+        "Follow-up #",
+        "Patient ID",
+        "Patient Age",
+        "Patient Gender",
+        "View Position",
+    ]
+    write_table(chestx / "Data_Entry_2017.csv", header, rows)
+    return root
+
+
+@pytest.mark.parametrize(
+    "domain, classes",
+    [("eurosat", EUROSAT), ("crop_diseases", None), ("isic", ISIC), ("chestx", CHESTX)],
+)
+def test_each_domain_reads_its_published_layout(domain, classes, layouts, tmp_path):
+    data = BSCDFSL(root=str(layouts / domain), cache_dir=str(tmp_path), domain=domain, image_size=16)
+    test = data.split("test")
+    count = len(classes) if classes else CROP_DISEASES
+    assert test.num_classes == count and len(test) == count * PER_CLASS
+    assert test.counts.tolist() == [PER_CLASS] * count
+    if classes:
+        assert data.classes("test") == classes
+    assert tuple(test.images.shape[1:]) == (3, 16, 16)
+    with pytest.raises(ConfigError, match=rf"BSCD-FSL's {domain} is a meta-test set only"):
+        data.split("train")
+
+
+def test_layout_mistakes_are_one_sentence(layouts, tmp_path):
+    with pytest.raises(ConfigError, match=r"dataset.domain='plants' is not allowed: choose one of crop_diseases"):
+        BSCDFSL(root=str(layouts), cache_dir=str(tmp_path), domain="plants")
+    with pytest.raises(ConfigError, match=r"has no 2750 folder \(BSCD-FSL's eurosat: 2750/<class>/<image>"):
+        BSCDFSL(root=str(layouts / "isic"), cache_dir=str(tmp_path), domain="eurosat").split("test")
+    wrong = tmp_path / "wrong"
+    folders(wrong / "2750", EUROSAT[:9])
+    with pytest.raises(ConfigError, match=r"2750 holds 9 class folders .* but BSCD-FSL's eurosat has AnnualCrop"):
+        BSCDFSL(root=str(wrong), cache_dir=str(tmp_path), domain="eurosat").split("test")
+    with pytest.raises(ConfigError, match=r"has no Data_Entry_2017.csv"):
+        BSCDFSL(root=str(layouts / "isic"), cache_dir=str(tmp_path), domain="chestx").split("test")
+
+
+def test_train_on_omniglot_and_meta_test_on_a_bscd_domain(omniglot_available, layouts, tmp_path):
+    overrides = [
+        *TINY,
+        "dataset=omniglot",
+        "algorithm=protonet",
+        "model.hidden=8",
+        "test_dataset=bscd_fsl",
+        "test_dataset.domain=isic",
+        f"test_dataset.root={layouts / 'isic'}",
+        "sampler.queries=2",
+    ]
+    results, _ = train(compose_config(overrides, tmp_path))
+    assert results["experiment"]["test_dataset"] == "BSCDFSL"
+    assert results["test"]["accuracy"]["episodes"] == 4
