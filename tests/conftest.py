@@ -144,6 +144,16 @@ def compose_config(overrides: list[str], output_dir: Path, config_name: str = "t
     return cfg
 
 
+def untrained_and_trained(settings: list[str], output_dir: Path, steps: int) -> tuple[dict, dict]:
+    """results.json of the same run untrained (one step at a vanishing rate) and trained for
+    ``steps`` steps, both tested on the same fixed test episodes: a learning test's pair."""
+    from metarun.runner import train
+
+    untrained, _ = train(compose_config([*settings, "trainer.max_steps=1", "optimizer.lr=1e-12"], output_dir / "u"))
+    trained, _ = train(compose_config([*settings, f"trainer.max_steps={steps}"], output_dir / "run"))
+    return untrained, trained
+
+
 @pytest.fixture
 def make_config(tmp_path):
     """``make_config(*overrides)`` -> a tiny composed config writing into tmp_path."""

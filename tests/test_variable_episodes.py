@@ -30,7 +30,7 @@ from metarun.episodes import (
 from metarun.errors import ConfigError
 from metarun.module import backward_in_chunks
 from metarun.runner import train
-from tests.conftest import TINY, algorithms, compose_config, data_dir
+from tests.conftest import TINY, algorithms, compose_config, data_dir, untrained_and_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -314,8 +314,7 @@ def test_a_variable_run_trains_validates_tests_and_resumes_exactly(omniglot_avai
         "sampler.val_episodes=10",
         "trainer.val_check_interval=8",
     ]
-    untrained, _ = train(compose_config([*settings, "trainer.max_steps=1", "optimizer.lr=1e-12"], tmp_path / "u"))
-    straight, _ = train(compose_config([*settings, "trainer.max_steps=48"], tmp_path / "a"))
+    untrained, straight = untrained_and_trained(settings, tmp_path, 48)
     assert straight["experiment"]["ways"] == "5-10" and straight["experiment"]["shots"] == "variable"
     assert straight["test"]["accuracy"]["mean"] > untrained["test"]["accuracy"]["mean"] + 0.1
     train(compose_config([*settings, "trainer.max_steps=40"], tmp_path / "b"))

@@ -18,8 +18,7 @@ import torch
 
 from metarun.build import build
 from metarun.episodes import VAL, EpisodeSampler, SourceMixture, VariableEpisodeSampler, task_generator
-from metarun.runner import train
-from tests.conftest import PREDICT, TINY, compose_config, finish, launch
+from tests.conftest import PREDICT, TINY, compose_config, finish, launch, untrained_and_trained
 from tests.datasets import standins
 from tests.test_variable_episodes import numbered_split
 
@@ -67,8 +66,7 @@ def test_two_sources_train_validate_per_source_and_predict(omniglot_available, p
         "trainer.val_check_interval=20",
         "logger=csv",
     ]
-    untrained, _ = train(compose_config([*settings, "trainer.max_steps=1", "optimizer.lr=1e-12"], tmp_path / "u"))
-    results, _ = train(compose_config([*settings, "trainer.max_steps=40"], tmp_path / "run"))
+    untrained, results = untrained_and_trained(settings, tmp_path, 40)
     assert results["test"]["accuracy"]["mean"] > untrained["test"]["accuracy"]["mean"] + 0.05
     sources = results["sources"]
     assert list(sources) == ["omniglot", "image_folder"]
