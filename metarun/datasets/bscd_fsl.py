@@ -51,7 +51,10 @@ class BSCDFSL(ImageDataset):
     never trains on them: train on mini-ImageNet, meta-test here).
 
     Args (beyond `ImageDataset`'s):
-        domain: crop_diseases, eurosat, isic or chestx (`LAYOUTS` says where each one's files are).
+        root: the folder holding one folder per domain (``root/<domain>/...``), so a checkpoint
+            meta-tests on another domain by ``test_dataset.domain`` alone.
+        domain: crop_diseases, eurosat, isic or chestx (`LAYOUTS` says where each one's files
+            are, under ``root/<domain>``).
     """
 
     name: ClassVar[str] = "bscd_fsl"
@@ -72,6 +75,7 @@ class BSCDFSL(ImageDataset):
             raise ConfigError(f"dataset.domain={domain!r} is not allowed: choose one of {', '.join(LAYOUTS)}.")
         super().__init__(root, cache_dir, image_size, channels, mean, std, max_image_pixels)
         self.domain = domain
+        self.base = self.root / domain  # this domain's files
 
     def cache_stem(self, split: str) -> str:
         return f"bscd_{self.domain}_{self.image_size}px_{self.channels}ch_{split}"
@@ -90,7 +94,7 @@ class BSCDFSL(ImageDataset):
         return self._isic() if self.domain == "isic" else self._chestx()
 
     def _folders(self) -> tuple[list[Path], list[int], list[str]]:
-        base = self.root / ("2750" if self.domain == "eurosat" else "dataset/train")
+        base = self.base / ("2750" if self.domain == "eurosat" else "dataset/train")
         if not base.is_dir():
             raise self._missing(
                 f"{base.relative_to(self.root)} folder (BSCD-FSL's {self.domain}: {LAYOUTS[self.domain]})"
@@ -115,9 +119,9 @@ class BSCDFSL(ImageDataset):
         return files, labels, classes
 
     def _table(self, relative: str) -> list[list[str]]:
-        path = self.root / relative
+        path = self.base / relative
         if not path.is_file():
-            raise self._missing(f"{relative} (BSCD-FSL's {self.domain}: {LAYOUTS[self.domain]})")
+            raise self._missing(f"{self.domain}/{relative} (BSCD-FSL's {self.domain}: {LAYOUTS[self.domain]})")
         with open(path, newline="") as f:
             return [row for row in csv.reader(f) if row]
 
@@ -128,7 +132,7 @@ class BSCDFSL(ImageDataset):
                 f"dataset.root={self.root}: the ISIC ground truth's columns are {', '.join(rows[0])} but should be "
                 f"image, {', '.join(ISIC)}, so {self.hint}."
             )
-        images = self.root / "ISIC2018_Task3_Training_Input"
+        images = self.base / "ISIC2018_Task3_Training_Input"
         files, labels = [], []
         for row in rows[1:]:
             values = [float(v) for v in row[1:]]
@@ -142,7 +146,7 @@ class BSCDFSL(ImageDataset):
         for row in rows[1:]:
             findings = row[1].split("|")
             if len(findings) == 1 and findings[0] in CHESTX:  # one finding, one of the seven
-                files.append(self.root / "images" / row[0])
+                files.append(self.base / "images" / row[0])
                 labels.append(CHESTX.index(findings[0]))
         return self._present(files), labels, list(CHESTX)
 
@@ -156,7 +160,7 @@ class BSCDFSL(ImageDataset):
         files, _, _ = self._listed(split)
         tables = {"isic": ["ISIC2018_Task3_Training_GroundTruth/ISIC2018_Task3_Training_GroundTruth.csv"]}
         tables["chestx"] = ["Data_Entry_2017.csv"]
-        return [*folder_fingerprint(files), *(file_fingerprint(self.root / t) for t in tables.get(self.domain, []))]
+        return [*folder_fingerprint(files), *(file_fingerprint(self.base / t) for t in tables.get(self.domain, []))]
 
     def _items(self, split: str) -> tuple[list[Item], list[int], list[str]]:
         files, labels, classes = self._listed(split)

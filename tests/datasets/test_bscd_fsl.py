@@ -4,6 +4,8 @@ the layout the benchmark's loaders read, on stand-ins built here in those layout
 from __future__ import annotations
 
 import csv
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from metarun.datasets.bscd_fsl import BSCDFSL, CHESTX, CROP_DISEASES, EUROSAT, ISIC
 from metarun.errors import ConfigError
 from metarun.runner import train
-from tests.conftest import TINY, compose_config
+from tests.conftest import COMMAND_ENV, EVAL, ROOT, TINY, compose_config
 from tests.datasets.standins import class_image
 
 PER_CLASS = 4
@@ -74,7 +76,7 @@ def layouts(tmp_path_factory) -> Path:
     [("eurosat", EUROSAT), ("crop_diseases", None), ("isic", ISIC), ("chestx", CHESTX)],
 )
 def test_each_domain_reads_its_published_layout(domain, classes, layouts, tmp_path):
-    data = BSCDFSL(root=str(layouts / domain), cache_dir=str(tmp_path), domain=domain, image_size=16)
+    data = BSCDFSL(root=str(layouts), cache_dir=str(tmp_path), domain=domain, image_size=16)
     test = data.split("test")
     count = len(classes) if classes else CROP_DISEASES
     assert test.num_classes == count and len(test) == count * PER_CLASS
@@ -89,14 +91,18 @@ def test_each_domain_reads_its_published_layout(domain, classes, layouts, tmp_pa
 def test_layout_mistakes_are_one_sentence(layouts, tmp_path):
     with pytest.raises(ConfigError, match=r"dataset.domain='plants' is not allowed: choose one of crop_diseases"):
         BSCDFSL(root=str(layouts), cache_dir=str(tmp_path), domain="plants")
-    with pytest.raises(ConfigError, match=r"has no 2750 folder \(BSCD-FSL's eurosat: 2750/<class>/<image>"):
-        BSCDFSL(root=str(layouts / "isic"), cache_dir=str(tmp_path), domain="eurosat").split("test")
+    empty = tmp_path / "empty"
+    (empty / "eurosat").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"has no eurosat/2750 folder \(BSCD-FSL's eurosat: 2750/<class>/<image>"):
+        BSCDFSL(root=str(empty), cache_dir=str(tmp_path), domain="eurosat").split("test")
     wrong = tmp_path / "wrong"
-    folders(wrong / "2750", EUROSAT[:9])
-    with pytest.raises(ConfigError, match=r"2750 holds 9 class folders .* but BSCD-FSL's eurosat has AnnualCrop"):
+    folders(wrong / "eurosat" / "2750", EUROSAT[:9])
+    with pytest.raises(
+        ConfigError, match=r"eurosat/2750 holds 9 class folders .* but BSCD-FSL's eurosat has AnnualCrop"
+    ):
         BSCDFSL(root=str(wrong), cache_dir=str(tmp_path), domain="eurosat").split("test")
-    with pytest.raises(ConfigError, match=r"has no Data_Entry_2017.csv"):
-        BSCDFSL(root=str(layouts / "isic"), cache_dir=str(tmp_path), domain="chestx").split("test")
+    with pytest.raises(ConfigError, match=r"has no chestx/Data_Entry_2017.csv"):
+        BSCDFSL(root=str(empty), cache_dir=str(tmp_path), domain="chestx").split("test")
 
 
 def test_train_on_omniglot_and_meta_test_on_a_bscd_domain(omniglot_available, layouts, tmp_path):
@@ -107,9 +113,39 @@ def test_train_on_omniglot_and_meta_test_on_a_bscd_domain(omniglot_available, la
         "model.hidden=8",
         "test_dataset=bscd_fsl",
         "test_dataset.domain=isic",
-        f"test_dataset.root={layouts / 'isic'}",
+        f"test_dataset.root={layouts}",
         "sampler.queries=2",
     ]
     results, _ = train(compose_config(overrides, tmp_path))
     assert results["experiment"]["test_dataset"] == "BSCDFSL"
     assert results["test"]["accuracy"]["episodes"] == 4
+
+
+def test_one_eval_command_meta_tests_a_checkpoint_on_each_domain_and_shot(omniglot_available, layouts, tmp_path):
+    """``metarun-eval -m`` on a run trained with test_dataset=bscd_fsl: one job per domain and
+    shot, each on that domain's test episodes (the installed command, as users run it)."""
+    overrides = [
+        *TINY,
+        "dataset=omniglot",
+        "algorithm=protonet",
+        "model.hidden=8",
+        "test_dataset=bscd_fsl",
+        f"test_dataset.root={layouts}",
+        "sampler.queries=1",
+    ]
+    train(compose_config(overrides, tmp_path / "run"))
+    sweep = tmp_path / "sweep"
+    argv = [
+        EVAL,
+        "-m",
+        f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+        "test_dataset.domain=isic,chestx",
+        "sampler.shots=1,3",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    done = subprocess.run(argv, cwd=ROOT, env=COMMAND_ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    seen = {(j["config"]["test_dataset"]["domain"], j["experiment"]["shots"]) for j in jobs}
+    assert seen == {("isic", 1), ("isic", 3), ("chestx", 1), ("chestx", 3)}
+    assert all(j["test"]["accuracy"]["episodes"] == 4 and j["experiment"]["test_dataset"] == "BSCDFSL" for j in jobs)
