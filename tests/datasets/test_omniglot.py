@@ -48,6 +48,12 @@ def test_vinyals_split_counts(vinyals: Omniglot) -> None:
         assert split.num_classes == 4 * characters and len(split) == 20 * 4 * characters
         assert split.counts.eq(20).all()
         assert vinyals.split(name) is split  # built once
+        # the alphabets are the superclasses of sampler=variable's hierarchy, each character's
+        # four rotations in its alphabet
+        alphabets = [c.split("/")[0] for c in vinyals.classes(name)]
+        assert split.groups is not None and len(set(split.groups.tolist())) == len(set(alphabets))
+        rotations = split.groups.view(-1, 4)  # [characters, 4 rotations]
+        assert (rotations == rotations[:, :1]).all()
 
 
 def test_training_on_train_and_val_characters(vinyals: Omniglot, real_root: Path, real_cache: Path) -> None:

@@ -25,6 +25,11 @@ def test_splits_as_published(tmp_path: Path, layout: str, monkeypatch: pytest.Mo
     data = _load(root, tmp_path / "cache")
     check_splits(data, (351, 97, 160))
     assert [len(set(data.categories(s))) for s in ("train", "val", "test")] == [20, 6, 8]
+    # the categories are the superclasses of sampler=variable's hierarchy
+    groups = data.split("val").groups
+    assert groups is not None and len(set(groups.tolist())) == 6
+    categories = data.categories("val")
+    assert [int(g) for g in groups] == [sorted(set(categories), key=categories.index).index(c) for c in categories]
     check_cache_reused(lambda: _load(root, tmp_path / "cache"), monkeypatch)
 
 
