@@ -20,7 +20,15 @@ from metarun.catalog import CONFIG_DIR
 from metarun.checkpoint_files import load_checkpoint, load_weights
 from metarun.cli import exit_on_config_error, run_command
 from metarun.errors import ConfigError
-from metarun.results import environment, experiment_block, report, test_block, with_test_time, write_results
+from metarun.results import (
+    environment,
+    experiment_block,
+    report,
+    source_table,
+    test_block,
+    with_test_time,
+    write_results,
+)
 
 OWN_KEYS = ("ckpt_path", "hardware", "trainer", "paths", "task_name", "hydra")
 
@@ -74,6 +82,9 @@ def evaluate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         "environment": environment(trainer),
         "config": OmegaConf.to_container(run_cfg, resolve=True),
     }
+    sources = source_table({}, metrics, module.metric)
+    if sources:  # dataset=multi: each source's test
+        results["sources"] = sources
     if checkpoint.get("metarun_lineage"):
         results["lineage"] = checkpoint["metarun_lineage"]
     if trainer.is_global_zero:

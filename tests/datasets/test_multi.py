@@ -18,7 +18,7 @@ import torch
 
 from metarun.build import build
 from metarun.episodes import VAL, EpisodeSampler, SourceMixture, VariableEpisodeSampler, task_generator
-from tests.conftest import PREDICT, TINY, compose_config, finish, launch, untrained_and_trained
+from tests.conftest import EVAL, PREDICT, TINY, compose_config, finish, launch, untrained_and_trained
 from tests.datasets import standins
 from tests.test_variable_episodes import numbered_split
 
@@ -93,6 +93,15 @@ def test_two_sources_train_validate_per_source_and_predict(omniglot_available, p
     assert done.returncode == 0, done.stderr[-2000:]
     predicted = json.loads((tmp_path / "predicted" / "predict.json").read_text())
     assert predicted["queries"] == 3
+    # metarun-eval reports the checkpoint's test per source too
+    done = finish(launch(tmp_path / "evaluated", f"ckpt_path={ckpt}", "sampler.test_episodes=6", command=EVAL))
+    assert done.returncode == 0, done.stderr[-2000:]
+    evaluated = json.loads((tmp_path / "evaluated" / "results.json").read_text())
+    assert {name: s["test"]["episodes"] for name, s in evaluated["sources"].items()} == {
+        "omniglot": 3,
+        "image_folder": 3,
+    }
+    assert "  image_folder: " in done.stdout
 
 
 def test_resident_memory_stays_bounded_over_2000_episodes(omniglot_available, photos, tmp_path):
