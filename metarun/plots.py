@@ -134,7 +134,8 @@ def plot_predictions(
         f"prediction (probability); {what}",
         fontsize=9,
     )
-    fig.tight_layout()
+    inches = 1.6 * height + 0.4
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / inches))  # 0.4 in for the title, however tall the figure
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
