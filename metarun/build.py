@@ -133,6 +133,11 @@ def build_learner(cfg: DictConfig, initialise: bool = True) -> dict[str, Any]:
             f"{' and '.join(learner.tasks)} tasks only, so choose a {learner.tasks[0]} "
             f"dataset or another algorithm."
         )
+    if data.meta_test_only:
+        raise ConfigError(
+            f"dataset={data.__name__} is not allowed as the training dataset: it is a meta-test set only, so "
+            f"train on another dataset and meta-test on it with test_dataset."
+        )
     episodes = cast("type[EpisodeSampler]", named_class(cfg.sampler, "sampler", EpisodeSampler))
     if data.kind not in episodes.kinds:
         raise ConfigError(

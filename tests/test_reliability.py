@@ -475,6 +475,10 @@ BAD_SETTINGS = {
         "dataset.weights=[1] is not allowed: it must be 2 numbers >= 0, one per source (omniglot, image_folder), "
         "not all 0, or null for uniform."
     ),
+    "dataset=bscd_fsl": (
+        "dataset=BSCDFSL is not allowed as the training dataset: it is a meta-test set only, so train on another "
+        "dataset and meta-test on it with test_dataset."
+    ),
     "sampler=variable": (
         "sampler=VariableEpisodeSampler is not allowed with dataset=Sinusoid: it draws classification "
         "episodes only, so use sampler=episodic or another dataset."

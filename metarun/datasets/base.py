@@ -51,6 +51,8 @@ class Dataset(abc.ABC):
       user's image into one of its examples (``metarun-predict``) and the ``transform`` and
       ``test_dataset`` groups apply.
     - ``has_curve``: whether `curve` gives a regression task's true function (for plots).
+    - ``meta_test_only``: whether it is a meta-test set only (``test_dataset=``), with no
+      training or validation classes (BSCD-FSL's domains).
 
     Instances give `split` ("train", "val", "test") and `class_count`.
     """
@@ -58,6 +60,7 @@ class Dataset(abc.ABC):
     kind: ClassVar[TaskKind] = "classification"
     takes_images: ClassVar[bool] = True
     has_curve: ClassVar[bool] = False
+    meta_test_only: ClassVar[bool] = False  # a test set only (test_dataset=...), never trained on
 
     @classmethod
     def complete(cls, node: DictConfig) -> None:

@@ -58,6 +58,7 @@ class BSCDFSL(ImageDataset):
     """
 
     name: ClassVar[str] = "bscd_fsl"
+    meta_test_only: ClassVar[bool] = True
     hint: ClassVar[str] = "lay out the domain's files as docs/domains.md describes"
 
     def __init__(

@@ -68,7 +68,10 @@ class MultiSource(Dataset):
         known = [
             name
             for name, c in classes("dataset").items()
-            if issubclass(c, Dataset) and cast(type[Dataset], c).takes_images and not issubclass(c, MultiSource)
+            if issubclass(c, Dataset)
+            and cast(type[Dataset], c).takes_images
+            and not cast(type[Dataset], c).meta_test_only
+            and not issubclass(c, MultiSource)
         ]
         if not isinstance(entries, ListConfig) or not entries:
             raise ConfigError(
