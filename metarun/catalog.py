@@ -45,6 +45,11 @@ def options(group: str) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
+def option_config(group: str, name: str) -> dict[str, Any]:
+    """The config of option ``name`` of ``group`` as written (interpolations unresolved)."""
+    return _load(options(group)[name])
+
+
 def _load(path: Path) -> dict[str, Any]:
     data = OmegaConf.to_container(OmegaConf.load(path))
     return {str(k): v for k, v in data.items()} if isinstance(data, dict) else {}

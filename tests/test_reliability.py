@@ -500,6 +500,7 @@ THROUGH_THE_COMMAND = (
     "dataset=omniglot dataset.train_on=val",
     "dataset=omniglot sampler=variable algorithm=maml",
     "dataset=multi dataset.sources=[omniglot,sinusoid]",
+    "dataset=bscd_fsl",
 )
 
 

@@ -60,7 +60,7 @@ class MultiSource(Dataset):
     def complete(cls, node: DictConfig) -> None:
         """Turn ``node.sources`` (names, or ``{name: <option>, ...}`` with that option's own
         keys) into the sources' dataset configs, each with this group's `SHARED` keys."""
-        from metarun.catalog import _load, classes, options
+        from metarun.catalog import classes, option_config
 
         entries = node.get("sources")
         if isinstance(entries, DictConfig) and all("_target_" in v for v in entries.values()):
@@ -92,7 +92,7 @@ class MultiSource(Dataset):
                 raise ConfigError(
                     f"dataset.sources names {name} twice, which is not allowed: each source is one dataset."
                 )
-            config = _load(options("dataset")[name])
+            config = option_config("dataset", name)
             config.update(settings)
             config.update({key: node.get(key) for key in SHARED})
             completed[name] = config
