@@ -28,13 +28,15 @@ run: install ## set up and run the default experiment (MAML on sinusoids); ARGS=
 	$(VENV)/bin/metarun $(ARGS)
 
 # Two pytest workers (one per core, one intra-op thread each: tests/conftest.py); TEST_WORKERS=0 runs in-process.
+# --dist loadgroup: tests marked with one xdist_group (those sharing a costly module fixture) run
+# on one worker, so the fixture runs once instead of once per worker.
 TEST_WORKERS ?= 2
 
 test: install-test ## set up and run the test suite (reads Omniglot from METARUN_DATA_DIR)
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-quick: install-test ## the quick tier: every test not marked slow (under 3 minutes)
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 bench: install ## throughput and the results tables: every algorithm on Omniglot and sinusoids (long; not part of CI)
 	bash scripts/bench.sh

@@ -45,7 +45,8 @@ RUN = [
 ATOL = 1e-6
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+# One xdist worker runs this module, so its module fixture (the launches) runs once.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("test_ddp")]
 
 
 TWO_NODES = ["hardware=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2"]
@@ -100,13 +101,14 @@ def state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same seeded run on 2 processes (the `metarun` command) and on 1 process."""
+    """The same seeded run on 2 processes (the `metarun` command), on 1 process, and on two
+    "nodes" with the chunked backward (one launch covers both: each is checked against the
+    1-process update)."""
     out = {}
     for name, hardware in (
         ("ddp", DDP),
         ("single", ["hardware=cpu"]),
-        ("ddp_chunked", [*DDP, "task_chunk=1"]),
-        ("two_nodes", TWO_NODES),
+        ("two_nodes", [*TWO_NODES, "task_chunk=1"]),
     ):
         directory = tmp_path_factory.mktemp(name)
         cfg = compose_config([*RUN, *hardware], directory)
@@ -120,15 +122,18 @@ def runs(tmp_path_factory):
     return out
 
 
-def test_two_nodes_on_localhost_give_the_one_process_update(runs):
+def test_two_nodes_with_chunked_backward_give_the_one_process_update(runs):
     """trainer.num_nodes=2: two `torchrun --nnodes 2` launches (one per "node", gloo), as
-    srun starts one per node on a cluster; the update equals one process's."""
+    srun starts one per node on a cluster, each with task_chunk=1 (each rank backpropagates
+    its 2 tasks one at a time and only the last backward all-reduces); the update equals
+    one process's."""
     nodes = state(runs["two_nodes"]["dir"] / "checkpoints" / "last.ckpt")
     single = state(runs["single"]["dir"] / "checkpoints" / "last.ckpt")
     assert nodes.keys() == single.keys()
     for name in single:
         torch.testing.assert_close(nodes[name], single[name], rtol=0, atol=ATOL, msg=name)
     assert runs["two_nodes"]["results"]["environment"]["world_size"] == 2
+    assert runs["two_nodes"]["cfg"].task_chunk == 1
 
 
 def test_ranks_draw_disjoint_slices_of_the_one_process_meta_batch(runs):
@@ -159,16 +164,6 @@ def test_two_processes_give_the_one_process_update(runs):
     assert moved > 1000 * ATOL  # the comparison below is not trivially satisfied
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=0, atol=ATOL, msg=name)
-
-
-def test_chunked_backward_under_ddp_gives_the_one_process_update(runs):
-    """task_chunk=1 on 2 processes: each rank backpropagates its 2 tasks one at a time
-    (only the last backward all-reduces) and the update is still the 1-process one."""
-    chunked = state(runs["ddp_chunked"]["dir"] / "checkpoints" / "last.ckpt")
-    single = state(runs["single"]["dir"] / "checkpoints" / "last.ckpt")
-    assert chunked.keys() == single.keys()
-    for name in single:
-        torch.testing.assert_close(chunked[name], single[name], rtol=0, atol=ATOL, msg=name)
 
 
 def test_ddp_results_json_counts_every_test_episode_once(runs):

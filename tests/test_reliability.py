@@ -88,6 +88,7 @@ def resume_and_compare(run_dir: Path, reference: tuple[dict, list], *overrides: 
 # ------------------------------------------------------------------ kill, signal, resume
 
 
+@pytest.mark.xdist_group("reference_runs")
 def test_sigkill_before_the_first_validation_then_resume_is_bit_identical(reference, tmp_path):
     at = random.Random(0).randint(21, 39)  # past the first checkpoint (20), before validation (40)
     done = interrupt(tmp_path, signal.SIGKILL, at)
@@ -106,6 +107,7 @@ def test_sigkill_before_the_first_validation_then_resume_is_bit_identical(refere
         (signal.SIGTERM, "SIGTERM", "every_step_validates"),
     ],
 )
+@pytest.mark.xdist_group("reference_runs")  # one worker makes the module's reference runs once
 def test_signal_saves_the_step_exits_128_plus_signal_and_resumes(reference, tmp_path, sig, name, case):
     extra = EVERY_STEP_VALIDATES if case == "every_step_validates" else []
     at = random.Random(int(sig)).randint(21, 50)
@@ -121,6 +123,7 @@ def test_signal_saves_the_step_exits_128_plus_signal_and_resumes(reference, tmp_
     resume_and_compare(tmp_path, reference[case], *extra)
 
 
+@pytest.mark.xdist_group("reference_runs")
 def test_finished_run_leaves_a_checkpoint_to_continue_from(reference, tmp_path):
     short = finish(launch(tmp_path, *RUN, "trainer.max_steps=100"))
     assert short.returncode == 0, short.stderr[-2000:]
