@@ -417,7 +417,7 @@ def picture(request: Request, seeds: list[Measured], pool: Measured, paper: Publ
     import matplotlib.pyplot as plt
 
     runs = [*seeds, pool]
-    fig, ax = plt.subplots(figsize=(1.2 * len(runs) + 3, 3.6))
+    fig, ax = plt.subplots(figsize=(1.2 * len(runs) + 4.5, 3.6))
     for i, m in enumerate(runs):
         colour = "#1f4e79" if m is pool else "#5b9bd5"
         ax.errorbar(i, m.mean, yerr=m.ci95, fmt="o", color=colour, capsize=4, markersize=6 if m is pool else 4)
@@ -425,7 +425,8 @@ def picture(request: Request, seeds: list[Measured], pool: Measured, paper: Publ
         ax.axhline(paper.accuracy, color="#c55a11", lw=1.5, label=f"published {paper.text}%")
         if paper.ci95:
             ax.axhspan(paper.accuracy - paper.ci95, paper.accuracy + paper.ci95, color="#c55a11", alpha=0.15)
-        ax.legend(loc="lower right", fontsize=8)
+        # beside the axes, not on them: inside, it hid the end of an interval
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, borderaxespad=0.0)
     ax.set_xticks(range(len(runs)), [m.label for m in runs])
     ax.set_ylabel("test accuracy (%)" if metric == "accuracy" else "test MSE")
     ax.set_title(f"{request.preset}: {len(seeds)} seed(s), {request.test_episodes} test episodes each", fontsize=9)
