@@ -28,8 +28,8 @@ run: install ## set up and run the default experiment (MAML on sinusoids); ARGS=
 	$(VENV)/bin/metarun $(ARGS)
 
 # Two pytest workers (one per core, one intra-op thread each: tests/conftest.py); TEST_WORKERS=0 runs in-process.
-# --dist loadgroup: tests marked with one xdist_group (those sharing a costly module fixture) run
-# on one worker, so the fixture runs once instead of once per worker.
+# --dist loadgroup: the tests sharing a module fixture of their module run on one worker
+# (tests/grouping.py), so the fixture runs once instead of once per worker.
 TEST_WORKERS ?= 2
 
 test: install-test ## set up and run the test suite (reads Omniglot from METARUN_DATA_DIR)

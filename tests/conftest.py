@@ -18,6 +18,7 @@ from omegaconf import DictConfig, open_dict
 
 from metarun.catalog import learners_for
 from metarun.cli import translate
+from tests.grouping import pytest_collection_modifyitems  # noqa: F401  (a pytest hook)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "conf")

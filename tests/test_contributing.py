@@ -1,11 +1,14 @@
 """The recipes of CONTRIBUTING.md, enforced: every learner, dataset and backbone config has its
 module, its test file and its docs entry; groups own their keys; published numbers are written
-once; the repository refers to nothing outside it."""
+once; the repository refers to nothing outside it; the suite's tests that share a module fixture
+run on one worker."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,50 @@ def test_the_repository_refers_to_nothing_outside_it() -> None:
 
 def test_readme_is_short() -> None:
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+SHARED_FIXTURE = """
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def costly():
+    with open(Path(__file__).parent / "built", "a") as f:
+        f.write(f"{os.getpid()}\\n")
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_uses_it(costly, i):
+    pass
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_does_not(i):
+    pass
+"""
+
+
+def test_tests_sharing_a_module_fixture_build_it_once_over_two_workers(tmp_path: Path) -> None:
+    """`make test`'s scheduling (tests/grouping.py under `--dist loadgroup`) really sends the
+    tests that share a module fixture to one worker: with pytest 9.2 and xdist 3.8 the group
+    was silently dropped and every worker built the fixture again."""
+    (tmp_path / "conftest.py").write_text(
+        f"import sys\n\nsys.path.insert(0, {str(ROOT)!r})\n"
+        "from tests.grouping import pytest_collection_modifyitems  # noqa: E402, F401\n"
+    )
+    (tmp_path / "test_shared.py").write_text(SHARED_FIXTURE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COV_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider", "."],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "10 passed" in done.stdout
+    assert len((tmp_path / "built").read_text().splitlines()) == 1  # built once, on one worker

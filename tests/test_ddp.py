@@ -45,8 +45,8 @@ RUN = [
 ATOL = 1e-6
 
 
-# One xdist worker runs this module, so its module fixture (the launches) runs once.
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("test_ddp")]
+# The tests that share the module fixture (the launches) run on one xdist worker (tests/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 TWO_NODES = ["hardware=ddp", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=2"]

@@ -23,8 +23,9 @@ from metarun.build import build
 from metarun.module import backward_in_chunks
 from tests.conftest import NEEDS, TINY, algorithms, compose_config, data_dir
 
-# launches processes or runs every algorithm; one xdist worker runs the module, so its spawn runs once
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_ddp_gradients")]
+# launches processes or runs every algorithm; the tests sharing the module's spawn run on one
+# xdist worker (tests/conftest.py), so it runs once
+pytestmark = [pytest.mark.slow]
 
 META_BATCH = 4
 SMALL_OMNIGLOT = ["dataset=omniglot", "model.hidden=8", "sampler.ways=3", "sampler.queries=2"]
