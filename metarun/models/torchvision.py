@@ -13,6 +13,20 @@ from metarun.models.head import classifier_head
 from metarun.models.weights import CLASSIFIER_NAMES, load_backbone_file
 
 
+def resnet10() -> nn.Module:
+    """ResNet-10: torchvision's ResNet with one basic block per stage (64, 128, 256, 512
+    channels), the backbone of Chen et al. 2019 ("A Closer Look at Few-shot Classification")
+    and of the cross-domain benchmark BSCD-FSL (Guo et al. 2020); torchvision builds it but
+    does not name it."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [1, 1, 1, 1])
+
+
+# Architectures of the few-shot literature that torchvision builds but does not name.
+NAMED_HERE = {"resnet10": resnet10}
+
+
 def first_linear(module: nn.Module) -> nn.Linear | None:
     """The first `nn.Linear` in ``module`` (itself included), or None."""
     return next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
@@ -25,7 +39,8 @@ class TorchvisionBackbone(nn.Module):
 
     The classifier is the model's ``fc``, ``classifier``, ``head`` or ``heads`` attribute,
     replaced by an identity, so ``embedding_dim`` is that classifier's input size (512 for
-    resnet18/34, 2048 for resnet50). With ``in_channels`` other than 3 the first
+    resnet10/18/34, 2048 for resnet50). ``resnet10`` (`resnet10`) is the few-shot literature's
+    ResNet-10, which torchvision builds but does not name. With ``in_channels`` other than 3 the first
     convolution takes that many channels (and ImageNet weights no longer fit it).
 
     ``weights`` is a local state dict of the same architecture: torchvision publishes its
@@ -34,7 +49,8 @@ class TorchvisionBackbone(nn.Module):
     the file on this machine and give its path. Its classifier is ignored.
 
     Args:
-        name: a torchvision classification model (``torchvision.models.list_models()``).
+        name: a torchvision classification model (``torchvision.models.list_models()``) or
+            ``resnet10``.
         in_channels: image channels (the dataset's ``channels``).
         image_size: input height and width (recorded; the models pool globally).
         out_features: classes of the linear head, or None for an embedding network.
@@ -52,14 +68,14 @@ class TorchvisionBackbone(nn.Module):
         super().__init__()
         import torchvision
 
-        known = torchvision.models.list_models(module=torchvision.models)
+        known = [*NAMED_HERE, *torchvision.models.list_models(module=torchvision.models)]
         if name not in known:
             close = difflib.get_close_matches(str(name), known, n=3)
             hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
             raise ConfigError(
                 f"model.name={name!r} is not allowed: torchvision has no such classification model ({hint})."
             )
-        features = torchvision.models.get_model(name, weights=None)
+        features = NAMED_HERE[name]() if name in NAMED_HERE else torchvision.models.get_model(name, weights=None)
         where = next((n for n in CLASSIFIER_NAMES if isinstance(getattr(features, n, None), nn.Module)), None)
         linear = first_linear(getattr(features, where)) if where else None
         if where is None or linear is None:

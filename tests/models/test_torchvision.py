@@ -18,12 +18,29 @@ def backbone(name: str = "resnet18", **kwargs) -> TorchvisionBackbone:
         return TorchvisionBackbone(name, **{"in_channels": 3, "image_size": 16, **kwargs})
 
 
-@pytest.mark.parametrize("name, dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
+@pytest.mark.parametrize("name, dim", [("resnet10", 512), ("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
 def test_resnets_embed_to_their_classifier_input(name, dim) -> None:
     model = backbone(name, in_channels=1)
     assert model.embedding_dim == dim and model.head is None
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, dim)  # one channel, Omniglot's size
     assert backbone(name, out_features=5)(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_resnet10_is_resnet18_with_one_basic_block_per_stage() -> None:
+    """Chen et al. 2019's ResNet-10: the stem and the stages of ResNet-18 (64-512 channels,
+    strides 1, 2, 2, 2) with the second block of each stage left out."""
+    from torchvision.models.resnet import BasicBlock
+
+    ten, eighteen = backbone("resnet10"), backbone("resnet18")
+    stages = [getattr(ten.features, f"layer{i}") for i in range(1, 5)]
+    assert [len(s) for s in stages] == [1, 1, 1, 1] and all(isinstance(s[0], BasicBlock) for s in stages)
+    second_blocks = sum(p.numel() for i in range(1, 5) for p in getattr(eighteen.features, f"layer{i}")[1].parameters())
+    count = sum(p.numel() for p in ten.parameters())
+    # by hand: stem 9,536 + stages 73,984 + 230,144 + 919,040 + 3,673,088 (convolutions, batch
+    # norms, and the 1x1 shortcut of stages 2-4)
+    assert count == sum(p.numel() for p in eighteen.parameters()) - second_blocks == 4_905_792
+    keys = {k for k in eighteen.features.state_dict() if not k.split(".")[0].startswith("layer") or ".0." in k}
+    assert set(ten.features.state_dict()) == keys  # the same names where both have the layer
 
 
 def test_protonet_on_a_torchvision_backbone() -> None:
