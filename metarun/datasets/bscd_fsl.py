@@ -5,10 +5,15 @@ benchmark's own loaders read, as a meta-test set (``test_dataset=bscd_fsl``)."""
 from __future__ import annotations
 
 import csv
+import os
+import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, ClassVar
 
 from metarun.datasets.images import (
+    CORRUPT,
     DEFAULT_MAX_PIXELS,
     ImageDataset,
     Item,
@@ -18,10 +23,18 @@ from metarun.datasets.images import (
 )
 from metarun.errors import ConfigError
 
+# EuroSAT (Helber et al. 2019; MIT licence) is the one domain fetched when it is missing: the
+# archive torchvision.datasets.EuroSAT downloads, md5-checked, then its 2750/ folder extracted.
+# The other three licences ask each user to accept their terms, so their files are placed by hand.
+EUROSAT_URL = (
+    "https://huggingface.co/datasets/torchgeo/eurosat/resolve/c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip"
+)
+EUROSAT_MD5 = "c8fa014336c82ac7804f0398fcb19387"
+EUROSAT_ZIP = "EuroSAT.zip"
 # Each domain: where its files are under dataset.root, and the classes the benchmark uses.
 LAYOUTS = {
     "crop_diseases": "dataset/train/<class>/<image> (the Kaggle download of plant-disease)",
-    "eurosat": "2750/<class>/<image> (EuroSAT.zip, RGB)",
+    "eurosat": f"2750/<class>/<image> (extracted from {EUROSAT_ZIP}, RGB)",
     "isic": (
         "ISIC2018_Task3_Training_Input/<image id>.jpg and ISIC2018_Task3_Training_GroundTruth/"
         "ISIC2018_Task3_Training_GroundTruth.csv"
@@ -55,6 +68,8 @@ class BSCDFSL(ImageDataset):
             meta-tests on another domain by ``test_dataset.domain`` alone.
         domain: crop_diseases, eurosat, isic or chestx (`LAYOUTS` says where each one's files
             are, under ``root/<domain>``).
+        download: EuroSAT only: without ``2750/``, extract ``EuroSAT.zip`` placed there, or
+            first fetch it (`EUROSAT_URL`, md5-checked) when it is not.
     """
 
     name: ClassVar[str] = "bscd_fsl"
@@ -71,12 +86,14 @@ class BSCDFSL(ImageDataset):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        download: bool = True,
     ) -> None:
         if domain not in LAYOUTS:
             raise ConfigError(f"dataset.domain={domain!r} is not allowed: choose one of {', '.join(LAYOUTS)}.")
         super().__init__(root, cache_dir, image_size, channels, mean, std, max_image_pixels)
         self.domain = domain
         self.base = self.root / domain  # this domain's files
+        self.download = download
 
     def cache_stem(self, split: str) -> str:
         return f"bscd_{self.domain}_{self.image_size}px_{self.channels}ch_{split}"
@@ -96,6 +113,8 @@ class BSCDFSL(ImageDataset):
 
     def _folders(self) -> tuple[list[Path], list[int], list[str]]:
         base = self.base / ("2750" if self.domain == "eurosat" else "dataset/train")
+        if self.domain == "eurosat" and not base.is_dir():
+            self._eurosat()
         if not base.is_dir():
             raise self._missing(
                 f"{base.relative_to(self.root)} folder (BSCD-FSL's {self.domain}: {LAYOUTS[self.domain]})"
@@ -118,6 +137,32 @@ class BSCDFSL(ImageDataset):
             files += found
             labels += [label] * len(found)
         return files, labels, classes
+
+    def _eurosat(self) -> None:
+        """Extract ``2750/`` from ``EuroSAT.zip`` (fetched first if absent and ``download``); a
+        partial extraction never stands in for the folder."""
+        archive = self.base / EUROSAT_ZIP
+        if not archive.is_file():
+            if not self.download:
+                return  # the missing folder's sentence follows
+            self._fetch(EUROSAT_URL, archive, EUROSAT_MD5, "EuroSAT")
+        self.base.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.base, prefix=".2750.", suffix=".tmp"))
+        try:
+            with zipfile.ZipFile(archive) as z:
+                members = [m for m in z.namelist() if m.startswith("2750/")]
+                unsafe = next((m for m in members if ".." in Path(m).parts), None)
+                if not members or unsafe is not None:
+                    reason = f"its member {unsafe} leaves the folder" if unsafe else "it has no 2750/ folder"
+                    raise self._corrupt(str(archive), reason)
+                z.extractall(staging, members)
+            os.replace(staging / "2750", self.base / "2750")
+        except CORRUPT as error:
+            if (self.base / "2750").is_dir():  # another process extracted it first
+                return
+            raise self._corrupt(str(archive), f"{type(error).__name__}: {error}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _table(self, relative: str) -> list[list[str]]:
         path = self.base / relative

@@ -6,9 +6,7 @@ class) and regroup the 100 classes into their own train/val/test splits.
 
 from __future__ import annotations
 
-import http.client
 import tarfile
-import urllib.error
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,11 +17,9 @@ from metarun.datasets.images import (
     DEFAULT_MAX_PIXELS,
     ImageDataset,
     Item,
-    download,
     file_fingerprint,
     load_pickle,
 )
-from metarun.errors import ConfigError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -72,13 +68,7 @@ class CIFAR100Splits(ImageDataset):
             return folder
         if not self.download:
             raise self._missing(f"{ARCHIVE} (nor an extracted {FOLDER}/ folder) and dataset.download=false")
-        try:
-            download(URL, archive, MD5, "CIFAR-100")
-        except (OSError, http.client.HTTPException) as error:
-            reason = error.reason if isinstance(error, urllib.error.URLError) else error
-            raise ConfigError(
-                f"dataset.root={self.root} has no {ARCHIVE}; downloading {URL} failed ({reason}), so {self.hint}."
-            ) from error
+        self._fetch(URL, archive, MD5, "CIFAR-100")
         return archive
 
     def _fingerprint(self, split: str) -> Any:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import http.client
 import io
 import logging
 import multiprocessing
@@ -33,6 +34,7 @@ import signal
 import tarfile
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import warnings
 import zipfile
@@ -519,6 +521,17 @@ class ImageDataset(Dataset):
 
     def _missing(self, what: str) -> ConfigError:
         return ConfigError(f"dataset.root={self.root} has no {what}, so {self.hint}.")
+
+    def _fetch(self, url: str, target: Path, md5: str, what: str) -> None:
+        """`download` ``url`` into ``target`` (md5-checked); a failed download is one sentence."""
+        try:
+            download(url, target, md5, what)
+        except (OSError, http.client.HTTPException) as error:
+            reason = error.reason if isinstance(error, urllib.error.URLError) else error
+            raise ConfigError(
+                f"dataset.root={self.root} has no {target.relative_to(self.root)}; downloading {url} failed "
+                f"({reason}), so {self.hint}."
+            ) from error
 
 
 def folder_fingerprint(files: Sequence[Path]) -> list[Any]:

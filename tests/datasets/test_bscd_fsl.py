@@ -4,12 +4,16 @@ the layout the benchmark's loaders read, on stand-ins built here in those layout
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
 
+from metarun.datasets import bscd_fsl
 from metarun.datasets.bscd_fsl import BSCDFSL, CHESTX, CROP_DISEASES, EUROSAT, ISIC
 from metarun.errors import ConfigError
 from metarun.runner import train
@@ -94,7 +98,7 @@ def test_layout_mistakes_are_one_sentence(layouts, tmp_path):
     empty = tmp_path / "empty"
     (empty / "eurosat").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"has no eurosat/2750 folder \(BSCD-FSL's eurosat: 2750/<class>/<image>"):
-        BSCDFSL(root=str(empty), cache_dir=str(tmp_path), domain="eurosat").split("test")
+        BSCDFSL(root=str(empty), cache_dir=str(tmp_path), domain="eurosat", download=False).split("test")
     wrong = tmp_path / "wrong"
     folders(wrong / "eurosat" / "2750", EUROSAT[:9])
     with pytest.raises(
@@ -149,3 +153,50 @@ def test_one_eval_command_meta_tests_a_checkpoint_on_each_domain_and_shot(omnigl
     seen = {(j["config"]["test_dataset"]["domain"], j["experiment"]["shots"]) for j in jobs}
     assert seen == {("isic", 1), ("isic", 3), ("chestx", 1), ("chestx", 3)}
     assert all(j["test"]["accuracy"]["episodes"] == 4 and j["experiment"]["test_dataset"] == "BSCDFSL" for j in jobs)
+
+
+def eurosat_zip(path: Path, extra: dict[str, bytes] | None = None) -> str:
+    """A stand-in of EuroSAT.zip (its 2750/<class>/ folders) at ``path``; its md5."""
+    folders(path.parent / "src" / "2750", EUROSAT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as z:
+        for file in sorted((path.parent / "src").rglob("*.jpg")):
+            z.write(file, file.relative_to(path.parent / "src").as_posix())
+        for name, data in (extra or {}).items():
+            z.writestr(name, data)
+    shutil.rmtree(path.parent / "src")
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+def test_eurosat_is_fetched_md5_checked_and_extracted(tmp_path, monkeypatch):
+    """The one domain whose licence lets metarun fetch it: from its URL (here a local file),
+    md5-checked, its 2750/ folder extracted; a placed archive is extracted without fetching;
+    a wrong md5, a failed download and an archive that escapes its folder are one sentence."""
+    served = tmp_path / "served" / "EuroSAT.zip"
+    md5 = eurosat_zip(served)
+    monkeypatch.setattr(bscd_fsl, "EUROSAT_URL", served.as_uri())
+    monkeypatch.setattr(bscd_fsl, "EUROSAT_MD5", md5)
+    fetched = tmp_path / "fetched"
+    test = BSCDFSL(root=str(fetched), cache_dir=str(tmp_path / "c1"), domain="eurosat", image_size=16).split("test")
+    assert test.num_classes == len(EUROSAT) and len(test) == len(EUROSAT) * PER_CLASS
+    assert sorted(p.name for p in (fetched / "eurosat").iterdir()) == ["2750", "EuroSAT.zip"]  # nothing partial left
+
+    placed = tmp_path / "placed"
+    eurosat_zip(placed / "eurosat" / "EuroSAT.zip")
+    monkeypatch.setattr(bscd_fsl, "EUROSAT_URL", (tmp_path / "nowhere.zip").as_uri())  # would fail if fetched
+    data = BSCDFSL(root=str(placed), cache_dir=str(tmp_path / "c2"), domain="eurosat", image_size=16, download=False)
+    assert data.classes("test") == EUROSAT
+
+    with pytest.raises(ConfigError, match=r"has no eurosat/EuroSAT.zip; downloading .*nowhere.zip failed"):
+        BSCDFSL(root=str(tmp_path / "offline"), cache_dir=str(tmp_path / "c3"), domain="eurosat").split("test")
+    monkeypatch.setattr(bscd_fsl, "EUROSAT_URL", served.as_uri())
+    monkeypatch.setattr(bscd_fsl, "EUROSAT_MD5", "0" * 32)
+    with pytest.raises(ConfigError, match=rf"has md5 {md5} but the official EuroSAT.zip has md5 0{{32}}, so it was"):
+        BSCDFSL(root=str(tmp_path / "tampered"), cache_dir=str(tmp_path / "c4"), domain="eurosat").split("test")
+    assert not list((tmp_path / "tampered" / "eurosat").iterdir())  # the wrong download is deleted
+
+    escaping = tmp_path / "escaping"
+    eurosat_zip(escaping / "eurosat" / "EuroSAT.zip", {"2750/../../outside.txt": b"x"})
+    with pytest.raises(ConfigError, match=r"EuroSAT.zip is truncated or corrupt \(its member 2750/../../outside.txt"):
+        BSCDFSL(root=str(escaping), cache_dir=str(tmp_path / "c5"), domain="eurosat", download=False).split("test")
+    assert sorted(p.name for p in (escaping / "eurosat").iterdir()) == ["EuroSAT.zip"]
