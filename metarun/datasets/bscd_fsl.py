@@ -157,6 +157,8 @@ class BSCDFSL(ImageDataset):
                     raise self._corrupt(str(archive), reason)
                 z.extractall(staging, members)
             os.replace(staging / "2750", self.base / "2750")
+        except ConfigError:
+            raise
         except CORRUPT as error:
             if (self.base / "2750").is_dir():  # another process extracted it first
                 return

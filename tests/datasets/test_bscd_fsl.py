@@ -197,6 +197,9 @@ def test_eurosat_is_fetched_md5_checked_and_extracted(tmp_path, monkeypatch):
 
     escaping = tmp_path / "escaping"
     eurosat_zip(escaping / "eurosat" / "EuroSAT.zip", {"2750/../../outside.txt": b"x"})
-    with pytest.raises(ConfigError, match=r"EuroSAT.zip is truncated or corrupt \(its member 2750/../../outside.txt"):
+    with pytest.raises(
+        ConfigError, match=r"EuroSAT.zip is truncated or corrupt \(its member 2750/../../outside.txt"
+    ) as e:
         BSCDFSL(root=str(escaping), cache_dir=str(tmp_path / "c5"), domain="eurosat", download=False).split("test")
+    assert str(e.value).count("truncated or corrupt") == 1  # one sentence, not wrapped twice
     assert sorted(p.name for p in (escaping / "eurosat").iterdir()) == ["EuroSAT.zip"]
