@@ -126,6 +126,9 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
     archive.write_bytes(archive.read_bytes()[:5000])
     mini = mini_imagenet_csv(data / "mini_imagenet", per_class=2)
     (mini / "images" / sorted(p.name for p in (mini / "images").iterdir())[0]).unlink()
+    cut = data / "bscd_fsl" / "eurosat" / "EuroSAT.zip"  # a download cut short, placed by hand
+    cut.parent.mkdir(parents=True)
+    cut.write_bytes(b"PK\x03\x04" + bytes(100))
     common = ["algorithm=protonet", f"paths.cache_dir={tmp_path / 'cache'}", f"paths.data_dir={data}"]
     runs = {
         "image": [*common, "dataset=image_folder", f"dataset.root={mine}", "dataset.image_size=16"],
@@ -134,6 +137,7 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
         "archive": [*common, "dataset=cifar_fs", "dataset.download=false"],
         "missing": [*common, "dataset=mini_imagenet", "dataset.image_size=16"],
         "test_dataset_missing": [*common, "dataset=cifar_fs", "test_dataset=cub", "dataset.download=false"],
+        "eurosat": [*common, "dataset=cifar_fs", "dataset.download=false", "test_dataset=bscd_fsl"],
     }
     expected = {
         "image": (f"dataset.root={mine}: {victim} is truncated or corrupt", "so replace it"),
@@ -145,6 +149,7 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
         "archive": ("cifar-100-python.tar.gz is truncated or corrupt", "eb9058c3a382ffc7106e4002c42a8d85"),
         "missing": ("has no image", "ImageNet's terms do not allow metarun to download them"),
         "test_dataset_missing": (f"test_dataset.root={data / 'cub'} has no class folder", "CUB_200_2011.tgz"),
+        "eurosat": (f"{cut} is truncated or corrupt", "so replace it"),
     }
     procs = {key: launch(tmp_path / key, *overrides) for key, overrides in runs.items()}
     for key, proc in procs.items():
