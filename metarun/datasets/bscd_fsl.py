@@ -152,19 +152,18 @@ class BSCDFSL(ImageDataset):
             with zipfile.ZipFile(archive) as z:
                 members = [m for m in z.namelist() if m.startswith("2750/")]
                 unsafe = next((m for m in members if ".." in Path(m).parts), None)
-                if not members or unsafe is not None:
-                    reason = f"its member {unsafe} leaves the folder" if unsafe else "it has no 2750/ folder"
-                    raise self._corrupt(str(archive), reason)
-                z.extractall(staging, members)
-            os.replace(staging / "2750", self.base / "2750")
-        except ConfigError:
-            raise
+                if members and unsafe is None:
+                    z.extractall(staging, members)
+                    os.replace(staging / "2750", self.base / "2750")
         except CORRUPT as error:
             if (self.base / "2750").is_dir():  # another process extracted it first
                 return
             raise self._corrupt(str(archive), f"{type(error).__name__}: {error}") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if not members or unsafe is not None:
+            reason = f"its member {unsafe} leaves the folder" if unsafe else "it has no 2750/ folder"
+            raise self._corrupt(str(archive), reason)
 
     def _table(self, relative: str) -> list[list[str]]:
         path = self.base / relative

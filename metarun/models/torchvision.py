@@ -39,8 +39,8 @@ class TorchvisionBackbone(nn.Module):
 
     The classifier is the model's ``fc``, ``classifier``, ``head`` or ``heads`` attribute,
     replaced by an identity, so ``embedding_dim`` is that classifier's input size (512 for
-    resnet10/18/34, 2048 for resnet50). ``resnet10`` (`resnet10`) is the few-shot literature's
-    ResNet-10, which torchvision builds but does not name. With ``in_channels`` other than 3 the first
+    resnet10/18/34, 2048 for resnet50). ``resnet10`` (`resnet10()`) is the few-shot
+    literature's ResNet-10, which torchvision builds but does not name. With ``in_channels`` other than 3 the first
     convolution takes that many channels (and ImageNet weights no longer fit it).
 
     ``weights`` is a local state dict of the same architecture: torchvision publishes its
