@@ -7,8 +7,10 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,14 +25,33 @@ from metarun.datasets.images import (
 )
 from metarun.errors import ConfigError
 
-# EuroSAT (Helber et al. 2019; MIT licence) is the one domain fetched when it is missing: the
-# archive torchvision.datasets.EuroSAT downloads, md5-checked, then its 2750/ folder extracted.
-# The other three licences ask each user to accept their terms, so their files are placed by hand.
+# EuroSAT (Helber et al. 2019; MIT licence) and ChestX-ray8 (Wang et al. 2017; "the usage of the
+# data set is unrestricted", NIH's FAQ) are fetched when missing, md5-checked, then extracted:
+# EuroSAT from the archive torchvision.datasets.EuroSAT downloads, ChestX from NIH's 12 archives.
+# ISIC's and CropDiseases' terms are accepted by each user on their sites: placed by hand.
 EUROSAT_URL = (
     "https://huggingface.co/datasets/torchgeo/eurosat/resolve/c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip"
 )
 EUROSAT_MD5 = "c8fa014336c82ac7804f0398fcb19387"
 EUROSAT_ZIP = "EuroSAT.zip"
+# ChestX-ray8's images: archive -> (its link in NIH's batch_download_zips.py, its md5 in NIH's
+# FAQ_CHESTXRAY.pdf, question 7), both on https://nihcc.app.box.com/v/ChestXray-NIHCC. Together
+# 42 GB, 112,120 PNGs under images/. Data_Entry_2017.csv has no direct link: it is placed by hand.
+NIH = "https://nihcc.box.com/shared/static/"
+CHESTX_ARCHIVES = {
+    "images_001.tar.gz": (NIH + "vfk49d74nhbxq3nqjg0900w5nvkorp5c.gz", "fe8ed0a6961412fddcbb3603c11b3698"),
+    "images_002.tar.gz": (NIH + "i28rlmbvmfjbl8p2n3ril0pptcmcu9d1.gz", "ab07a2d7cbe6f65ddd97b4ed7bde10bf"),
+    "images_003.tar.gz": (NIH + "f1t00wrtdk94satdfb9olcolqx20z2jp.gz", "2301d03bde4c246388bad3876965d574"),
+    "images_004.tar.gz": (NIH + "0aowwzs5lhjrceb3qp67ahp0rd1l1etg.gz", "9f1b7f5aae01b13f4bc8e2c44a4b8ef6"),
+    "images_005.tar.gz": (NIH + "v5e3goj22zr6h8tzualxfsqlqaygfbsn.gz", "1861f3cd0ef7734df8104f2b0309023b"),
+    "images_006.tar.gz": (NIH + "asi7ikud9jwnkrnkj99jnpfkjdes7l6l.gz", "456b53a8b351afd92a35bc41444c58c8"),
+    "images_007.tar.gz": (NIH + "jn1b4mw4n6lnh74ovmcjb8y48h8xj07n.gz", "1075121ea20a137b87f290d6a4a5965e"),
+    "images_008.tar.gz": (NIH + "tvpxmn7qyrgl0w8wfh9kqfjskv6nmm1j.gz", "b61f34cec3aa69f295fbb593cbd9d443"),
+    "images_009.tar.gz": (NIH + "upyy3ml7qdumlgk2rfcvlb9k6gvqq2pj.gz", "442a3caa61ae9b64e61c561294d1e183"),
+    "images_010.tar.gz": (NIH + "l6nilvfa9cg3s28tqv1qc1olm3gnz54p.gz", "09ec81c4c31e32858ad8cf965c494b74"),
+    "images_011.tar.gz": (NIH + "hhq8fkdgvcari67vfhs7ppg2w6ni4jze.gz", "499aefc67207a5a97692424cf5dbeed5"),
+    "images_012.tar.gz": (NIH + "ioqwiy20ihqwyr8pf4c24eazhh281pbu.gz", "dc9fda1757c2de0032b63347a7d2895c"),
+}
 # Each domain: where its files are under dataset.root, and the classes the benchmark uses.
 LAYOUTS = {
     "crop_diseases": "dataset/train/<class>/<image> (the Kaggle download of plant-disease)",
@@ -39,7 +60,10 @@ LAYOUTS = {
         "ISIC2018_Task3_Training_Input/<image id>.jpg and ISIC2018_Task3_Training_GroundTruth/"
         "ISIC2018_Task3_Training_GroundTruth.csv"
     ),
-    "chestx": "Data_Entry_2017.csv and images/<Image Index> (ChestX-ray8, every images_*/images folder in one)",
+    "chestx": (
+        "Data_Entry_2017.csv and images/<Image Index> (ChestX-ray8: the images/ folders of "
+        "images_001.tar.gz ... images_012.tar.gz in one)"
+    ),
 }
 EUROSAT = [
     "AnnualCrop",
@@ -68,8 +92,9 @@ class BSCDFSL(ImageDataset):
             meta-tests on another domain by ``test_dataset.domain`` alone.
         domain: crop_diseases, eurosat, isic or chestx (`LAYOUTS` says where each one's files
             are, under ``root/<domain>``).
-        download: EuroSAT only: without ``2750/``, extract ``EuroSAT.zip`` placed there, or
-            first fetch it (`EUROSAT_URL`, md5-checked) when it is not.
+        download: EuroSAT and ChestX: without ``2750/`` (``images/``), extract ``EuroSAT.zip``
+            (NIH's 12 archives, `CHESTX_ARCHIVES`) placed there, first fetching (md5-checked) any
+            that is not; without it, only placed archives are extracted.
     """
 
     name: ClassVar[str] = "bscd_fsl"
@@ -139,31 +164,59 @@ class BSCDFSL(ImageDataset):
         return files, labels, classes
 
     def _eurosat(self) -> None:
-        """Extract ``2750/`` from ``EuroSAT.zip`` (fetched first if absent and ``download``); a
-        partial extraction never stands in for the folder."""
+        """Extract ``2750/`` from ``EuroSAT.zip``, fetched first if absent and ``download``."""
         archive = self.base / EUROSAT_ZIP
         if not archive.is_file():
             if not self.download:
                 return  # the missing folder's sentence follows
             self._fetch(EUROSAT_URL, archive, EUROSAT_MD5, "EuroSAT")
+        self._extract([archive], "2750")
+
+    def _chestx_images(self) -> None:
+        """Extract ``images/`` from NIH's 12 archives, fetching the absent ones if ``download``."""
+        archives = [self.base / name for name in CHESTX_ARCHIVES]
+        absent = [a.name for a in archives if not a.is_file()]
+        if absent and not self.download:
+            names = ", ".join(absent) if len(absent) < len(archives) else f"{archives[0].name} ... {archives[-1].name}"
+            raise self._missing(
+                f"chestx/images folder nor the archives {names} to extract it from (NIH's ChestX-ray8 "
+                f"download; or set test_dataset.download=true to fetch them, 42 GB)"
+            )
+        for name in absent:
+            url, md5 = CHESTX_ARCHIVES[name]
+            self._fetch(url, self.base / name, md5, f"ChestX-ray8 {name}")
+        self._extract(archives, "images")
+
+    def _extract(self, archives: list[Path], folder: str) -> None:
+        """Extract the members under ``folder/`` of the `archives` (zip or tar) into
+        ``base/folder`` through a staging folder, so a partial extraction never stands in for it;
+        a member that would leave the folder is refused."""
         self.base.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.base, prefix=".2750.", suffix=".tmp"))
+        staging = Path(tempfile.mkdtemp(dir=self.base, prefix=f".{folder}.", suffix=".tmp"))
         try:
-            with zipfile.ZipFile(archive) as z:
-                members = [m for m in z.namelist() if m.startswith("2750/")]
-                unsafe = next((m for m in members if ".." in Path(m).parts), None)
-                if members and unsafe is None:
-                    z.extractall(staging, members)
-                    os.replace(staging / "2750", self.base / "2750")
-        except CORRUPT as error:
-            if (self.base / "2750").is_dir():  # another process extracted it first
-                return
-            raise self._corrupt(str(archive), f"{type(error).__name__}: {error}") from None
+            for archive in archives:
+                found, unsafe = 0, None
+                try:
+                    for name, extract in _members(archive):
+                        if name.startswith(f"{folder}/") and not name.endswith("/"):
+                            if ".." in Path(name).parts:
+                                unsafe = name
+                                break
+                            extract(staging)
+                            found += 1
+                except CORRUPT as error:
+                    if (self.base / folder).is_dir():  # another process extracted it first
+                        return
+                    raise self._corrupt(str(archive), f"{type(error).__name__}: {error}") from None
+                if unsafe is not None or not found:
+                    reason = f"its member {unsafe} leaves the folder" if unsafe else f"it has no {folder}/ folder"
+                    raise self._corrupt(str(archive), reason)
+            os.replace(staging / folder, self.base / folder)
+        except OSError:
+            if not (self.base / folder).is_dir():  # not: another process finished first
+                raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        if not members or unsafe is not None:
-            reason = f"its member {unsafe} leaves the folder" if unsafe else "it has no 2750/ folder"
-            raise self._corrupt(str(archive), reason)
 
     def _table(self, relative: str) -> list[list[str]]:
         path = self.base / relative
@@ -188,7 +241,9 @@ class BSCDFSL(ImageDataset):
         return self._present(files), labels, list(ISIC)
 
     def _chestx(self) -> tuple[list[Path], list[int], list[str]]:
-        rows = self._table("Data_Entry_2017.csv")
+        rows = self._table("Data_Entry_2017.csv")  # first: it cannot be fetched, the images can
+        if not (self.base / "images").is_dir():
+            self._chestx_images()
         files, labels = [], []
         for row in rows[1:]:
             findings = row[1].split("|")
@@ -216,3 +271,16 @@ class BSCDFSL(ImageDataset):
     def class_count(self, name: str) -> int:
         self._only_test(name)
         return super().class_count(name)
+
+
+def _members(archive: Path) -> Iterator[tuple[str, Any]]:
+    """Each member's name and a function extracting it into a folder, in one pass over a zip or
+    a (compressed) tar; tarfile's data filter refuses a tar's links out and its special files."""
+    if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as z:
+            for name in z.namelist():
+                yield name, lambda folder, name=name: z.extract(name, folder)
+        return
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            yield member.name, lambda folder, member=member: tar.extract(member, folder, filter="data")

@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -53,7 +54,12 @@ def layouts(tmp_path_factory) -> Path:
     write_table(
         isic / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv", ["image", *ISIC], rows
     )
-    chestx = root / "chestx"
+    chestx_layout(root / "chestx")
+    return root
+
+
+def chestx_layout(chestx: Path) -> None:
+    """ChestX-ray8's stand-in: Data_Entry_2017.csv and the images/ it lists."""
     (chestx / "images").mkdir(parents=True)
     rows = []
     findings = [*CHESTX, "Pneumonia", "No Finding", "Effusion|Mass"]  # the last three are left out
@@ -72,7 +78,6 @@ def layouts(tmp_path_factory) -> Path:
         "View Position",
     ]
     write_table(chestx / "Data_Entry_2017.csv", header, rows)
-    return root
 
 
 @pytest.mark.parametrize(
@@ -203,3 +208,61 @@ def test_eurosat_is_fetched_md5_checked_and_extracted(tmp_path, monkeypatch):
         BSCDFSL(root=str(escaping), cache_dir=str(tmp_path / "c5"), domain="eurosat", download=False).split("test")
     assert str(e.value).count("truncated or corrupt") == 1  # one sentence, not wrapped twice
     assert sorted(p.name for p in (escaping / "eurosat").iterdir()) == ["EuroSAT.zip"]
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+def test_chestx_archives_are_fetched_md5_checked_and_extracted(tmp_path, monkeypatch):
+    """Without images/, NIH's archives (here two stand-ins, one placed and one served from a
+    local file) are md5-checked when fetched and their images/ extracted into one folder;
+    Data_Entry_2017.csv, which cannot be fetched, is asked for before anything is downloaded; a
+    missing archive without download, and a member leaving images/, are one sentence each."""
+    source = tmp_path / "source" / "chestx"
+    chestx_layout(source)
+    pngs = sorted((source / "images").iterdir())
+    served = tmp_path / "served"
+    served.mkdir()
+    archives = {}
+    for part, members in (("images_001.tar.gz", pngs[::2]), ("images_002.tar.gz", pngs[1::2])):
+        with tarfile.open(served / part, "w:gz") as tar:
+            for png in members:
+                tar.add(png, f"images/{png.name}")
+        archives[part] = ((served / part).as_uri(), md5_of(served / part))
+    monkeypatch.setattr(bscd_fsl, "CHESTX_ARCHIVES", archives)
+
+    root = tmp_path / "root"
+    (root / "chestx").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"has no chestx/Data_Entry_2017.csv"):  # asked for first
+        BSCDFSL(root=str(root), cache_dir=str(tmp_path / "c0"), domain="chestx").split("test")
+    assert not list((root / "chestx").iterdir())  # nothing was fetched
+    shutil.copy(source / "Data_Entry_2017.csv", root / "chestx")
+    with pytest.raises(
+        ConfigError, match=r"has no chestx/images folder nor the archives images_001.tar.gz ... images_002.tar.gz"
+    ):
+        BSCDFSL(root=str(root), cache_dir=str(tmp_path / "c1"), domain="chestx", download=False).split("test")
+    shutil.copy(served / "images_001.tar.gz", root / "chestx")  # placed by hand; the other is fetched
+    data = BSCDFSL(root=str(root), cache_dir=str(tmp_path / "c2"), domain="chestx", image_size=16)
+    test = data.split("test")
+    assert data.classes("test") == CHESTX and len(test) == len(CHESTX) * PER_CLASS
+    assert sorted(p.name for p in (root / "chestx" / "images").iterdir()) == [p.name for p in pngs]
+    assert sorted(p.name for p in (root / "chestx").iterdir()) == [  # nothing partial left
+        "Data_Entry_2017.csv",
+        "images",
+        "images_001.tar.gz",
+        "images_002.tar.gz",
+    ]
+
+    escaping = tmp_path / "escaping" / "chestx"
+    escaping.mkdir(parents=True)
+    shutil.copy(source / "Data_Entry_2017.csv", escaping)
+    shutil.copy(served / "images_001.tar.gz", escaping)
+    with tarfile.open(escaping / "images_002.tar.gz", "w:gz") as tar:
+        tar.add(pngs[1], "images/../../outside.png")
+    with pytest.raises(
+        ConfigError, match=r"images_002.tar.gz is truncated or corrupt \(its member images/../../outside.png leaves"
+    ):
+        BSCDFSL(root=str(escaping.parent), cache_dir=str(tmp_path / "c3"), domain="chestx").split("test")
+    assert sorted(p.name for p in escaping.iterdir()) == ["Data_Entry_2017.csv", *archives]  # no images/, no staging
+    assert not (tmp_path / "outside.png").exists()
