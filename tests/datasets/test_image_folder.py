@@ -129,6 +129,8 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
     cut = data / "bscd_fsl" / "eurosat" / "EuroSAT.zip"  # a download cut short, placed by hand
     cut.parent.mkdir(parents=True)
     cut.write_bytes(b"PK\x03\x04" + bytes(100))
+    (data / "bscd_fsl" / "chestx").mkdir()  # the label table placed, NIH's archives not
+    (data / "bscd_fsl" / "chestx" / "Data_Entry_2017.csv").write_text("Image Index,Finding Labels\n")
     common = ["algorithm=protonet", f"paths.cache_dir={tmp_path / 'cache'}", f"paths.data_dir={data}"]
     runs = {
         "image": [*common, "dataset=image_folder", f"dataset.root={mine}", "dataset.image_size=16"],
@@ -138,6 +140,14 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
         "missing": [*common, "dataset=mini_imagenet", "dataset.image_size=16"],
         "test_dataset_missing": [*common, "dataset=cifar_fs", "test_dataset=cub", "dataset.download=false"],
         "eurosat": [*common, "dataset=cifar_fs", "dataset.download=false", "test_dataset=bscd_fsl"],
+        "chestx": [
+            *common,
+            "dataset=cifar_fs",
+            "dataset.download=false",
+            "test_dataset=bscd_fsl",
+            "test_dataset.domain=chestx",
+            "test_dataset.download=false",
+        ],
     }
     expected = {
         "image": (f"dataset.root={mine}: {victim} is truncated or corrupt", "so replace it"),
@@ -150,6 +160,7 @@ def test_damaged_data_is_one_sentence_through_the_command(tmp_path: Path) -> Non
         "missing": ("has no image", "ImageNet's terms do not allow metarun to download them"),
         "test_dataset_missing": (f"test_dataset.root={data / 'cub'} has no class folder", "CUB_200_2011.tgz"),
         "eurosat": (f"{cut} is truncated or corrupt", "so replace it"),
+        "chestx": ("has no chestx/images folder nor the archives images_001.tar.gz ... images_012.tar.gz", "42 GB"),
     }
     procs = {key: launch(tmp_path / key, *overrides) for key, overrides in runs.items()}
     for key, proc in procs.items():
