@@ -292,6 +292,9 @@ def setting(config: dict[str, Any], experiment: dict[str, Any]) -> list[tuple[st
         data += f", {dataset['split_scheme']} split"
     if dataset.get("train_on", "train") != "train":
         data += f", trained on {dataset['train_on']}"
+    if config.get("test_dataset"):  # cross-domain: meta-tested on another dataset
+        test = config["test_dataset"]
+        data += f", meta-tested on {experiment['test_dataset']}" + (f" {test['domain']}" if "domain" in test else "")
     width = next((f"{k} {model[k]}" for k in ("hidden", "widths", "name") if k in model), "")
     shape = f"{experiment['ways']}-way {experiment['shots']}-shot"
     if (experiment.get("train_ways"), experiment.get("train_shots")) != (experiment["ways"], experiment["shots"]):

@@ -194,6 +194,7 @@ def image_standins(tmp_path_factory) -> Path:
     standins.tiered_folders(root / "tiered_imagenet", per_class=6, size=84)
     standins.cifar_archive(root / "cifar100", train_per_class=4, test_per_class=2)
     standins.cub_folder(root / "cub", per_class=6, size=84)
+    standins.bscd_fsl(root / "bscd_fsl", per_class=6, size=84)  # the meta-test sets of cross-domain presets
     return root
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from metarun.published import Published
-from metarun.reproduce import CSV_COLUMNS, Measured, Request, pooled, report, verdict
+from metarun.published import Published, for_preset
+from metarun.reproduce import CSV_COLUMNS, Measured, Request, pooled, report, setting, verdict
 from metarun.stats import mean_ci95
-from tests.conftest import COMMAND_ENV, ROOT, finish, signal_when_saved
+from tests.conftest import COMMAND_ENV, ROOT, compose_config, finish, signal_when_saved
 
 REPRODUCE = str(Path(sys.executable).parent / "metarun-reproduce")
 TINY_SINUSOID = [
@@ -82,6 +83,23 @@ def table(out: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "domain, published", [("crop_diseases", 79.72), ("eurosat", 73.29), ("isic", 39.57), ("chestx", 24.05)]
+)
+def test_a_cross_domain_preset_is_judged_on_its_meta_test_domain(tmp_path, domain, published):
+    """BSCD-FSL's presets train on mini-ImageNet and meta-test on one domain each: the report's
+    setting names that domain, and each preset has its own published number (Guo et al. 2020)."""
+    preset = f"protonet_bscd_{domain}_5w5s"
+    config = OmegaConf.to_container(compose_config([f"experiment={preset}"], tmp_path), resolve=True)
+    experiment = {"dataset": "MiniImageNet", "test_dataset": "BSCDFSL", "ways": 5, "shots": 5}
+    rows = dict(setting(config, {**experiment, "train_ways": 5, "train_shots": 5}))
+    assert rows["data"] == f"MiniImageNet, meta-tested on BSCDFSL {domain}"
+    assert rows["backbone"] == "TorchvisionBackbone name resnet10" and rows["training steps"] == "40,000"
+    row = for_preset(preset)
+    assert row is not None and (row.dataset, row.shots, row.accuracy) == (f"bscd_fsl/{domain}", 5, published)
+    assert row.source.startswith("Guo et al. 2020, ProtoNet")
+
+
 def test_two_seeds_report_and_resume_after_sigterm_without_rerunning_a_finished_seed(tmp_path):
     reference = run(tmp_path / "reference")
     resumed = tmp_path / "resumed"

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from metarun.datasets.bscd_fsl import CHESTX, CROP_DISEASES, EUROSAT, ISIC
 from metarun.datasets.images import SPLITS, packaged_lines
 from metarun.datasets.tiered_imagenet import split_classes
 
@@ -195,4 +196,53 @@ def image_folder(root: Path, classes: int = 10, per_class: int = 4, size: int = 
         for i in range(per_class):
             image = class_image(label, i, size, grey=grey_every > 0 and label % grey_every == 0)
             image.save(folder / f"img_{i}.{formats[(label + i) % 3]}")
+    return root
+
+
+def bscd_folders(base: Path, classes: list[str], per_class: int = 4, size: int = 20) -> None:
+    """One folder of ``per_class`` JPEGs per class under ``base`` (EuroSAT's, CropDiseases' layout)."""
+    for label, name in enumerate(classes):
+        (base / name).mkdir(parents=True)
+        for i in range(per_class):
+            class_image(label, i, size).save(base / name / f"{name}_{i}.jpg")
+
+
+def write_table(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+
+def chestx_layout(chestx: Path, per_class: int = 4, size: int = 20) -> None:
+    """ChestX-ray8's stand-in: Data_Entry_2017.csv and the grey images/ it lists, with three
+    findings the benchmark leaves out (Pneumonia, No Finding, and two findings at once)."""
+    (chestx / "images").mkdir(parents=True)
+    rows = []
+    findings = [*CHESTX, "Pneumonia", "No Finding", "Effusion|Mass"]
+    for label, finding in enumerate(findings):
+        for i in range(per_class):
+            name = f"{label:05d}_{i:03d}.png"
+            class_image(label, i, size, grey=True).save(chestx / "images" / name)
+            rows.append([name, finding, "0", str(i), "58", "M", "PA"])
+    header = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender"]
+    header.append("View Position")
+    write_table(chestx / "Data_Entry_2017.csv", header, rows)
+
+
+def bscd_fsl(root: Path, per_class: int = 4, size: int = 20) -> Path:
+    """BSCD-FSL's four domains under ``root/<domain>``, each in the layout its loader reads."""
+    bscd_folders(root / "eurosat" / "2750", EUROSAT, per_class, size)
+    crops = [f"Crop___disease_{i:02d}" for i in range(CROP_DISEASES)]
+    bscd_folders(root / "crop_diseases" / "dataset" / "train", crops, per_class, size)
+    isic = root / "isic"
+    (isic / "ISIC2018_Task3_Training_Input").mkdir(parents=True)
+    rows = []
+    for label in range(len(ISIC)):
+        for i in range(per_class):
+            name = f"ISIC_{label:02d}{i:05d}"
+            class_image(label, i, size).save(isic / "ISIC2018_Task3_Training_Input" / f"{name}.jpg")
+            rows.append([name, *("1.0" if c == label else "0.0" for c in range(len(ISIC)))])
+    truth = isic / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv"
+    write_table(truth, ["image", *ISIC], rows)
+    chestx_layout(root / "chestx", per_class, size)
     return root

@@ -3,7 +3,6 @@ the layout the benchmark's loaders read, on stand-ins built here in those layout
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shutil
@@ -19,65 +18,20 @@ from metarun.datasets.bscd_fsl import BSCDFSL, CHESTX, CROP_DISEASES, EUROSAT, I
 from metarun.errors import ConfigError
 from metarun.runner import train
 from tests.conftest import COMMAND_ENV, EVAL, ROOT, TINY, compose_config
-from tests.datasets.standins import class_image
+from tests.datasets import standins
+from tests.datasets.standins import bscd_folders, chestx_layout
 
 PER_CLASS = 4
 
 
-def write_table(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-
-
 def folders(base: Path, classes: list[str]) -> None:
-    for label, name in enumerate(classes):
-        (base / name).mkdir(parents=True)
-        for i in range(PER_CLASS):
-            class_image(label, i, 20).save(base / name / f"{name}_{i}.jpg")
+    bscd_folders(base, classes, PER_CLASS)
 
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> Path:
     """Each domain's stand-in under <root>/<domain>, in its published layout."""
-    root = tmp_path_factory.mktemp("bscd_fsl")
-    folders(root / "eurosat" / "2750", EUROSAT)
-    folders(root / "crop_diseases" / "dataset" / "train", [f"Crop___disease_{i:02d}" for i in range(CROP_DISEASES)])
-    isic = root / "isic"
-    (isic / "ISIC2018_Task3_Training_Input").mkdir(parents=True)
-    rows = []
-    for label in range(len(ISIC)):
-        for i in range(PER_CLASS):
-            name = f"ISIC_{label:02d}{i:05d}"
-            class_image(label, i, 20).save(isic / "ISIC2018_Task3_Training_Input" / f"{name}.jpg")
-            rows.append([name, *("1.0" if c == label else "0.0" for c in range(len(ISIC)))])
-    write_table(
-        isic / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv", ["image", *ISIC], rows
-    )
-    chestx_layout(root / "chestx")
-    return root
-
-
-def chestx_layout(chestx: Path) -> None:
-    """ChestX-ray8's stand-in: Data_Entry_2017.csv and the images/ it lists."""
-    (chestx / "images").mkdir(parents=True)
-    rows = []
-    findings = [*CHESTX, "Pneumonia", "No Finding", "Effusion|Mass"]  # the last three are left out
-    for label, finding in enumerate(findings):
-        for i in range(PER_CLASS):
-            name = f"{label:05d}_{i:03d}.png"
-            class_image(label, i, 20, grey=True).save(chestx / "images" / name)
-            rows.append([name, finding, "0", str(i), "58", "M", "PA"])
-    header = [
-        "Image Index",
-        "Finding Labels",
-        "Follow-up #",
-        "Patient ID",
-        "Patient Age",
-        "Patient Gender",
-        "View Position",
-    ]
-    write_table(chestx / "Data_Entry_2017.csv", header, rows)
+    return standins.bscd_fsl(tmp_path_factory.mktemp("bscd_fsl"), PER_CLASS)
 
 
 @pytest.mark.parametrize(
