@@ -262,7 +262,8 @@ class ProgressLog(Callback):
 class RunPictures(Callback):
     """Records the training loss (every ``every_n_steps`` outer steps) and each validation's
     metric for the run's learning curves. The history is saved in checkpoints, so a
-    resumed run draws the whole run.
+    resumed run draws the whole run; once training ends it is kept, so the test that restores the
+    best checkpoint (and with it that checkpoint's shorter history) still draws the whole run.
 
     Args:
         metric: the validation metric ("accuracy" or "mse").
@@ -273,6 +274,10 @@ class RunPictures(Callback):
         self.metric, self.every_n_steps = metric, max(1, int(every_n_steps))
         self.train: list[list[float]] = []
         self.val: list[list[float]] = []
+        self.fit_ended = False
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.fit_ended = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -288,4 +293,5 @@ class RunPictures(Callback):
         return {"train": self.train, "val": self.val}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.train, self.val = list(state.get("train", [])), list(state.get("val", []))
+        if not self.fit_ended:  # a resume; after training, a restored checkpoint's history is older
+            self.train, self.val = list(state.get("train", [])), list(state.get("val", []))

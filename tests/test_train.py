@@ -545,6 +545,19 @@ def is_png(path: Path, min_size: int = 5000) -> bool:
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > min_size
 
 
+def test_learning_curves_keep_the_whole_run_when_the_test_restores_an_earlier_best_checkpoint():
+    """The test loads the best checkpoint, and Lightning restores the callbacks' state with it:
+    the history saved at that (earlier) step must not replace the run's; a resume still does."""
+    from metarun.tracking import RunPictures
+
+    pictures = RunPictures("accuracy", 50)
+    pictures.load_state_dict({"train": [[50, 1.2]], "val": [[1000, 0.90]]})  # a resume: the run so far
+    pictures.val += [[2000, 0.95], [3000, 0.93]]
+    pictures.on_fit_end(None, None)
+    pictures.load_state_dict({"train": [[50, 1.2]], "val": [[1000, 0.90], [2000, 0.95]]})  # the best, at 2000
+    assert pictures.val == [[1000, 0.90], [2000, 0.95], [3000, 0.93]] and pictures.train == [[50, 1.2]]
+
+
 def test_regression_run_draws_learning_curves_and_test_tasks(default_run):
     _, _, out, _ = default_run
     assert is_png(out / "learning_curves.png") and is_png(out / "test_tasks.png")
