@@ -159,8 +159,11 @@ def plot_points(support_x, support_y, query_x, mean, std, path: Path) -> Path:
     return path
 
 
-def plot_learning_curves(train: list, val: list, metric: str, path: Path) -> Path:
-    """Training loss and the validation metric against outer steps (``[(step, value)]``)."""
+def learning_curves_figure(train: list, val: list, metric: str):
+    """The learning curves' figure (``[(step, value)]`` each): at most six step ticks with
+    thousands separators, so a run of tens of thousands of steps keeps readable labels."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, points, title in ((axes[0], train, "training loss"), (axes[1], val, f"validation {metric}")):
         if points:
@@ -168,9 +171,17 @@ def plot_learning_curves(train: list, val: list, metric: str, path: Path) -> Pat
             ax.plot(steps, values, "C0.-" if len(points) < 30 else "C0-")
         else:
             ax.text(0.5, 0.5, "no values logged", ha="center", va="center", transform=ax.transAxes)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
         ax.set_xlabel("outer step")
         ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_learning_curves(train: list, val: list, metric: str, path: Path) -> Path:
+    """Training loss and the validation metric against outer steps (``[(step, value)]``)."""
+    fig = learning_curves_figure(train, val, metric)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -1,14 +1,16 @@
 """The pictures: colours as in the source image (the dataset's normalisation undone), a compact
-layout from 5 to 50 ways, and wrong predictions marked with the true class."""
+layout from 5 to 50 ways, wrong predictions marked with the true class, and learning curves whose
+step labels stay apart."""
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from metarun.plots import displayable, plot_predictions, query_title
+from metarun.plots import displayable, learning_curves_figure, plot_predictions, query_title
 
 # ImageNet's statistics, as image_folder and CUB normalise by
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -78,3 +80,23 @@ def test_support_classes_are_in_label_order(tmp_path, monkeypatch):
         ProtoNet(Conv4(hidden=4)), Episode(x, torch.arange(12), x, torch.arange(12), None), tmp_path / "p.png"
     )
     assert seen["support"] == [f"class {i}" for i in range(12)]
+
+
+@pytest.mark.parametrize("steps", [60, 20_000, 600_000])
+def test_learning_curves_step_labels_do_not_overlap(steps):
+    """A run of 20,000 steps drew nine step labels that ran into one another; every length
+    gets a few labels, apart, with thousands separators."""
+    train = [(s, 1.0 / (1 + s)) for s in range(0, steps + 1, max(1, steps // 400))]
+    val = [(s, 0.5 + s / (2 * steps)) for s in range(0, steps + 1, max(1, steps // 20))]
+    fig = learning_curves_figure(train, val, "accuracy")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        labels = [t.label1 for t in ax.xaxis.get_major_ticks() if low <= t.get_loc() <= high]
+        boxes = [label.get_window_extent(renderer) for label in labels if label.get_text()]
+        assert 3 <= len(boxes) <= 7
+        assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:]))  # apart, left to right
+        if steps >= 10_000:
+            assert any("," in label.get_text() for label in labels)
+    plt.close(fig)
