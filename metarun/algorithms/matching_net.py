@@ -7,21 +7,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun.algorithms.base import MetaAlgorithm, MetaOutput, embedding_network
-from metarun.checks import positive_int
+from metarun.checks import positive_int, positive_number
 from metarun.episodes import EpisodeBatch
 from metarun.errors import ConfigError
 
 
-def cosine_attention_log_probs(support: Tensor, support_y: Tensor, query: Tensor, ways: int) -> Tensor:
+def cosine_attention_log_probs(
+    support: Tensor, support_y: Tensor, query: Tensor, ways: int, scale: float = 1.0
+) -> Tensor:
     """Log of the attention-weighted support label distribution (Vinyals et al. 2016, eq. 1-2).
 
-    a(x̂, x_i) = softmax_i(cos(f(x̂), g(x_i))) and P(y = c | x̂, S) = Σ_{i: y_i = c} a(x̂, x_i).
+    a(x̂, x_i) = softmax_i(s · cos(f(x̂), g(x_i))) and P(y = c | x̂, S) = Σ_{i: y_i = c} a(x̂, x_i);
+    the paper's attention is s = 1.
     The log is taken as ``logsumexp_{i: y_i = c} cos_i − logsumexp_i cos_i``, which equals
     log P exactly and never takes the log of an underflowed probability (no clamp needed).
 
     ``support [S, D]``, ``support_y [S]``, ``query [M, D]`` -> ``[M, N]``.
     """
-    cos = F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).T  # [M, S]
+    cos = scale * (F.normalize(query, dim=-1) @ F.normalize(support, dim=-1).T)  # [M, S]
     onehot = F.one_hot(support_y, ways).to(cos.dtype)  # [S, N]
     masked = cos[:, :, None] + onehot.log()[None]  # [M, S, N]; −inf where y_i != c
     return masked.logsumexp(1) - cos.logsumexp(1, keepdim=True)  # [M, N]
@@ -85,6 +88,10 @@ class MatchingNet(MetaAlgorithm):
         fce_lstm_layers: layers of the bidirectional support LSTM (FCE only).
         attention_steps: K, processing steps of the query attention LSTM (FCE only; the
             paper does not state K).
+        cosine_scale: s, multiplying the cosines before the attention softmax. The paper's
+            is 1; with non-negative embeddings (Conv4 ends in a ReLU) the loss of a query
+            is then at least log(1 + (N − 1)/e), and a larger s lowers that floor to
+            log(1 + (N − 1)e^{−s}) (not in the paper).
     """
 
     needs_head = False
@@ -97,12 +104,14 @@ class MatchingNet(MetaAlgorithm):
         fce: bool = False,
         fce_lstm_layers: int = 1,
         attention_steps: int = 2,
+        cosine_scale: float = 1.0,
     ) -> None:
         super().__init__()
         embedding_network(model, "MatchingNet")
         positive_int("algorithm.fce_lstm_layers", fce_lstm_layers)
         positive_int("algorithm.attention_steps", attention_steps)
-        self.model = model
+        positive_number("algorithm.cosine_scale", cosine_scale)
+        self.model, self.cosine_scale = model, float(cosine_scale)
         self.fce: FullContextEmbedding | None = None
         if fce:
             dim = getattr(model, "embedding_dim", None)
@@ -131,7 +140,7 @@ class MatchingNet(MetaAlgorithm):
         if self.fce is not None:
             g = self.fce.embed_support(g)  # [NK, D]
             f = self.fce.embed_query(f, g)  # [NQ, D]
-        return cosine_attention_log_probs(g, support_y, f, ways)  # [NQ, N]
+        return cosine_attention_log_probs(g, support_y, f, ways, self.cosine_scale)  # [NQ, N]
 
     def meta_loss(self, batch: EpisodeBatch) -> MetaOutput:
         ways = int(batch.support_y.max()) + 1
