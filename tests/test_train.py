@@ -143,6 +143,8 @@ def test_experiment_preset_composes(tmp_path, name):
     for group in ("dataset", "sampler", "algorithm", "model", "trainer", "optimizer"):
         assert group in cfg
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    # what the data decides stays with the data: a pinned 4112 broke dataset.train_on=train+val
+    assert OmegaConf.select(cfg, "algorithm.num_train_classes", default="auto") == "auto"
 
 
 def one_per_family(names: list[str]) -> list[str]:

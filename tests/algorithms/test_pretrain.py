@@ -82,13 +82,16 @@ def test_settings_and_inputs_it_refuses():
 
 @pytest.mark.parametrize("algorithm, weight", [("pretrain", "classifier.weight"), ("finetune", "weight")])
 def test_whole_class_head_follows_the_dataset(tmp_path, make_config, omniglot_available, algorithm, weight):
-    """``algorithm.num_train_classes=auto``: Omniglot's Vinyals training split gives 4112 classes,
-    an image folder of 7 training classes gives 7 (read from the data, never from a config)."""
+    """``algorithm.num_train_classes=auto``: Omniglot's Vinyals training split gives 4112 classes
+    (with ``dataset.train_on=train+val``, the validation classes more), an image folder of 7 training classes gives 7 (read from the data, never from a config)."""
     from tests.datasets import standins
 
     cfg = make_config("dataset=omniglot", f"algorithm={algorithm}")
     objects = build(cfg)
     assert objects["algorithm"].state_dict()[weight].shape[0] == 4112 and cfg.algorithm.num_train_classes == 4112
+    validation = objects["datamodule"].splits["val"].num_classes
+    cfg = make_config("dataset=omniglot", "dataset.train_on=train+val", f"algorithm={algorithm}")  # Snell et al.
+    assert build(cfg)["algorithm"].state_dict()[weight].shape[0] == 4112 + validation
 
     standins.image_folder(tmp_path / "folder", classes=10, per_class=3)
     cfg = make_config(
