@@ -452,8 +452,14 @@ def reproduce(request: Request) -> dict[str, Any]:
             print(f"metarun-reproduce: seed {seed} finished earlier ({seed_dir(request, seed)}): not run again")
     if todo:
         code = multirun(request, todo)
+        if code > 128:  # a signal: each run saved its state (its own line says how to resume it alone)
+            print(
+                "metarun-reproduce: interrupted, so run the same command again to continue: finished seeds "
+                "are not run again and the interrupted one continues from its checkpoint.",
+                file=sys.stderr,
+            )
         if code != 0:
-            sys.exit(code)  # the run printed why; an interrupted one resumes when run again
+            sys.exit(code)  # the run printed why
     results = {}
     for seed in range(request.seeds):
         done = finished(request, seed)

@@ -110,6 +110,10 @@ def test_two_seeds_report_and_resume_after_sigterm_without_rerunning_a_finished_
     stopped = finish(proc)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     assert "metarun: interrupted by SIGTERM" in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (  # the reproduction's way on, not the single run's
+        "metarun-reproduce: interrupted, so run the same command again to continue: finished seeds are not run "
+        "again and the interrupted one continues from its checkpoint."
+    )
     first = resumed / "seed_0" / "results.json"
     assert json.loads(first.read_text())["status"] == "completed"
     assert not (resumed / "seed_1" / "results.json").exists() and not (resumed / "reproduction.csv").exists()

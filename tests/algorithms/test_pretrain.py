@@ -83,7 +83,8 @@ def test_settings_and_inputs_it_refuses():
 @pytest.mark.parametrize("algorithm, weight", [("pretrain", "classifier.weight"), ("finetune", "weight")])
 def test_whole_class_head_follows_the_dataset(tmp_path, make_config, omniglot_available, algorithm, weight):
     """``algorithm.num_train_classes=auto``: Omniglot's Vinyals training split gives 4112 classes
-    (with ``dataset.train_on=train+val``, the validation classes more), an image folder of 7 training classes gives 7 (read from the data, never from a config)."""
+    (with ``dataset.train_on=train+val``, the validation classes more), an image folder of 7
+    training classes gives 7 (read from the data, never from a config)."""
     from tests.datasets import standins
 
     cfg = make_config("dataset=omniglot", f"algorithm={algorithm}")
